@@ -1,0 +1,84 @@
+"""The FastAPI application: routes, the one exception-to-response mapping, the web page."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app import __version__
+from serve_app.api.routes import health_router, router
+from serve_app.errors import Photo3DError, ServiceUnavailable
+from serve_app.service import Services
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The API's error shape: {"error": {"code", "message"}}."""
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def static_dir() -> Path:
+    return Path(str(resources.files("serve_app").joinpath("static")))
+
+
+def create_app(services: Services) -> FastAPI:
+    """The ingress app, bound to one process's services."""
+    app = FastAPI(
+        title="photo3d",
+        version=__version__,
+        description="Photo in, textured 3D model out. Errors are "
+        '`{"error": {"code": "...", "message": "..."}}`.',
+    )
+    app.state.services = services
+    app.include_router(health_router)
+    app.include_router(router)
+
+    @app.exception_handler(Photo3DError)
+    async def _domain_error(request: Request, exc: Photo3DError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if isinstance(exc, ServiceUnavailable) else None
+        if exc.http_status >= 500:
+            log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.code, exc.message)
+        return error_response(exc.http_status, exc.code, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error_response(422, "invalid_request", f"{where}: {first['msg']}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Never leak a traceback to the client; the log has it.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "an unexpected error occurred")
+
+    web = static_dir()
+    if (web / "index.html").is_file():
+        app.mount("/", StaticFiles(directory=web, html=True), name="web")
+    return app

@@ -1,0 +1,150 @@
+"""Response models of the v1 API (what OpenAPI at /docs shows)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from serve_app.store.db import Row
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable error code, e.g. invalid_image.")
+    message: str = Field(description="What went wrong, in words.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class FileLink(BaseModel):
+    format: str
+    url: str
+    bytes: int | None = None
+    media_type: str
+
+
+class TaskResult(BaseModel):
+    files: list[FileLink]
+    preview_url: str
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+class Timings(BaseModel):
+    queued_s: float | None = Field(None, description="Seconds from submit to first start.")
+    running_s: float | None = Field(None, description="Seconds from first start to finish.")
+    total_s: float | None = Field(None, description="Seconds from submit to finish (or now).")
+    generate_s: float | None = Field(None, description="Seconds the backend took (last attempt).")
+
+
+class Task(BaseModel):
+    id: str
+    status: str = Field(description="queued | running | succeeded | failed | canceled")
+    backend: str
+    progress: float = Field(description="0..1")
+    stage: str | None = None
+    queue_position: int | None = Field(None, description="Tasks ahead of this one (queued only).")
+    attempt: int
+    max_attempts: int
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    timings: Timings
+    options: dict[str, Any]
+    error: ErrorBody | None = None
+    result: TaskResult | None = None
+    batch_id: str | None = None
+    links: dict[str, str]
+
+
+class TaskList(BaseModel):
+    tasks: list[Task]
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= for the next page.")
+
+
+class TaskEvent(BaseModel):
+    id: int
+    at: dt.datetime
+    attempt: int
+    status: str
+    stage: str | None = None
+    progress: float | None = None
+    message: str | None = None
+
+
+class TaskEvents(BaseModel):
+    events: list[TaskEvent]
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok | unavailable")
+    database: str
+    workers: dict[str, int]
+    version: str
+
+
+class BackendInfo(BaseModel):
+    name: str
+    default: bool
+    workers: int
+
+
+def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
+    return round((b - a).total_seconds(), 3) if a and b else None
+
+
+def task_from_row(row: Row, base: str = "/api/v1") -> Task:
+    """The API view of a task row."""
+    task_id = str(row["id"])
+    link = f"{base}/task/{task_id}"
+    now = dt.datetime.now(dt.UTC)
+    result = None
+    raw = row.get("result")
+    if row["status"] == "succeeded" and raw:
+        result = TaskResult(
+            files=[
+                FileLink(
+                    format=fmt,
+                    url=f"{link}/result/{fmt}",
+                    bytes=info.get("bytes"),
+                    media_type=info["media_type"],
+                )
+                for fmt, info in raw["files"].items()
+            ],
+            preview_url=f"{link}/preview",
+            stats=raw.get("stats", {}),
+        )
+    error = None
+    if row.get("error_code") and row["status"] in ("failed", "queued"):
+        error = ErrorBody(code=row["error_code"], message=row["error_message"] or "")
+    return Task(
+        id=task_id,
+        status=row["status"],
+        backend=row["backend"],
+        progress=float(row["progress"]),
+        stage=row.get("stage"),
+        queue_position=row.get("queue_position"),
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        created_at=row["created_at"],
+        started_at=row.get("started_at"),
+        finished_at=row.get("finished_at"),
+        timings=Timings(
+            queued_s=_seconds(row["created_at"], row.get("started_at")),
+            running_s=_seconds(row.get("started_at"), row.get("finished_at")),
+            total_s=_seconds(row["created_at"], row.get("finished_at") or now),
+            generate_s=(raw or {}).get("timings", {}).get("generate_s"),
+        ),
+        options=row["options"],
+        error=error,
+        result=result,
+        batch_id=row.get("batch_id"),
+        links={
+            "self": link,
+            "events": f"{link}/events",
+            "stream": f"{link}/stream",
+            "cancel": f"{link}/cancel",
+        },
+    )

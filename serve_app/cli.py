@@ -1,0 +1,255 @@
+"""The `photo3d` command: serve, migrate, generate (local, no server), weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve_app.settings import Settings, get_settings
+
+log = logging.getLogger("photo3d")
+
+
+def _database_url(settings: Settings) -> tuple[str, Any]:
+    """DATABASE_URL, or an embedded server started in the run folder."""
+    if settings.database_url:
+        return settings.database_url, None
+    from serve_app.embedded_pg import start_embedded_postgres
+
+    url, server = start_embedded_postgres(settings.run_dir / "pgdata")
+    os.environ["DATABASE_URL"] = url  # Ray workers inherit it
+    get_settings.cache_clear()
+    return url, server
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from serve_app.store.migrate import migrate
+
+    settings = get_settings()
+    url, _server = _database_url(settings)
+    applied = migrate(url)
+    print(f"applied migrations: {applied}" if applied else "database is up to date")
+    return 0
+
+
+def gpu_available() -> bool:
+    """Whether this machine has an NVIDIA GPU (without importing torch)."""
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+
+
+def select_backends(
+    config: dict[str, Any], wanted: list[str] | None, has_gpu: bool
+) -> dict[str, Any]:
+    """The deploy config with only the chosen backends' generator deployments.
+
+    Without PHOTO3D_BACKENDS, backends whose deployments ask for a GPU are left out on a machine
+    that has none (they would wait for a GPU forever)."""
+    from serve_app.deployments import generator_name
+
+    config = yaml.safe_load(yaml.safe_dump(config))  # deep copy
+    for app in config["applications"]:
+        deployments = {d["name"]: d for d in app.get("deployments", [])}
+        backends: list[str] = app.get("args", {}).get("backends", ["cpu"])
+        if wanted is not None:
+            unknown = sorted(set(wanted) - set(backends))
+            if unknown:
+                raise SystemExit(f"PHOTO3D_BACKENDS names {unknown}, not in {backends}")
+            chosen = [b for b in backends if b in wanted]
+        else:
+            chosen = [
+                b
+                for b in backends
+                if has_gpu
+                or not deployments.get(generator_name(b), {})
+                .get("ray_actor_options", {})
+                .get("num_gpus")
+            ]
+        dropped = sorted(set(backends) - set(chosen))
+        if dropped:
+            print(
+                f"note: not deploying {', '.join(dropped)} (no GPU here or not in PHOTO3D_BACKENDS)"
+            )
+        app.setdefault("args", {})["backends"] = chosen
+        keep = {generator_name(b) for b in chosen} | {"Ingress"}
+        app["deployments"] = [d for d in app.get("deployments", []) if d["name"] in keep]
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
+    settings = get_settings()
+    run_dir = settings.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    url, _server = _database_url(settings)
+    from serve_app.store.migrate import migrate
+
+    migrate(url)
+    settings = get_settings()
+    settings.artifacts_path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PHOTO3D_RUN_DIR", str(run_dir))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
+
+    config = yaml.safe_load(settings.serve_config.read_text())
+    wanted = os.environ.get("PHOTO3D_BACKENDS")
+    config = select_backends(
+        config,
+        [b.strip() for b in wanted.split(",") if b.strip()] if wanted else None,
+        gpu_available(),
+    )
+    config["http_options"] = {
+        **config.get("http_options", {}),
+        "host": settings.host,
+        "port": settings.port,
+    }
+
+    import ray
+    from ray import serve
+    from ray.serve._private import api as serve_private_api
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    ray.init(
+        namespace="serve",
+        _temp_dir=str(run_dir / "ray"),
+        include_dashboard=False,
+        num_cpus=args.num_cpus,
+        configure_logging=True,
+        logging_level=logging.INFO,
+    )
+    stopping = False
+
+    def _stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        print("\nstopping photo3d ...", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            sys.exit(0)
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    client = serve_private_api.serve_start(
+        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
+    )
+    client.deploy_apps(schema, _blocking=False)
+    deadline = time.monotonic() + args.wait
+    while True:
+        statuses = serve.status().applications
+        states = {name: app.status for name, app in statuses.items()}
+        if states and all(str(s).endswith("RUNNING") for s in states.values()):
+            break
+        failed = [
+            n for n, a in statuses.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))
+        ]
+        if failed or time.monotonic() > deadline:
+            for name, app in statuses.items():
+                print(f"application {name}: {app.status} {app.message}", file=sys.stderr)
+            _stop(0, None)
+            return 1
+        time.sleep(0.5)
+    print(
+        f"photo3d is running at http://{settings.host}:{settings.port}  (Ctrl-C to stop)",
+        flush=True,
+    )
+    while True:
+        time.sleep(3600)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Run a backend on photos in this process (no server, no database)."""
+    from serve_app import exports
+    from serve_app.backends import create_backend
+    from serve_app.errors import Photo3DError
+    from serve_app.images import ImageLimits, load_image
+    from serve_app.service import parse_options
+
+    settings = get_settings()
+    raw: dict[str, Any] = {"seed": args.seed, "formats": [args.format]}
+    if args.backend:
+        raw["backend"] = args.backend
+    if args.face_limit:
+        raw["face_limit"] = args.face_limit
+    if args.texture_size:
+        raw["texture_size"] = args.texture_size
+    try:
+        options = parse_options(raw, settings)
+        limits = ImageLimits(
+            settings.max_upload_bytes,
+            settings.max_image_pixels,
+            settings.max_image_side,
+            settings.min_image_side,
+        )
+        images = [load_image(Path(p).read_bytes(), limits) for p in args.photos]
+        backend = create_backend(str(options.backend), settings)
+        backend.load()
+
+        def progress(fraction: float, stage: str) -> None:
+            if not args.quiet:
+                print(f"  {fraction * 100:5.1f}%  {stage}", file=sys.stderr)
+
+        t0 = time.monotonic()
+        asset = backend.generate(images, options, progress)
+        data = asset.glb if args.format == "glb" else exports.convert(asset.glb, args.format)
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.output or Path(args.photos[0]).with_suffix(f".{args.format}").name)
+    out.write_bytes(data)
+    print(f"wrote {out} ({len(data)} bytes, {time.monotonic() - t0:.2f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="photo3d", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the whole stack locally (what `make run` calls)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument("--wait", type=float, default=300, help="seconds to wait for the deploy")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply database migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("generate", help="turn photos into a 3D model locally, no server")
+    p.add_argument("photos", nargs="+", help="photo file(s) of one object")
+    p.add_argument("-o", "--output", help="output file (default: <photo>.<format>)")
+    p.add_argument("--backend", help="backend name (default: PHOTO3D_DEFAULT_BACKEND or cpu)")
+    p.add_argument("--format", default="glb", choices=["glb", "obj", "stl", "ply", "usdz"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--face-limit", type=int)
+    p.add_argument("--texture-size", type=int)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

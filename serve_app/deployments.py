@@ -1,0 +1,121 @@
+"""Ray Serve deployments: a FastAPI ingress and one generator deployment per backend.
+
+Both are thin shims: the ingress around `create_app(Services)`, the generator around `Worker`.
+`build_app` is the app builder named by serve_config.yaml (`import_path: serve_app.deployments:build_app`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.settings import get_settings
+
+log = logging.getLogger("ray.serve")
+
+
+class AppArgs(BaseModel):
+    """Typed `args:` of the application in serve_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backends: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25})
+@serve.ingress()
+class Ingress:
+    """HTTP entry point: validates input, stores photos, queues tasks, serves results."""
+
+    def __init__(self, backends: list[str], generators: list[DeploymentHandle] | None = None):
+        from serve_app.service import Services
+
+        self.services = Services.from_settings(get_settings(), backends=backends)
+        # Don't wait for the database: while it is down the API answers 503, it doesn't crash.
+        self.services.db.open(wait=False)
+        self.services.store.check()
+        self._generators = generators or []  # bound so that Serve deploys them
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from serve_app.api.app import create_app
+
+        return create_app(self.services)
+
+    def __del__(self) -> None:
+        self.services.db.close()
+
+
+@serve.deployment(
+    name="Generator",
+    ray_actor_options={"num_cpus": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=60,
+    max_ongoing_requests=4,
+)
+class Generator:
+    """Pulls tasks for one backend from PostgreSQL and runs them (no request traffic)."""
+
+    def __init__(self, backend: str) -> None:
+        from serve_app.backends import create_backend
+        from serve_app.service import Services
+        from serve_app.worker import Worker
+
+        settings = get_settings()
+        self.services = Services.from_settings(settings)
+        self.services.db.open(wait=False)
+        self.backend = create_backend(backend, settings)
+        self.backend.load()  # weights and warm-up once per replica
+        self.worker = Worker(
+            queue=self.services.queue,
+            store=self.services.store,
+            backend=self.backend,
+            database_url=str(settings.database_url),
+            heartbeat_seconds=settings.heartbeat_seconds,
+            poll_seconds=settings.poll_seconds,
+            task_timeout_seconds=settings.task_timeout_seconds,
+        )
+        self.worker.start()
+        log.info("generator %s started as worker %s", backend, self.worker.worker_id)
+
+    def check_health(self) -> None:
+        """Unhealthy (so Serve replaces the replica) when the claim loop died or the backend broke.
+        A database outage is not a reason: the worker waits it out."""
+        if not self.worker.alive:
+            raise RuntimeError("the worker loop stopped")
+        self.backend.check_health()
+
+    def status(self) -> dict[str, Any]:
+        """What this replica is doing (for debugging through a handle)."""
+        return {
+            "worker_id": self.worker.worker_id,
+            "busy": self.worker.busy,
+            "tasks_done": self.worker.tasks_done,
+            "last_error": self.worker.last_error,
+        }
+
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown: finish the task in hand, claim nothing new.
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop(timeout=55)
+            self.services.db.close()
+
+
+def generator_name(backend: str) -> str:
+    return f"generator-{backend}"
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """App builder for serve_config.yaml: the ingress plus one generator per backend."""
+    parsed = AppArgs.model_validate(args)
+    generators = [
+        Generator.options(name=generator_name(b)).bind(b)  # type: ignore[attr-defined]
+        for b in parsed.backends
+    ]
+    return Ingress.bind(parsed.backends, generators)  # type: ignore[attr-defined]

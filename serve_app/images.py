@@ -1,0 +1,144 @@
+"""Input photos: decode, check, orient. Everything is checked before anything is stored."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serve_app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+
+# Magic bytes of the formats we accept; anything else is refused before Pillow sees it.
+_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+_DATA_URI = re.compile(
+    r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,", re.I
+)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Size limits for one photo."""
+
+    max_bytes: int
+    max_pixels: int
+    max_side: int
+    min_side: int
+
+
+def sniff_format(data: bytes) -> str | None:
+    """PIL format name from magic bytes, or None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def load_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode a JPEG/PNG/WebP photo, apply EXIF orientation, return it as RGB or RGBA.
+
+    Raises InvalidImage / UnsupportedMediaType / PayloadTooLarge with a clear message."""
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)", code="empty_image")
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(
+            f"the image is {len(data)} bytes; the limit is {limits.max_bytes}",
+            code="image_too_large",
+        )
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedMediaType(
+            "the file is not a JPEG, PNG or WebP image", code="unsupported_image_type"
+        )
+    try:
+        with warnings.catch_warnings():
+            # A decompression-bomb warning is an error here: we never decode such an image.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            width, height = image.size
+            if width * height > limits.max_pixels or max(width, height) > limits.max_side:
+                raise PayloadTooLarge(
+                    f"the image is {width}x{height} pixels; the limit is "
+                    f"{limits.max_side} px a side and {limits.max_pixels} pixels in all",
+                    code="image_too_many_pixels",
+                )
+            if min(width, height) < limits.min_side:
+                raise InvalidImage(
+                    f"the image is {width}x{height} pixels; each side must be at least "
+                    f"{limits.min_side} px",
+                    code="image_too_small",
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                raise InvalidImage(
+                    "animated images are not supported; send a single photo",
+                    code="animated_image",
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except (PayloadTooLarge, InvalidImage):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(
+            "the image decompresses to too many pixels", code="image_too_many_pixels"
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImage(
+            f"the {fmt} image could not be decoded (truncated or corrupt)", code="corrupt_image"
+        ) from exc
+    return _to_rgb_or_rgba(image)
+
+
+def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / float greyscale: scale to 8 bits instead of clipping to white.
+        image = image.point(lambda v: v / 256).convert("L")  # type: ignore[no-untyped-call]
+    return image.convert("RGBA" if has_alpha else "RGB")
+
+
+def to_png(image: Image.Image) -> bytes:
+    """Lossless, metadata-free encoding used to store accepted photos."""
+    out = io.BytesIO()
+    image.save(out, format="PNG", compress_level=3)
+    return out.getvalue()
+
+
+def decode_base64_image(value: str, max_bytes: int) -> bytes:
+    """Bytes of a base64 string or a `data:image/...;base64,` URI."""
+    if not isinstance(value, str) or not value:
+        raise InvalidImage(
+            "image must be a non-empty base64 string or data URI", code="invalid_base64"
+        )
+    # base64 inflates by 4/3; refuse before decoding anything that cannot fit.
+    if len(value) > max_bytes * 4 // 3 + 1024:
+        raise PayloadTooLarge(
+            f"the image is larger than the limit of {max_bytes} bytes", code="image_too_large"
+        )
+    payload = value
+    if value[:5].lower() == "data:":
+        match = _DATA_URI.match(value)
+        if match is None or not match["b64"]:
+            raise InvalidImage(
+                "data URI must look like data:image/png;base64,<data>", code="invalid_data_uri"
+            )
+        media_type = (match["type"] or "").lower()
+        if media_type not in _FORMATS.values():
+            raise UnsupportedMediaType(
+                f"data URI type {media_type or '(none)'} is not image/jpeg, image/png or image/webp",
+                code="unsupported_image_type",
+            )
+        payload = value[match.end() :]
+    payload = re.sub(r"\s+", "", payload)
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), altchars=None, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage("image is not valid base64", code="invalid_base64") from exc

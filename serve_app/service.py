@@ -1,0 +1,182 @@
+"""Service logic between the HTTP surface and the store: accept a generation (validate every
+photo and option, store the photos, queue the task), read tasks back, cancel, delete."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from pydantic import ValidationError
+
+from serve_app import exports
+from serve_app.artifacts import ArtifactStore, LocalArtifactStore
+from serve_app.backends import available_backends
+from serve_app.backends.base import GenerationOptions
+from serve_app.errors import InvalidInput, NotFound
+from serve_app.images import ImageLimits, load_image, to_png
+from serve_app.settings import Settings
+from serve_app.store.db import Database, Row
+from serve_app.store.tasks import TaskQueue
+
+log = logging.getLogger(__name__)
+
+
+def parse_options(
+    raw: dict[str, Any], settings: Settings, enabled: list[str] | None = None
+) -> GenerationOptions:
+    """Validate client options; unknown keys and out-of-range values are a 4xx naming the field.
+    `enabled` lists the backends this deployment serves (default: every known backend)."""
+    try:
+        options = GenerationOptions.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "options"
+        raise InvalidInput(f"option {where}: {first['msg']}", code="invalid_option") from exc
+    backend = options.backend or settings.default_backend
+    known = enabled if enabled is not None else list(available_backends(settings))
+    if backend not in known:
+        raise InvalidInput(
+            f"unknown backend {backend!r}; available: {', '.join(sorted(known))}",
+            code="unknown_backend",
+        )
+    return options.model_copy(update={"backend": backend})
+
+
+@dataclass
+class Services:
+    """What a process needs to serve requests: settings, database, queue, artifact store."""
+
+    settings: Settings
+    db: Database
+    queue: TaskQueue
+    store: ArtifactStore
+    backends: list[str] | None = None  # backends with a generator deployment; None = all
+
+    @classmethod
+    def from_settings(cls, settings: Settings, backends: list[str] | None = None) -> Services:
+        """Build (but do not connect) the services for these settings."""
+        if not settings.database_url:
+            raise InvalidInput("DATABASE_URL is not set", code="config_error")
+        db = Database(
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_connect_timeout_s,
+        )
+        queue = TaskQueue(
+            db, lease_seconds=settings.lease_seconds, backoff_seconds=settings.retry_backoff_seconds
+        )
+        return cls(settings, db, queue, LocalArtifactStore(settings.artifacts_path), backends)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        s = self.settings
+        return ImageLimits(
+            s.max_upload_bytes, s.max_image_pixels, s.max_image_side, s.min_image_side
+        )
+
+    # --- generation ----------------------------------------------------------------
+    def submit(
+        self,
+        account_id: str,
+        photos: list[bytes],
+        raw_options: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        batch_id: str | None = None,
+        priority: int = 0,
+    ) -> tuple[Row, bool]:
+        """Check everything, then store the photos and queue the task; returns (task, created)."""
+        if not photos:
+            raise InvalidInput("send at least one image", code="missing_image")
+        if len(photos) > self.settings.max_images_per_task:
+            raise InvalidInput(
+                f"at most {self.settings.max_images_per_task} images per task",
+                code="too_many_images",
+            )
+        options = parse_options(raw_options, self.settings, self.backends)
+        images: list[Image.Image] = [load_image(data, self.image_limits) for data in photos]
+        if idempotency_key is not None:
+            # A retry must not store its photos again: answer with the original task.
+            task_by_key = self.queue.db.fetch_one(
+                "get_task_by_idempotency_key",
+                {"account_id": account_id, "idempotency_key": idempotency_key},
+            )
+            if task_by_key is not None:
+                return task_by_key, False
+        task_id = uuid.uuid4()
+        keys = [f"inputs/{task_id}/photo-{i}.png" for i in range(len(images))]
+        try:
+            for key, image in zip(keys, images, strict=True):
+                self.store.put(key, to_png(image))
+            row, created = self.queue.submit(
+                task_id=task_id,
+                account_id=account_id,
+                backend=str(options.backend),
+                options=options.model_dump(mode="json"),
+                inputs=keys,
+                max_attempts=self.settings.max_attempts,
+                priority=priority,
+                idempotency_key=idempotency_key,
+                batch_id=batch_id,
+            )
+        except BaseException:
+            self.store.delete_prefix(f"inputs/{task_id}")
+            raise
+        if not created:
+            self.store.delete_prefix(f"inputs/{task_id}")
+        return row, created
+
+    # --- reading -------------------------------------------------------------------
+    def get_task(self, account_id: str, task_id: str) -> Row:
+        """The task, or NotFound when it does not exist or belongs to another account."""
+        row = self.queue.get(parse_task_id(task_id), account_id)
+        if row is None:
+            raise NotFound(f"task {task_id} not found", code="task_not_found")
+        return row
+
+    def artifact(self, account_id: str, task_id: str, fmt: str) -> tuple[str, dict[str, Any]]:
+        """(artifact key, file info) of one result format, converting on demand if needed."""
+        row = self.get_task(account_id, task_id)
+        result = row["result"]
+        if row["status"] != "succeeded" or not result:
+            raise InvalidInput(
+                f"task {task_id} has no result yet (status {row['status']})", code="task_not_ready"
+            )
+        if fmt == "preview":
+            return result["preview"]["key"], {**result["preview"], "filename": "preview.png"}
+        files: dict[str, dict[str, Any]] = result["files"]
+        if fmt in files:
+            return files[fmt]["key"], files[fmt]
+        if fmt not in exports.FORMATS:
+            raise NotFound(
+                f"format {fmt!r} is not available; choose one of "
+                f"{', '.join(sorted(set(exports.FORMATS) | set(files)))}",
+                code="unknown_format",
+            )
+        # A format not asked for at submit time is made from the GLB now and kept.
+        info = exports.FORMATS[fmt]
+        key = files["glb"]["key"].rsplit("/", 1)[0] + "/" + info.filename
+        if not self.store.exists(key):
+            self.store.put(key, exports.convert(self.store.get(files["glb"]["key"]), fmt))
+        return key, {"key": key, "media_type": info.media_type, "filename": info.filename}
+
+    def delete_task(self, account_id: str, task_id: str) -> None:
+        """Remove a task, its timeline and every file it has."""
+        tid = parse_task_id(task_id)
+        row = self.queue.delete(tid, account_id)
+        if row is None:
+            raise NotFound(f"task {task_id} not found", code="task_not_found")
+        self.store.delete_prefix(f"tasks/{tid}")
+        self.store.delete_prefix(f"inputs/{tid}")
+
+
+def parse_task_id(value: str) -> uuid.UUID:
+    """A task id from a URL; anything that is not a UUID is simply not found."""
+    try:
+        return uuid.UUID(value)
+    except ValueError as exc:
+        raise NotFound(f"task {value[:64]} not found", code="task_not_found") from exc

@@ -1,0 +1,79 @@
+"""The one typed settings object. Every knob comes from the environment (prefix PHOTO3D_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings read from `PHOTO3D_*` environment variables (and `DATABASE_URL`)."""
+
+    model_config = SettingsConfigDict(env_prefix="PHOTO3D_", extra="ignore", frozen=True)
+
+    environment: Literal["development", "production"] = "development"
+
+    # --- database -------------------------------------------------------------
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "PHOTO3D_DATABASE_URL")
+    )
+    db_pool_min: int = Field(default=1, ge=1)
+    db_pool_max: int = Field(default=8, ge=1)
+    db_connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    # --- local run --------------------------------------------------------------
+    run_dir: Path = Path(".run")
+    artifact_dir: Path | None = None  # default: <run_dir>/artifacts
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    serve_config: Path = Path("serve_config.yaml")
+
+    # --- input limits -------------------------------------------------------------
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=64)
+    max_image_side: int = Field(default=8192, ge=16)
+    min_image_side: int = Field(default=16, ge=1)
+    max_images_per_task: int = Field(default=8, ge=1)
+    max_page_size: int = Field(default=100, ge=1)
+
+    # --- queue ----------------------------------------------------------------------
+    default_backend: str = "cpu"
+    lease_seconds: float = Field(default=60.0, gt=0)
+    heartbeat_seconds: float = Field(default=10.0, gt=0)
+    poll_seconds: float = Field(default=5.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_seconds: float = Field(default=5.0, ge=0)
+    task_timeout_seconds: float = Field(default=900.0, gt=0)
+    worker_alive_seconds: float = Field(default=30.0, gt=0)
+    health_requires_worker: bool = True
+
+    # --- backends -------------------------------------------------------------------
+    # Extra backends as name=module:attr pairs, comma separated (plugins, test fakes).
+    extra_backends: str = ""
+    weights_dir: Path = Path("weights")
+    trellis_model_dir: Path | None = None  # default: <weights_dir>/TRELLIS-image-large
+    trellis2_model_dir: Path | None = None  # default: <weights_dir>/TRELLIS.2-4B
+
+    @field_validator("database_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def artifacts_path(self) -> Path:
+        return self.artifact_dir or self.run_dir / "artifacts"
+
+    @property
+    def extra_backend_map(self) -> dict[str, str]:
+        pairs = (p.strip() for p in self.extra_backends.split(",") if p.strip())
+        return dict(p.split("=", 1) for p in pairs if "=" in p)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings of this process, read once."""
+    return Settings()

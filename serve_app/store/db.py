@@ -1,0 +1,95 @@
+"""PostgreSQL access: one connection pool per process, queries loaded by name from SQL files,
+and the one place where driver errors become the project's own exceptions."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from serve_app.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+@lru_cache(maxsize=1)
+def queries() -> dict[str, str]:
+    """All named queries of `sql/queries.sql`."""
+    text = resources.files("serve_app.store").joinpath("sql/queries.sql").read_text()
+    parts = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+def query(name: str) -> str:
+    """The SQL text of the query called `name`."""
+    return queries()[name]
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn connection-level driver errors into ServiceUnavailable (the API answers 503)."""
+    try:
+        yield
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        raise ServiceUnavailable("the database is unavailable; retry shortly") from exc
+
+
+class Database:
+    """A psycopg 3 connection pool with helpers that run one named query."""
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 5.0):
+        self.url = url
+        self.pool = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            open=False,
+            check=ConnectionPool.check_connection,
+            kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": int(timeout)},
+            name="photo3d",
+        )
+
+    def open(self, wait: bool = False) -> None:
+        """Open the pool; with wait=True fail fast when the server is unreachable."""
+        self.pool.open(wait=wait, timeout=self.pool.timeout)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Row]]:
+        """A pooled autocommit connection; errors are translated."""
+        with translate_errors(), self.pool.connection() as conn:
+            yield conn  # type: ignore[misc]
+
+    def fetch_all(self, name: str, params: dict[str, Any] | None = None) -> list[Row]:
+        """Run query `name` and return every row."""
+        with self.connection() as conn:
+            return conn.execute(query(name), params or {}).fetchall()
+
+    def fetch_one(self, name: str, params: dict[str, Any] | None = None) -> Row | None:
+        """Run query `name` and return its first row, or None."""
+        with self.connection() as conn:
+            return conn.execute(query(name), params or {}).fetchone()
+
+    def execute(self, name: str, params: dict[str, Any] | None = None) -> int:
+        """Run statement `name` that returns no rows; return the number of rows affected."""
+        with self.connection() as conn:
+            return conn.execute(query(name), params or {}).rowcount
+
+    def ping(self) -> None:
+        """Raise ServiceUnavailable unless the database answers."""
+        with self.connection() as conn:
+            conn.execute("SELECT 1")

@@ -1,0 +1,159 @@
+-- Queries of the task queue, loaded by name (`-- name: <name>`). Each state change is one statement.
+
+-- name: insert_task
+INSERT INTO tasks (id, account_id, backend, priority, options, inputs, max_attempts,
+                   idempotency_key, batch_id)
+VALUES (%(id)s, %(account_id)s, %(backend)s, %(priority)s, %(options)s, %(inputs)s,
+        %(max_attempts)s, %(idempotency_key)s, %(batch_id)s)
+ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING *;
+
+-- name: get_task_by_idempotency_key
+SELECT * FROM tasks WHERE account_id = %(account_id)s AND idempotency_key = %(idempotency_key)s;
+
+-- name: claim_task
+-- Oldest task of the highest priority for one of our backends; SKIP LOCKED lets many workers
+-- claim at once without waiting on each other. The attempt bump is the fencing token.
+WITH next AS (
+    SELECT id FROM tasks
+    WHERE status = 'queued' AND backend = ANY(%(backends)s) AND run_after <= now()
+    ORDER BY priority DESC, created_at, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t
+SET status = 'running',
+    attempt = t.attempt + 1,
+    worker_id = %(worker_id)s,
+    lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
+    started_at = coalesce(t.started_at, clock_timestamp()),
+    attempt_started_at = clock_timestamp(),
+    progress = 0,
+    stage = 'starting',
+    error_code = NULL,
+    error_message = NULL,
+    updated_at = clock_timestamp()
+FROM next
+WHERE t.id = next.id
+RETURNING t.*;
+
+-- name: heartbeat
+-- Extends the lease only while this attempt still owns the task (fenced by attempt).
+UPDATE tasks
+SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
+    progress = coalesce(%(progress)s, progress),
+    stage = coalesce(%(stage)s, stage),
+    updated_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING id;
+
+-- name: finish_succeeded
+UPDATE tasks
+SET status = 'succeeded', result = %(result)s, progress = 1, stage = 'done',
+    lease_expires_at = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING *;
+
+-- name: finish_failed
+-- A failure ends the task when it is permanent or the attempts are used up; otherwise the task
+-- goes back to the queue after an exponential backoff.
+UPDATE tasks
+SET status = CASE WHEN %(permanent)s OR attempt >= max_attempts
+                  THEN 'failed'::task_status ELSE 'queued'::task_status END,
+    run_after = clock_timestamp()
+                + make_interval(secs => %(backoff_seconds)s * power(2, greatest(attempt - 1, 0))),
+    error_code = %(error_code)s,
+    error_message = %(error_message)s,
+    stage = CASE WHEN %(permanent)s OR attempt >= max_attempts THEN 'failed' ELSE 'retrying' END,
+    lease_expires_at = NULL,
+    worker_id = NULL,
+    finished_at = CASE WHEN %(permanent)s OR attempt >= max_attempts
+                       THEN clock_timestamp() END,
+    updated_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING *;
+
+-- name: recover_stalled
+-- Tasks whose worker stopped heartbeating (crash, kill, lost connection): retry or fail.
+UPDATE tasks
+SET status = CASE WHEN attempt >= max_attempts THEN 'failed'::task_status
+                  ELSE 'queued'::task_status END,
+    run_after = clock_timestamp()
+                + make_interval(secs => %(backoff_seconds)s * power(2, greatest(attempt - 1, 0))),
+    error_code = 'worker_lost',
+    error_message = CASE WHEN attempt >= max_attempts
+        THEN format('the worker running attempt %%s of %%s stopped responding; no attempts left',
+                    attempt, max_attempts)
+        ELSE format('the worker running attempt %%s stopped responding; retrying', attempt) END,
+    stage = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'retrying' END,
+    lease_expires_at = NULL,
+    worker_id = NULL,
+    finished_at = CASE WHEN attempt >= max_attempts THEN clock_timestamp() END,
+    updated_at = clock_timestamp()
+WHERE id IN (
+    SELECT id FROM tasks
+    WHERE status = 'running' AND lease_expires_at < clock_timestamp()
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, status, attempt;
+
+-- name: cancel_task
+UPDATE tasks
+SET status = 'canceled', stage = 'canceled', lease_expires_at = NULL,
+    finished_at = clock_timestamp(), updated_at = clock_timestamp()
+WHERE id = %(id)s AND account_id = %(account_id)s AND status IN ('queued', 'running')
+RETURNING *;
+
+-- name: get_task
+-- Queue position counts the tasks a worker of the same backend will take before this one.
+SELECT t.*,
+       CASE WHEN t.status = 'queued' THEN (
+           SELECT count(*) FROM tasks q
+           WHERE q.status = 'queued' AND q.backend = t.backend
+             AND (q.priority > t.priority
+                  OR (q.priority = t.priority AND (q.created_at, q.id) < (t.created_at, t.id)))
+       ) END AS queue_position
+FROM tasks t
+WHERE t.id = %(id)s AND t.account_id = %(account_id)s;
+
+-- name: get_task_any_account
+SELECT * FROM tasks WHERE id = %(id)s;
+
+-- name: list_tasks
+-- Keyset pagination, newest first: the cursor is the (created_at, id) of the last row seen.
+SELECT * FROM tasks
+WHERE account_id = %(account_id)s
+  AND (%(status)s::task_status IS NULL OR status = %(status)s::task_status)
+  AND (%(batch_id)s::text IS NULL OR batch_id = %(batch_id)s::text)
+  AND (%(cursor_created_at)s::timestamptz IS NULL
+       OR (created_at, id) < (%(cursor_created_at)s::timestamptz, %(cursor_id)s::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: task_events
+SELECT id, at, attempt, status, stage, progress, worker_id, message
+FROM task_events WHERE task_id = %(id)s AND id > %(after_id)s ORDER BY id;
+
+-- name: delete_task
+DELETE FROM tasks WHERE id = %(id)s AND account_id = %(account_id)s RETURNING *;
+
+-- name: upsert_worker
+INSERT INTO workers (id, backend, hostname, pid)
+VALUES (%(id)s, %(backend)s, %(hostname)s, %(pid)s)
+ON CONFLICT (id) DO UPDATE SET last_seen_at = clock_timestamp();
+
+-- name: delete_worker
+DELETE FROM workers WHERE id = %(id)s;
+
+-- name: live_workers
+SELECT backend, count(*) AS workers FROM workers
+WHERE last_seen_at > clock_timestamp() - make_interval(secs => %(alive_seconds)s)
+GROUP BY backend;
+
+-- name: backlog
+-- What the autoscaler needs: tasks waiting or running per backend.
+SELECT backend,
+       count(*) FILTER (WHERE status = 'queued') AS queued,
+       count(*) FILTER (WHERE status = 'running') AS running
+FROM tasks WHERE status IN ('queued', 'running') AND backend = ANY(%(backends)s)
+GROUP BY backend;

@@ -1,0 +1,217 @@
+"""The durable task queue on PostgreSQL: submit, claim (SKIP LOCKED), heartbeat, finish with a
+fencing token, retry with backoff, stalled-lease recovery, listing and timeline."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from serve_app.errors import InvalidInput
+from serve_app.store.db import Database, Row
+
+STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A task a worker owns until its lease expires; `attempt` is the fencing token."""
+
+    id: uuid.UUID
+    attempt: int
+    backend: str
+    options: dict[str, Any]
+    inputs: list[str]
+    max_attempts: int
+
+
+def encode_cursor(row: Row) -> str:
+    """Opaque cursor for keyset pagination after `row`."""
+    raw = f"{row['created_at'].isoformat()}|{row['id']}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    """Inverse of encode_cursor; a tampered cursor is a 4xx."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, _, task_id = raw.partition("|")
+        return dt.datetime.fromisoformat(created), uuid.UUID(task_id)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("the cursor is not valid", code="invalid_cursor") from exc
+
+
+class TaskQueue:
+    """All task state changes, each a single SQL statement."""
+
+    def __init__(self, db: Database, *, lease_seconds: float, backoff_seconds: float) -> None:
+        self.db = db
+        self.lease_seconds = lease_seconds
+        self.backoff_seconds = backoff_seconds
+
+    # --- producers -----------------------------------------------------------------
+    def submit(
+        self,
+        *,
+        task_id: uuid.UUID,
+        account_id: str,
+        backend: str,
+        options: dict[str, Any],
+        inputs: list[str],
+        max_attempts: int,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+        batch_id: str | None = None,
+    ) -> tuple[Row, bool]:
+        """Insert a queued task; returns (row, created). An idempotency key already used by this
+        account returns the original task and created=False."""
+        params = {
+            "id": task_id,
+            "account_id": account_id,
+            "backend": backend,
+            "priority": priority,
+            "options": Jsonb(options),
+            "inputs": Jsonb(inputs),
+            "max_attempts": max_attempts,
+            "idempotency_key": idempotency_key,
+            "batch_id": batch_id,
+        }
+        row = self.db.fetch_one("insert_task", params)
+        if row is not None:
+            return row, True
+        existing = self.db.fetch_one(
+            "get_task_by_idempotency_key",
+            {"account_id": account_id, "idempotency_key": idempotency_key},
+        )
+        if existing is None:  # the original was deleted between the two statements
+            raise InvalidInput("idempotency key conflict; retry", code="idempotency_conflict")
+        return existing, False
+
+    def cancel(self, task_id: uuid.UUID, account_id: str) -> Row | None:
+        """Cancel a queued or running task; None if it is not cancelable (or not ours)."""
+        return self.db.fetch_one("cancel_task", {"id": task_id, "account_id": account_id})
+
+    def delete(self, task_id: uuid.UUID, account_id: str) -> Row | None:
+        return self.db.fetch_one("delete_task", {"id": task_id, "account_id": account_id})
+
+    # --- readers -------------------------------------------------------------------
+    def get(self, task_id: uuid.UUID, account_id: str) -> Row | None:
+        return self.db.fetch_one("get_task", {"id": task_id, "account_id": account_id})
+
+    def list(
+        self,
+        account_id: str,
+        *,
+        limit: int,
+        status: str | None = None,
+        batch_id: str | None = None,
+        cursor: str | None = None,
+    ) -> tuple[list[Row], str | None]:
+        """Newest first; returns (rows, next_cursor)."""
+        if status is not None and status not in STATUSES:
+            raise InvalidInput(
+                f"status must be one of {', '.join(STATUSES)}", code="invalid_status"
+            )
+        created, last_id = decode_cursor(cursor) if cursor else (None, None)
+        rows = self.db.fetch_all(
+            "list_tasks",
+            {
+                "account_id": account_id,
+                "status": status,
+                "batch_id": batch_id,
+                "cursor_created_at": created,
+                "cursor_id": last_id,
+                "limit": limit + 1,
+            },
+        )
+        next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+        return rows[:limit], next_cursor
+
+    def events(self, task_id: uuid.UUID, after_id: int = 0) -> list[Row]:
+        return self.db.fetch_all("task_events", {"id": task_id, "after_id": after_id})
+
+    def backlog(self, backends: list[str]) -> dict[str, dict[str, int]]:
+        rows = self.db.fetch_all("backlog", {"backends": backends})
+        return {r["backend"]: {"queued": r["queued"], "running": r["running"]} for r in rows}
+
+    def live_workers(self, alive_seconds: float) -> dict[str, int]:
+        rows = self.db.fetch_all("live_workers", {"alive_seconds": alive_seconds})
+        return {r["backend"]: r["workers"] for r in rows}
+
+    # --- workers -------------------------------------------------------------------
+    def claim(self, worker_id: str, backends: list[str]) -> Claim | None:
+        """Take the next task for these backends, or None when there is none."""
+        row = self.db.fetch_one(
+            "claim_task",
+            {"backends": backends, "worker_id": worker_id, "lease_seconds": self.lease_seconds},
+        )
+        if row is None:
+            return None
+        return Claim(
+            id=row["id"],
+            attempt=row["attempt"],
+            backend=row["backend"],
+            options=row["options"],
+            inputs=row["inputs"],
+            max_attempts=row["max_attempts"],
+        )
+
+    def heartbeat(
+        self, claim: Claim, *, progress: float | None = None, stage: str | None = None
+    ) -> bool:
+        """Extend the lease; False means this attempt no longer owns the task (stop work)."""
+        row = self.db.fetch_one(
+            "heartbeat",
+            {
+                "id": claim.id,
+                "attempt": claim.attempt,
+                "lease_seconds": self.lease_seconds,
+                "progress": progress,
+                "stage": stage,
+            },
+        )
+        return row is not None
+
+    def succeed(self, claim: Claim, result: dict[str, Any]) -> bool:
+        """Record the result; False when a newer attempt or a cancel owns the task."""
+        row = self.db.fetch_one(
+            "finish_succeeded", {"id": claim.id, "attempt": claim.attempt, "result": Jsonb(result)}
+        )
+        return row is not None
+
+    def fail(self, claim: Claim, *, code: str, message: str, permanent: bool) -> Row | None:
+        """Record a failure: retried with backoff unless permanent or out of attempts."""
+        return self.db.fetch_one(
+            "finish_failed",
+            {
+                "id": claim.id,
+                "attempt": claim.attempt,
+                "permanent": permanent,
+                "error_code": code,
+                "error_message": message[:2000],
+                "backoff_seconds": self.backoff_seconds,
+            },
+        )
+
+    def recover_stalled(self) -> list[Row]:
+        """Requeue (or fail) tasks whose lease expired; returns the rows changed."""
+        return self.db.fetch_all("recover_stalled", {"backoff_seconds": self.backoff_seconds})
+
+    def register_worker(self, worker_id: str, backend: str, hostname: str, pid: int) -> None:
+        self.db.execute(
+            "upsert_worker", {"id": worker_id, "backend": backend, "hostname": hostname, "pid": pid}
+        )
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self.db.execute("delete_worker", {"id": worker_id})
+
+
+def dumps(value: Any) -> str:
+    """JSON for log lines and SSE payloads (datetimes and UUIDs as strings)."""
+    return json.dumps(value, default=str, separators=(",", ":"))

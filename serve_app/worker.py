@@ -1,0 +1,285 @@
+"""The worker engine: pull tasks from the queue, run a backend, store artifacts, finish with
+the fencing token. The generator deployment is a thin shim around it; tests drive it directly."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from PIL import Image
+
+from serve_app import exports, preview
+from serve_app.artifacts import ArtifactStore
+from serve_app.backends.base import Backend, GenerationOptions
+from serve_app.errors import ArtifactStoreError, InvalidInput, Photo3DError
+from serve_app.store.tasks import Claim, TaskQueue
+
+log = logging.getLogger(__name__)
+
+# Errors that retrying cannot fix: the input or the options are the problem.
+PERMANENT_ERRORS: tuple[type[Photo3DError], ...] = (InvalidInput,)
+
+
+def _default_on_hang(claim: Claim, seconds: float) -> None:
+    # A hung generation (e.g. a CUDA kernel that never returns) cannot be interrupted from
+    # Python: end the whole process so Serve replaces the replica and the lease expires.
+    log.error(
+        "task %s attempt %s hung for %.0fs; exiting replica", claim.id, claim.attempt, seconds
+    )
+    os._exit(70)
+
+
+def new_worker_id(backend: str) -> str:
+    """A readable id for this worker process: backend, host, pid and a random suffix."""
+    return f"{backend}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class _Attempt:
+    """Progress of the attempt in hand, shared between the backend and the heartbeat."""
+
+    claim: Claim
+    started: float = field(default_factory=time.monotonic)
+    progress: float = 0.0
+    stage: str = "starting"
+    owned: bool = True
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    """Claims tasks for one backend and runs them, one at a time."""
+
+    def __init__(
+        self,
+        *,
+        queue: TaskQueue,
+        store: ArtifactStore,
+        backend: Backend,
+        database_url: str,
+        heartbeat_seconds: float,
+        poll_seconds: float,
+        task_timeout_seconds: float,
+        worker_id: str | None = None,
+        on_hang: Callable[[Claim, float], None] = _default_on_hang,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.backend = backend
+        self.database_url = database_url
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_seconds = poll_seconds
+        self.task_timeout_seconds = task_timeout_seconds
+        self.worker_id = worker_id or new_worker_id(backend.name)
+        self.on_hang = on_hang
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._current: _Attempt | None = None
+        self._listen_conn: psycopg.Connection[Any] | None = None
+        self.tasks_done = 0
+        self.last_error: str | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the claim loop in a background thread."""
+        self._thread = threading.Thread(target=self.run_forever, name="photo3d-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop claiming; wait up to `timeout` for the task in hand to finish."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        try:
+            self.queue.unregister_worker(self.worker_id)
+        except Photo3DError:
+            pass
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def run_forever(self) -> None:
+        """Claim and run tasks until stopped; database outages are waited out."""
+        next_register = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= next_register:
+                    self.queue.register_worker(
+                        self.worker_id, self.backend.name, socket.gethostname(), os.getpid()
+                    )
+                    next_register = time.monotonic() + self.heartbeat_seconds
+                if not self.run_once():
+                    self._wait_for_work()
+            except Photo3DError as exc:
+                self.last_error = exc.message
+                log.warning("worker %s: %s", self.worker_id, exc.message)
+                self._stop.wait(min(self.poll_seconds, 2.0))
+            except Exception:  # keep the loop alive; the replica's health check reports it
+                log.exception("worker %s: unexpected error", self.worker_id)
+                self._stop.wait(min(self.poll_seconds, 2.0))
+
+    def run_once(self) -> bool:
+        """Recover stalled tasks, claim one and run it; False when there was nothing to do."""
+        self.queue.recover_stalled()
+        claim = self.queue.claim(self.worker_id, [self.backend.name])
+        if claim is None:
+            return False
+        self.process(claim)
+        return True
+
+    # --- one task ----------------------------------------------------------------------
+    def process(self, claim: Claim) -> None:
+        """Run one claimed attempt to its end: success, failure or lost ownership."""
+        attempt = _Attempt(claim)
+        self._current = attempt
+        beat = threading.Thread(target=self._heartbeat, args=(attempt,), daemon=True)
+        beat.start()
+        prefix = f"tasks/{claim.id}/attempt-{claim.attempt}"
+        try:
+            result = self._generate(attempt, prefix)
+            if attempt.owned and self.queue.succeed(claim, result):
+                self.tasks_done += 1
+                log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
+            else:
+                # A newer attempt, a cancel or a stall recovery owns the task: our files go.
+                log.warning(
+                    "task %s attempt %s lost its lease; result dropped", claim.id, claim.attempt
+                )
+                self.store.delete_prefix(prefix)
+        except Exception as exc:
+            self._record_failure(attempt, exc)
+            self.store.delete_prefix(prefix)
+        finally:
+            attempt.owned = False
+            attempt.done.set()
+            self._current = None
+            beat.join(timeout=self.heartbeat_seconds + 5)
+
+    def _generate(self, attempt: _Attempt, prefix: str) -> dict[str, Any]:
+        claim = attempt.claim
+        options = GenerationOptions.model_validate(claim.options)
+        images = [Image.open(io.BytesIO(self.store.get(key))) for key in claim.inputs]
+        for image in images:
+            image.load()
+
+        def progress(fraction: float, stage: str) -> None:
+            # Generation is 90% of the bar; exports take the rest.
+            attempt.progress = max(0.0, min(1.0, fraction)) * 0.9
+            attempt.stage = stage
+
+        progress(0.0, "loading")
+        t0 = time.monotonic()
+        asset = self.backend.generate(images, options, progress)
+        t_generate = time.monotonic() - t0
+
+        attempt.progress, attempt.stage = 0.9, "exporting"
+        files: dict[str, dict[str, Any]] = {}
+        for fmt in dict.fromkeys(["glb", *options.formats]):
+            data = asset.glb if fmt == "glb" else exports.convert(asset.glb, fmt)
+            info = exports.FORMATS[fmt]
+            key = f"{prefix}/{info.filename}"
+            self.store.put(key, data)
+            files[fmt] = {
+                "key": key,
+                "bytes": len(data),
+                "media_type": info.media_type,
+                "filename": info.filename,
+            }
+        for name, data in asset.extra_files.items():
+            key = f"{prefix}/{name}"
+            self.store.put(key, data)
+            files[name] = {
+                "key": key,
+                "bytes": len(data),
+                "media_type": "application/octet-stream",
+                "filename": name,
+            }
+        attempt.stage = "rendering preview"
+        preview_png = asset.preview_png or preview.render_thumbnail(asset.glb)
+        preview_key = f"{prefix}/preview.png"
+        self.store.put(preview_key, preview_png)
+        return {
+            "files": files,
+            "preview": {"key": preview_key, "bytes": len(preview_png), "media_type": "image/png"},
+            "stats": asset.stats,
+            "timings": {
+                "generate_s": round(t_generate, 3),
+                "total_s": round(time.monotonic() - attempt.started, 3),
+            },
+            "worker_id": self.worker_id,
+        }
+
+    def _record_failure(self, attempt: _Attempt, exc: Exception) -> None:
+        claim = attempt.claim
+        if isinstance(exc, Photo3DError):
+            code, message = exc.code, exc.message
+            permanent = isinstance(exc, PERMANENT_ERRORS)
+        else:
+            code, message, permanent = "backend_error", f"{type(exc).__name__}: {exc}", False
+        if isinstance(exc, ArtifactStoreError):
+            permanent = False
+        log.warning(
+            "task %s attempt %s failed (%s): %s",
+            claim.id,
+            claim.attempt,
+            code,
+            message,
+            exc_info=not isinstance(exc, Photo3DError),
+        )
+        if attempt.owned:
+            self.queue.fail(claim, code=code, message=message, permanent=permanent)
+
+    def _heartbeat(self, attempt: _Attempt) -> None:
+        """Keep the lease while the attempt runs; push progress; notice cancels, lost leases
+        and hangs. Progress goes out within a second; the lease is renewed at least every
+        heartbeat_seconds."""
+        tick = min(1.0, self.heartbeat_seconds)
+        sent: tuple[float, str] | None = None
+        sent_at = 0.0
+        while not attempt.done.wait(tick if sent is not None else 0):
+            now = time.monotonic()
+            state = (round(attempt.progress, 3), attempt.stage)
+            if state != sent or now - sent_at >= self.heartbeat_seconds:
+                try:
+                    owned = self.queue.heartbeat(attempt.claim, progress=state[0], stage=state[1])
+                except Photo3DError as exc:
+                    log.warning("heartbeat failed for task %s: %s", attempt.claim.id, exc.message)
+                    owned = True  # the lease may still hold; retry on the next tick
+                else:
+                    sent, sent_at = state, now
+                if not owned:
+                    attempt.owned = False  # canceled, or the lease was recovered elsewhere
+                    return
+            if now - attempt.started > self.task_timeout_seconds:
+                self.on_hang(attempt.claim, now - attempt.started)
+                return
+
+    # --- waiting --------------------------------------------------------------------
+    def _wait_for_work(self) -> None:
+        """Sleep until NOTIFY says work appeared, or poll_seconds pass (the safety net)."""
+        try:
+            if self._listen_conn is None or self._listen_conn.closed:
+                self._listen_conn = psycopg.connect(
+                    self.database_url, autocommit=True, connect_timeout=5
+                )
+                self._listen_conn.execute("LISTEN photo3d_queued")
+            for _ in self._listen_conn.notifies(timeout=self.poll_seconds, stop_after=1):
+                break
+        except psycopg.Error:
+            if self._listen_conn is not None:
+                self._listen_conn.close()
+            self._listen_conn = None
+            self._stop.wait(self.poll_seconds)

@@ -1,0 +1,42 @@
+"""Shared fixtures: a real PostgreSQL (embedded or PHOTO3D_TEST_DATABASE_URL), per-test databases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serve_app.settings import Settings
+from tests.support import pg
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Admin URL of the test server, with the migrated template database ready."""
+    url, server = pg.admin_url(tmp_path_factory.mktemp("pg"))
+    pg.make_template(url)
+    yield url
+    del server
+
+
+@pytest.fixture
+def database_url(pg_admin: str) -> Iterator[str]:
+    """A fresh, migrated database for one test."""
+    yield from pg.clone_database(pg_admin)
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """Settings pointing at the test database and a temporary artifact folder."""
+    return Settings(
+        database_url=database_url,
+        run_dir=tmp_path / "run",
+        lease_seconds=2,
+        heartbeat_seconds=0.5,
+        poll_seconds=0.5,
+        retry_backoff_seconds=0,
+        max_attempts=3,
+    )

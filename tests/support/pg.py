@@ -1,0 +1,63 @@
+"""A real PostgreSQL for tests: PHOTO3D_TEST_DATABASE_URL if set, else an embedded pgserver.
+
+A template database gets the migrations once; each test clones it (fast and isolated)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from serve_app.store.migrate import migrate
+
+TEMPLATE = "photo3d_test_template"
+
+
+def admin_url(tmp_root: Path) -> tuple[str, Any]:
+    """URL of a database we may CREATE DATABASE from, and the server handle (keep it alive)."""
+    url = os.environ.get("PHOTO3D_TEST_DATABASE_URL")
+    if url:
+        return url, None
+    import pgserver
+
+    server = pgserver.get_server(tmp_root / "pgdata", cleanup_mode="stop")
+    return server.get_uri(), server
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at database `name`."""
+    conninfo = psycopg.conninfo.conninfo_to_dict(url)
+    conninfo["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**conninfo)
+
+
+def make_template(admin: str) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE))
+        )
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
+    migrate(with_database(admin, TEMPLATE))
+
+
+def clone_database(admin: str, prefix: str = "t") -> Iterator[str]:
+    """Yield the URL of a fresh copy of the template; drop it afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE)
+            )
+        )
+    try:
+        yield with_database(admin, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
