@@ -1,0 +1,124 @@
+"""Input photo checks: what is accepted, and the clear error for what is not."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from serve_app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from serve_app.images import ImageLimits, decode_base64_image, load_image
+
+LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, max_side=4000, min_side=16)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_accepts_jpeg_png_webp(fmt: str) -> None:
+    image = load_image(encode(Image.new("RGB", (64, 48), (200, 10, 10)), fmt), LIMITS)
+    assert image.size == (64, 48) and image.mode == "RGB"
+
+
+def test_keeps_alpha() -> None:
+    image = load_image(encode(Image.new("RGBA", (32, 32), (0, 0, 0, 0)), "PNG"), LIMITS)
+    assert image.mode == "RGBA"
+
+
+def test_applies_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    data = encode(Image.new("RGB", (80, 40), "white"), "JPEG", exif=exif)
+    assert load_image(data, LIMITS).size == (40, 80)
+
+
+def test_palette_and_16bit_become_rgb() -> None:
+    pal = Image.new("P", (32, 32))
+    assert load_image(encode(pal, "PNG"), LIMITS).mode == "RGB"
+    deep = Image.new("I;16", (32, 32), 40000)
+    loaded = load_image(encode(deep, "PNG"), LIMITS)
+    assert loaded.mode == "RGB" and loaded.getpixel((0, 0))[0] > 100
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "code"),
+    [
+        (b"", InvalidImage, "empty_image"),
+        (b"GIF89a" + b"\0" * 100, UnsupportedMediaType, "unsupported_image_type"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedMediaType, "unsupported_image_type"),
+        (b"%PDF-1.4 hello", UnsupportedMediaType, "unsupported_image_type"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, InvalidImage, "corrupt_image"),
+    ],
+)
+def test_refuses_non_images(data: bytes, error: type, code: str) -> None:
+    with pytest.raises(error) as info:
+        load_image(data, LIMITS)
+    assert info.value.code == code
+
+
+def test_refuses_truncated_jpeg() -> None:
+    data = encode(Image.effect_noise((256, 256), 50).convert("RGB"), "JPEG")
+    with pytest.raises(InvalidImage) as info:
+        load_image(data[: len(data) // 2], LIMITS)
+    assert info.value.code == "corrupt_image"
+
+
+def test_refuses_too_many_pixels_without_decoding() -> None:
+    # A 5000x5000 PNG of one colour is tiny on disk but 25 Mpx: a decompression bomb here.
+    data = encode(Image.new("L", (5000, 5000)), "PNG")
+    assert len(data) < LIMITS.max_bytes
+    with pytest.raises(PayloadTooLarge) as info:
+        load_image(data, LIMITS)
+    assert info.value.code == "image_too_many_pixels"
+
+
+def test_refuses_tiny_and_too_many_bytes() -> None:
+    with pytest.raises(InvalidImage) as info:
+        load_image(encode(Image.new("RGB", (4, 4)), "PNG"), LIMITS)
+    assert info.value.code == "image_too_small"
+    small = ImageLimits(max_bytes=1000, max_pixels=10**6, max_side=1000, min_side=1)
+    with pytest.raises(PayloadTooLarge):
+        load_image(encode(Image.effect_noise((200, 200), 60).convert("RGB"), "PNG"), small)
+
+
+def test_refuses_animated_webp() -> None:
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    out = io.BytesIO()
+    frames[0].save(out, format="WEBP", save_all=True, append_images=frames[1:])
+    with pytest.raises(InvalidImage) as info:
+        load_image(out.getvalue(), LIMITS)
+    assert info.value.code == "animated_image"
+
+
+def test_base64_and_data_uri() -> None:
+    png = encode(Image.new("RGB", (20, 20)), "PNG")
+    b64 = base64.b64encode(png).decode()
+    assert decode_base64_image(b64, 10**6) == png
+    assert decode_base64_image(f"data:image/png;base64,{b64}", 10**6) == png
+    assert decode_base64_image(b64[:40] + "\n" + b64[40:], 10**6) == png
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        ("not base64 at all!!", "invalid_base64"),
+        ("data:text/plain;base64,aGVsbG8=", "unsupported_image_type"),
+        ("data:image/png,rawdata", "invalid_data_uri"),
+        ("", "invalid_base64"),
+    ],
+)
+def test_base64_errors(value: str, code: str) -> None:
+    with pytest.raises((InvalidImage, UnsupportedMediaType)) as info:
+        decode_base64_image(value, 10**6)
+    assert info.value.code == code
+
+
+def test_base64_too_large_is_refused_before_decoding() -> None:
+    with pytest.raises(PayloadTooLarge):
+        decode_base64_image("A" * 5000, 1000)
