@@ -1,0 +1,47 @@
+# photo3d: `make run` starts the whole product locally; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+
+export RAY_AUTH_MODE ?= disabled
+export PYTHONUNBUFFERED = 1
+
+.PHONY: run test test-fast lint typecheck install install-dev clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[embedded]'
+	touch $@
+
+$(DEV_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -e '.[embedded,dev]'
+	touch $@
+
+install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
+
+## Start PostgreSQL (embedded unless DATABASE_URL is set), Ray and the app on http://127.0.0.1:8000
+run: $(STAMP)
+	$(VENV)/bin/photo3d serve
+
+## The whole suite: unit, integration (real PostgreSQL), e2e (real Ray Serve)
+test: $(DEV_STAMP)
+	$(PY) -m pytest tests -q
+
+test-fast: $(DEV_STAMP)
+	$(PY) -m pytest tests/unit tests/integration -q
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check serve_app tests jobs bench
+	$(VENV)/bin/ruff format --check serve_app tests jobs bench
+
+typecheck: $(DEV_STAMP)
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

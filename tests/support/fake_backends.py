@@ -1,0 +1,59 @@
+"""FAKE backends for tests. They wrap the real CPU backend to make timing controllable; they are
+never a reason to call a feature done on their own."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from PIL import Image
+
+from serve_app.backends.base import GeneratedAsset, GenerationOptions, ProgressCallback
+from serve_app.backends.cpu import CPUBackend
+from serve_app.settings import Settings
+
+
+class SlowFakeBackend:
+    """FAKE: sleeps PHOTO3D_FAKE_SLOW_SECONDS (reporting progress) before running the CPU backend,
+    so a test can kill its replica mid-task."""
+
+    name = "fake-slow"
+
+    def __init__(self, settings: Settings) -> None:
+        self.inner = CPUBackend(settings)
+        self.seconds = float(os.environ.get("PHOTO3D_FAKE_SLOW_SECONDS", "6"))
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def check_health(self) -> None:
+        self.inner.check_health()
+
+    def generate(self, images: list[Image.Image], options: GenerationOptions,
+                 progress: ProgressCallback) -> GeneratedAsset:
+        steps = max(1, int(self.seconds / 0.25))
+        for i in range(steps):
+            progress(0.5 * i / steps, "fake-waiting")
+            time.sleep(self.seconds / steps)
+        return self.inner.generate(images, options, lambda f, s: progress(0.5 + f / 2, s))
+
+
+class HangingFakeBackend:
+    """FAKE: never returns, like a TRELLIS.2 mesh extraction that hangs."""
+
+    name = "fake-hang"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def load(self) -> None:
+        pass
+
+    def check_health(self) -> None:
+        pass
+
+    def generate(self, images: list[Image.Image], options: GenerationOptions,
+                 progress: ProgressCallback) -> GeneratedAsset:
+        progress(0.1, "hanging")
+        while True:
+            time.sleep(1)

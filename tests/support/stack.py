@@ -1,0 +1,129 @@
+"""Start the real stack (`photo3d serve`: PostgreSQL + Ray Serve with both deployments) in a
+subprocess for end-to-end and browser tests, and stop it without leaving processes behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    url: str
+    database_url: str
+    run_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-20000:]
+
+    def wait_for_task(self, client: httpx.Client, task_id: str, *, timeout: float = 120,
+                      until: tuple[str, ...] = ("succeeded", "failed", "canceled")) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            body = client.get(f"/api/v1/task/{task_id}").json()
+            if body["status"] in until:
+                return body
+            time.sleep(0.3)
+        raise AssertionError(f"task {task_id} did not reach {until}: {body}\n{self.log()}")
+
+
+def write_config(path: Path, extra_backends: dict[str, float]) -> Path:
+    """serve_config.yaml plus fake backends (name -> CPUs), with CPUs sized for a 2-core CI."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    for name, cpus in extra_backends.items():
+        app["args"]["backends"].append(name)
+        app["deployments"].append(
+            {"name": f"generator-{name}", "num_replicas": 1, "ray_actor_options": {"num_cpus": cpus}}
+        )
+    for deployment in app["deployments"]:
+        if deployment["name"] == "generator-cpu":
+            deployment["ray_actor_options"]["num_cpus"] = 0.5
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@contextlib.contextmanager
+def run_stack(run_dir: Path, database_url: str, *, extra_backends: dict[str, str] | None = None,
+              env: dict[str, str] | None = None, timeout: float = 240) -> Iterator[Stack]:
+    """Run `photo3d serve` until the block ends; fails with the server log if it never gets ready."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    extra = extra_backends or {}
+    config = write_config(run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra})
+    full_env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "PHOTO3D_RUN_DIR": str(run_dir),
+        "PHOTO3D_PORT": str(port),
+        "PHOTO3D_SERVE_CONFIG": str(config),
+        "PHOTO3D_EXTRA_BACKENDS": ",".join(f"{k}={v}" for k, v in extra.items()),
+        "PHOTO3D_LEASE_SECONDS": "3",
+        "PHOTO3D_HEARTBEAT_SECONDS": "0.5",
+        "PHOTO3D_POLL_SECONDS": "1",
+        "PHOTO3D_RETRY_BACKOFF_SECONDS": "0",
+        "PHOTO3D_WORKER_ALIVE_SECONDS": "5",
+        "PYTHONPATH": str(ROOT),
+        "RAY_AUTH_MODE": "disabled",
+        **(env or {}),
+    }
+    log_path = run_dir / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serve_app.cli", "serve", "--num-cpus", "2"],
+            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    stack = Stack(f"http://127.0.0.1:{port}", database_url, run_dir, process, log_path)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"photo3d serve exited ({process.returncode}):\n{stack.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{stack.url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"stack not healthy after {timeout}s:\n{stack.log()}")
+            time.sleep(0.5)
+        yield stack
+    finally:
+        stop_stack(process)
+
+
+def stop_stack(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C, as a person would; then make sure nothing of the process group survives."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
