@@ -1,0 +1,156 @@
+"""The HTTP API and the worker engine together on a real PostgreSQL, in one process (no Ray):
+the same code the Serve deployments wrap."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from serve_app.api.app import create_app
+from serve_app.backends import Backend, create_backend
+from serve_app.service import Services
+from serve_app.settings import Settings
+from serve_app.store.tasks import Claim
+from serve_app.worker import Worker
+from tests.support.fake_backends import HangingFakeBackend
+from tests.support.images import object_photo
+
+
+@pytest.fixture
+def services(settings: Settings) -> Iterator[Services]:
+    services = Services.from_settings(settings)
+    services.db.open(wait=True)
+    yield services
+    services.db.close()
+
+
+@pytest.fixture
+def client(services: Services) -> Iterator[TestClient]:
+    with TestClient(create_app(services)) as test_client:
+        yield test_client
+
+
+def make_worker(services: Services, engine: Backend | None = None, **kwargs: object) -> Worker:
+    engine = engine or create_backend("cpu", services.settings)
+    engine.load()
+    return Worker(queue=services.queue, store=services.store, backend=engine,
+                  database_url=str(services.settings.database_url), heartbeat_seconds=0.2,
+                  poll_seconds=0.2, task_timeout_seconds=60, **kwargs)  # type: ignore[arg-type]
+
+
+def submit(client: TestClient, **data: str) -> dict:
+    response = client.post("/api/v1/generate",
+                           files={"image": ("p.png", object_photo(), "image/png")}, data=data)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_task_runs_to_success_with_progress_timeline(client: TestClient, services: Services) -> None:
+    task = submit(client, formats="glb,obj")
+    assert task["queue_position"] == 0
+    assert make_worker(services).run_once()
+    done = client.get(f"/api/v1/task/{task['id']}").json()
+    assert done["status"] == "succeeded" and done["progress"] == 1.0
+    stages = [e["stage"] for e in client.get(f"/api/v1/task/{task['id']}/events").json()["events"]]
+    assert "exporting" in stages and stages[-1] == "done"
+    obj = client.get(f"/api/v1/task/{task['id']}/result/obj")
+    assert obj.status_code == 200 and obj.content[:2] == b"PK"
+    # A format not asked for is made on demand, then served from the store.
+    ply = client.get(f"/api/v1/task/{task['id']}/result/ply")
+    assert ply.status_code == 200 and ply.content.startswith(b"ply")
+    assert client.get(f"/api/v1/task/{task['id']}/result/fbx").status_code == 404
+
+
+def test_queue_position_counts_tasks_ahead(client: TestClient) -> None:
+    ids = [submit(client)["id"] for _ in range(3)]
+    positions = [client.get(f"/api/v1/task/{i}").json()["queue_position"] for i in ids]
+    assert positions == [0, 1, 2]
+
+
+def test_event_stream_follows_the_task_to_its_end(client: TestClient, services: Services) -> None:
+    task = submit(client)
+    worker = make_worker(services)
+    worker.start()
+    try:
+        statuses = []
+        with client.stream("GET", f"/api/v1/task/{task['id']}/stream") as stream:
+            event = None
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: ") and event == "task":
+                    statuses.append(json.loads(line.removeprefix("data: "))["status"])
+        assert statuses[0] in ("queued", "running") and statuses[-1] == "succeeded"
+    finally:
+        worker.stop(timeout=10)
+
+
+def test_cancel_running_task_drops_its_result(client: TestClient, services: Services) -> None:
+    task = submit(client)
+    claim = services.queue.claim("someone", ["cpu"])
+    assert claim is not None
+    response = client.post(f"/api/v1/task/{task['id']}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "canceled"
+    assert client.post(f"/api/v1/task/{task['id']}/cancel").status_code == 422
+    worker = make_worker(services)
+    worker.process(claim)  # the stale claim runs anyway, as a slow worker would
+    assert client.get(f"/api/v1/task/{task['id']}").json()["status"] == "canceled"
+    assert not (services.settings.artifacts_path / "tasks" / task["id"]).exists()
+
+
+def test_delete_removes_task_and_files(client: TestClient, services: Services) -> None:
+    task = submit(client)
+    make_worker(services).run_once()
+    assert (services.settings.artifacts_path / "tasks" / task["id"]).exists()
+    assert client.delete(f"/api/v1/task/{task['id']}").status_code == 204
+    assert client.get(f"/api/v1/task/{task['id']}").status_code == 404
+    assert not (services.settings.artifacts_path / "tasks" / task["id"]).exists()
+    assert not (services.settings.artifacts_path / "inputs" / task["id"]).exists()
+
+
+def test_no_object_fails_permanently_with_reason(client: TestClient, services: Services) -> None:
+    flat = io.BytesIO()
+    Image.new("RGB", (128, 128), (120, 120, 120)).save(flat, format="PNG")
+    task = client.post("/api/v1/generate",
+                       files={"image": ("flat.png", flat.getvalue(), "image/png")}).json()
+    make_worker(services).run_once()
+    done = client.get(f"/api/v1/task/{task['id']}").json()
+    assert done["status"] == "failed" and done["attempt"] == 1
+    assert done["error"]["code"] == "no_object_found"
+
+
+def test_hanging_backend_triggers_the_watchdog(services: Services) -> None:
+    row, _ = services.submit("local", [object_photo()], {})
+    hung: list[tuple[Claim, float]] = []
+    worker = make_worker(services, HangingFakeBackend(services.settings),
+                         on_hang=lambda c, s: hung.append((c, s)))
+    worker.task_timeout_seconds = 0.5
+    threading.Thread(target=worker.run_once, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not hung and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hung and hung[0][0].id == row["id"] and hung[0][1] >= 0.5
+
+
+def test_health_needs_a_live_worker(client: TestClient, services: Services) -> None:
+    response = client.get("/health")
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert response.json()["database"] == "ok"
+    services.queue.register_worker("w-1", "cpu", "host", 1)
+    assert client.get("/health").status_code == 200
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    assert {"/health", "/api/v1/generate", "/api/v1/task/{task_id}", "/api/v1/tasks",
+            "/api/v1/task/{task_id}/stream", "/api/v1/task/{task_id}/cancel",
+            "/api/v1/task/{task_id}/result/{fmt}", "/api/v1/task/{task_id}/preview"} <= paths
+    assert client.get("/docs").status_code == 200
