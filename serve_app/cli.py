@@ -215,6 +215,67 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accounts() -> Any:
+    from serve_app.accounts import Accounts
+    from serve_app.store.db import Database
+    from serve_app.store.migrate import migrate
+
+    url, server = _database_url(get_settings())
+    migrate(url)
+    db = Database(url)
+    db.open(wait=True)
+    return Accounts(db), server
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    from serve_app.errors import Photo3DError
+
+    accounts, _server = _accounts()
+    try:
+        if args.action == "create":
+            row = accounts.create_account(args.account, args.name or "", is_admin=args.admin)
+            print(f"created account {row['id']}{' (admin)' if row['is_admin'] else ''}")
+        else:
+            for row in accounts.list_accounts():
+                print(f"{row['id']:<24} {'admin' if row['is_admin'] else '':<6} {row['name']}")
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from serve_app.errors import Photo3DError
+
+    accounts, _server = _accounts()
+    try:
+        if args.action == "create":
+            key, row = accounts.create_key(args.account, args.name or "")
+            print(
+                f"key {row['prefix']} for account {row['account_id']} (shown once, store it now):"
+            )
+            print(key)
+        elif args.action == "revoke":
+            row = accounts.revoke_key(args.prefix)
+            print(f"revoked key {row['prefix']} of account {row['account_id']}")
+        else:
+            for row in accounts.list_keys(args.account):
+                state = "revoked" if row["revoked_at"] else "active"
+                used = (
+                    row["last_used_at"].isoformat(timespec="seconds")
+                    if row["last_used_at"]
+                    else "never"
+                )
+                print(
+                    f"{row['prefix']}  {row['account_id']:<20} {state:<8} "
+                    f"last used {used}  {row['name']}"
+                )
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="photo3d", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -227,6 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply database migrations")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("accounts", help="create or list accounts")
+    p.add_argument("action", choices=["create", "list"])
+    p.add_argument("account", nargs="?", help="account id (create)")
+    p.add_argument("--name")
+    p.add_argument("--admin", action="store_true", help="may use the /api/v1/admin routes")
+    p.set_defaults(func=cmd_accounts)
+
+    p = sub.add_parser("keys", help="create, list or revoke API keys")
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("--account", help="account id (create; filter for list)")
+    p.add_argument("--name", help="a label for the key")
+    p.add_argument("prefix", nargs="?", help="key prefix (revoke)")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("generate", help="turn photos into a 3D model locally, no server")
     p.add_argument("photos", nargs="+", help="photo file(s) of one object")

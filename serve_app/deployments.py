@@ -1,7 +1,7 @@
 """Ray Serve deployments: a FastAPI ingress and one generator deployment per backend.
 
 Both are thin shims: the ingress around `create_app(Services)`, the generator around `Worker`.
-`build_app` is the app builder named by serve_config.yaml (`import_path: serve_app.deployments:build_app`).
+`build_app` is the app builder that serve_config.yaml names in its `import_path`.
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ def decode_base64_image(value: str, max_bytes: int) -> bytes:
         media_type = (match["type"] or "").lower()
         if media_type not in _FORMATS.values():
             raise UnsupportedMediaType(
-                f"data URI type {media_type or '(none)'} is not image/jpeg, image/png or image/webp",
+                f"data URI type {media_type or '(none)'} is not image/jpeg, image/png "
+                "or image/webp",
                 code="unsupported_image_type",
             )
         payload = value[match.end() :]

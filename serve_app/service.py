@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from PIL import Image
 from pydantic import ValidationError
 
 from serve_app import exports
+from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
@@ -71,6 +73,10 @@ class Services:
         )
         return cls(settings, db, queue, LocalArtifactStore(settings.artifacts_path), backends)
 
+    @cached_property
+    def accounts(self) -> Accounts:
+        return Accounts(self.db)
+
     @property
     def image_limits(self) -> ImageLimits:
         s = self.settings
@@ -107,6 +113,7 @@ class Services:
             )
             if task_by_key is not None:
                 return task_by_key, False
+        self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         task_id = uuid.uuid4()
         keys = [f"inputs/{task_id}/photo-{i}.png" for i in range(len(images))]
         try:
@@ -128,7 +135,8 @@ class Services:
             raise
         if not created:
             self.store.delete_prefix(f"inputs/{task_id}")
-        return row, created
+            return row, False
+        return self.queue.get(task_id, account_id) or row, True  # with its queue position
 
     # --- reading -------------------------------------------------------------------
     def get_task(self, account_id: str, task_id: str) -> Row:

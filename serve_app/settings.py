@@ -32,6 +32,22 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     serve_config: Path = Path("serve_config.yaml")
 
+    # --- access -------------------------------------------------------------------
+    # Unset: required in production, optional in development (single-user "local" account).
+    auth_required: bool | None = Field(
+        default=None, validation_alias=AliasChoices("AUTH_REQUIRED", "PHOTO3D_AUTH_REQUIRED")
+    )
+    rate_limit_requests: int = Field(default=120, ge=1, description="requests per key per window")
+    rate_limit_window_seconds: int = Field(default=60, ge=1)
+    max_active_tasks: int = Field(default=20, ge=1, description="queued+running per account")
+    cors_origins: str = ""  # comma separated; empty = no cross-origin access
+    request_timeout_seconds: float = Field(default=60.0, gt=0)
+    result_retention_seconds: float = Field(default=7 * 24 * 3600, ge=0)  # 0 = keep forever
+    url_fetch_timeout_seconds: float = Field(default=10.0, gt=0)
+    url_max_redirects: int = Field(default=3, ge=0, le=10)
+    # Hosts image_url may reach even if they resolve to private addresses (internal buckets).
+    url_allow_hosts: str = ""
+
     # --- input limits -------------------------------------------------------------
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=64)
@@ -62,6 +78,22 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None
+
+    @property
+    def auth_enforced(self) -> bool:
+        return (
+            self.auth_required
+            if self.auth_required is not None
+            else (self.environment == "production")
+        )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def url_allow_host_set(self) -> set[str]:
+        return {h.strip().lower() for h in self.url_allow_hosts.split(",") if h.strip()}
 
     @property
     def artifacts_path(self) -> Path:

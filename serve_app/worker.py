@@ -3,6 +3,7 @@ the fencing token. The generator deployment is a thin shim around it; tests driv
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -98,10 +99,8 @@ class Worker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        try:
+        with contextlib.suppress(Photo3DError):
             self.queue.unregister_worker(self.worker_id)
-        except Photo3DError:
-            pass
 
     @property
     def alive(self) -> bool:

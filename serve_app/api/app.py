@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
+from serve_app.accounts import RateLimited, Unauthorized
 from serve_app.api.routes import health_router, router
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
@@ -56,7 +60,13 @@ def create_app(services: Services) -> FastAPI:
 
     @app.exception_handler(Photo3DError)
     async def _domain_error(request: Request, exc: Photo3DError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if isinstance(exc, ServiceUnavailable) else None
+        headers: dict[str, str] | None = None
+        if isinstance(exc, ServiceUnavailable):
+            headers = {"Retry-After": "5"}
+        elif isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after)}
+        elif isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
         if exc.http_status >= 500:
             log.warning("%s %s -> %s: %s", request.method, request.url.path, exc.code, exc.message)
         return error_response(exc.http_status, exc.code, exc.message, headers)
@@ -77,6 +87,33 @@ def create_app(services: Services) -> FastAPI:
         # Never leak a traceback to the client; the log has it.
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "an unexpected error occurred")
+
+    timeout = services.settings.request_timeout_seconds
+
+    @app.middleware("http")
+    async def _time_limit(request: Request, call_next: Any) -> Any:
+        # Bounds the time to the response headers; a stream's body may then run on.
+        try:
+            return await asyncio.wait_for(call_next(request), timeout)
+        except TimeoutError:
+            log.warning("%s %s timed out after %.0fs", request.method, request.url.path, timeout)
+            return error_response(
+                503,
+                "request_timeout",
+                f"the request took longer than {timeout:.0f} s; retry",
+                {"Retry-After": "5"},
+            )
+
+    origins = services.settings.cors_origin_list
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+            expose_headers=["Location", "Retry-After"],
+            max_age=600,
+        )
 
     web = static_dir()
     if (web / "index.html").is_file():

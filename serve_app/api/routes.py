@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from serve_app import __version__
+from serve_app.accounts import LOCAL_ACCOUNT, Forbidden, Principal
 from serve_app.api.schemas import (
     BackendInfo,
     ErrorResponse,
@@ -24,13 +27,13 @@ from serve_app.api.schemas import (
     task_from_row,
 )
 from serve_app.backends import available_backends
-from serve_app.errors import InvalidInput, Photo3DError, PayloadTooLarge, UnsupportedMediaType
+from serve_app.errors import InvalidInput, PayloadTooLarge, Photo3DError, UnsupportedMediaType
 from serve_app.images import decode_base64_image
 from serve_app.service import Services
 from serve_app.store.tasks import TERMINAL
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 415, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
 }
 
 
@@ -39,13 +42,44 @@ def get_services(request: Request) -> Services:
     return services
 
 
-def current_account() -> str:
-    """The account making the request (single-user local mode: "local")."""
-    return "local"
-
-
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def current_principal(
+    request: Request,
+    services: ServicesDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Principal:
+    """Who is calling. A key is required when auth is enforced; without enforcement a request
+    with no key is the single local user. Each key's requests are rate-limited."""
+    settings = services.settings
+    if authorization is None and not settings.auth_enforced:
+        return Principal(LOCAL_ACCOUNT, None)
+    principal = services.accounts.authenticate(authorization)
+    services.accounts.count_request(
+        principal.key_prefix or principal.account_id,
+        settings.rate_limit_requests,
+        settings.rate_limit_window_seconds,
+    )
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+
+
+def current_account(principal: PrincipalDep) -> str:
+    """The account id every read and write is scoped to."""
+    return principal.account_id
+
+
+def admin_principal(principal: PrincipalDep) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this route needs an admin account's key", code="admin_only")
+    return principal
+
+
 AccountDep = Annotated[str, Depends(current_account)]
+AdminDep = Annotated[Principal, Depends(admin_principal)]
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS)
 health_router = APIRouter()
@@ -127,6 +161,14 @@ def _form_options(fields: dict[str, list[str]]) -> dict[str, Any]:
     return options
 
 
+def _json_options(payload: dict[str, Any]) -> dict[str, Any]:
+    """Options at the top level of a JSON body, or inside its "options" object."""
+    options = payload.pop("options", {})
+    if not isinstance(options, dict):
+        raise InvalidInput("options must be a JSON object", code="invalid_options")
+    return {**payload, **options}
+
+
 async def _parse_generate(
     request: Request, services: Services
 ) -> tuple[list[bytes], dict[str, Any]]:
@@ -173,10 +215,7 @@ async def _parse_generate(
                 f"at most {settings.max_images_per_task} images per task", code="too_many_images"
             )
         photos = [decode_base64_image(v, settings.max_upload_bytes) for v in raw_images]
-        options = payload.pop("options", {})
-        if not isinstance(options, dict):
-            raise InvalidInput("options must be a JSON object", code="invalid_options")
-        return photos, {**payload, **options}
+        return photos, _json_options(payload)
     raise UnsupportedMediaType(
         "send multipart/form-data with an 'image' file, or application/json with 'image'",
         code="unsupported_content_type",
@@ -369,3 +408,103 @@ def health(services: ServicesDep) -> JSONResponse:
     )
     headers = {} if ready else {"Retry-After": "5"}
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503, headers=headers)
+
+
+# --- accounts and keys ------------------------------------------------------------------------
+class KeyCreate(BaseModel):
+    name: str = Field(default="", max_length=100)
+
+
+class AccountCreate(BaseModel):
+    id: str = Field(min_length=1, max_length=63)
+    name: str = Field(default="", max_length=200)
+    is_admin: bool = False
+
+
+class KeyInfo(BaseModel):
+    prefix: str
+    account_id: str
+    name: str
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None = None
+    revoked_at: dt.datetime | None = None
+
+
+class NewKey(KeyInfo):
+    key: str = Field(description="The API key. Shown once: store it now.")
+
+
+class AccountInfo(BaseModel):
+    id: str
+    name: str
+    is_admin: bool
+    auth_required: bool
+    billing: dict[str, Any] = Field(default_factory=lambda: {"enabled": False})
+
+
+@router.get("/account", response_model=AccountInfo, summary="Who you are")
+def get_account(principal: PrincipalDep, services: ServicesDep) -> AccountInfo:
+    row = services.db.fetch_one("get_account", {"id": principal.account_id}) or {}
+    return AccountInfo(
+        id=principal.account_id,
+        name=row.get("name", principal.account_id),
+        is_admin=principal.is_admin,
+        auth_required=services.settings.auth_enforced,
+    )
+
+
+@router.get("/keys", response_model=list[KeyInfo], summary="Your API keys (never the secrets)")
+def list_own_keys(account: AccountDep, services: ServicesDep) -> list[KeyInfo]:
+    return [KeyInfo(**row) for row in services.accounts.list_keys(account)]
+
+
+@router.post("/keys", response_model=NewKey, status_code=201, summary="Create an API key")
+def create_own_key(body: KeyCreate, account: AccountDep, services: ServicesDep) -> NewKey:
+    key, row = services.accounts.create_key(account, body.name)
+    return NewKey(key=key, **row)
+
+
+@router.delete("/keys/{prefix}", response_model=KeyInfo, summary="Revoke one of your keys")
+def revoke_own_key(prefix: str, account: AccountDep, services: ServicesDep) -> KeyInfo:
+    return KeyInfo(**services.accounts.revoke_key(prefix, account))
+
+
+@router.post(
+    "/admin/accounts",
+    response_model=AccountInfo,
+    status_code=201,
+    summary="Admin: create an account",
+)
+def admin_create_account(
+    body: AccountCreate, admin: AdminDep, services: ServicesDep
+) -> AccountInfo:
+    row = services.accounts.create_account(body.id, body.name, is_admin=body.is_admin)
+    return AccountInfo(
+        id=row["id"],
+        name=row["name"],
+        is_admin=row["is_admin"],
+        auth_required=services.settings.auth_enforced,
+    )
+
+
+@router.post(
+    "/admin/accounts/{account_id}/keys",
+    response_model=NewKey,
+    status_code=201,
+    summary="Admin: create a key for an account",
+)
+def admin_create_key(
+    account_id: str, body: KeyCreate, admin: AdminDep, services: ServicesDep
+) -> NewKey:
+    key, row = services.accounts.create_key(account_id, body.name)
+    return NewKey(key=key, **row)
+
+
+@router.get("/admin/keys", response_model=list[KeyInfo], summary="Admin: every key")
+def admin_list_keys(admin: AdminDep, services: ServicesDep) -> list[KeyInfo]:
+    return [KeyInfo(**row) for row in services.accounts.list_keys(None)]
+
+
+@router.delete("/admin/keys/{prefix}", response_model=KeyInfo, summary="Admin: revoke any key")
+def admin_revoke_key(prefix: str, admin: AdminDep, services: ServicesDep) -> KeyInfo:
+    return KeyInfo(**services.accounts.revoke_key(prefix, None))

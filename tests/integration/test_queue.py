@@ -24,6 +24,13 @@ def db(database_url: str) -> Iterator[Database]:
     database.close()
 
 
+@pytest.fixture(autouse=True)
+def accounts(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for account in ("acct", "someone-else"):
+            conn.execute("INSERT INTO accounts (id, name) VALUES (%s, %s)", (account, account))
+
+
 @pytest.fixture
 def queue(db: Database) -> TaskQueue:
     return TaskQueue(db, lease_seconds=1.0, backoff_seconds=0.0)

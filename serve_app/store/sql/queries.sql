@@ -157,3 +157,66 @@ SELECT backend,
        count(*) FILTER (WHERE status = 'running') AS running
 FROM tasks WHERE status IN ('queued', 'running') AND backend = ANY(%(backends)s)
 GROUP BY backend;
+
+-- name: create_account
+INSERT INTO accounts (id, name, is_admin) VALUES (%(id)s, %(name)s, %(is_admin)s)
+RETURNING *;
+
+-- name: get_account
+SELECT * FROM accounts WHERE id = %(id)s;
+
+-- name: list_accounts
+SELECT * FROM accounts ORDER BY created_at;
+
+-- name: create_api_key
+INSERT INTO api_keys (prefix, account_id, secret_hash, name)
+VALUES (%(prefix)s, %(account_id)s, %(secret_hash)s, %(name)s)
+RETURNING prefix, account_id, name, created_at, last_used_at, revoked_at;
+
+-- name: authenticate_key
+-- Look the key up by its prefix and touch last_used_at (at most once a minute, to spare writes).
+WITH found AS (
+    SELECT k.prefix, k.secret_hash, k.account_id, a.is_admin
+    FROM api_keys k JOIN accounts a ON a.id = k.account_id
+    WHERE k.prefix = %(prefix)s AND k.revoked_at IS NULL AND a.disabled_at IS NULL
+), touched AS (
+    UPDATE api_keys SET last_used_at = clock_timestamp()
+    WHERE prefix = %(prefix)s AND revoked_at IS NULL
+      AND (last_used_at IS NULL OR last_used_at < clock_timestamp() - interval '1 minute')
+)
+SELECT * FROM found;
+
+-- name: list_api_keys
+SELECT prefix, account_id, name, created_at, last_used_at, revoked_at
+FROM api_keys WHERE (%(account_id)s::text IS NULL OR account_id = %(account_id)s::text)
+ORDER BY created_at;
+
+-- name: revoke_api_key
+UPDATE api_keys SET revoked_at = clock_timestamp()
+WHERE prefix = %(prefix)s AND revoked_at IS NULL
+  AND (%(account_id)s::text IS NULL OR account_id = %(account_id)s::text)
+RETURNING prefix, account_id, name, created_at, last_used_at, revoked_at;
+
+-- name: count_request
+-- One statement per request: count it in the current window and return the new count.
+INSERT INTO rate_windows (key_prefix, window_start, requests)
+VALUES (%(key)s, to_timestamp(floor(extract(epoch FROM clock_timestamp()) / %(window)s) * %(window)s), 1)
+ON CONFLICT (key_prefix, window_start) DO UPDATE SET requests = rate_windows.requests + 1
+RETURNING requests,
+          extract(epoch FROM window_start + make_interval(secs => %(window)s) - clock_timestamp())
+              AS reset_s;
+
+-- name: prune_rate_windows
+DELETE FROM rate_windows WHERE window_start < clock_timestamp() - interval '1 hour';
+
+-- name: active_task_count
+SELECT count(*) AS active FROM tasks
+WHERE account_id = %(account_id)s AND status IN ('queued', 'running');
+
+-- name: expired_tasks
+-- Finished tasks past their retention, oldest first.
+SELECT id FROM tasks
+WHERE status IN ('succeeded', 'failed', 'canceled')
+  AND finished_at < clock_timestamp() - make_interval(secs => %(retention_seconds)s)
+ORDER BY finished_at
+LIMIT %(limit)s;

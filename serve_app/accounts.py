@@ -1,0 +1,157 @@
+"""Accounts, API keys and per-key limits.
+
+A key looks like `p3d_<prefix>_<secret>`: the prefix identifies it in listings and logs, the
+whole key is stored only as a SHA-256 hash (keys are 190 random bits, so a slow hash buys
+nothing) and is shown once, at creation."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from serve_app.errors import Conflict, InvalidInput, NotFound, Photo3DError
+from serve_app.store.db import Database, Row
+
+KEY_PATTERN = re.compile(r"p3d_([a-z0-9]{8})_([A-Za-z0-9_-]{32})")
+ACCOUNT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+LOCAL_ACCOUNT = "local"
+
+
+class Unauthorized(Photo3DError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(Photo3DError):
+    code = "forbidden"
+    http_status = 403
+
+
+class RateLimited(Photo3DError):
+    """Too many requests or tasks; `retry_after` says when to come back (seconds)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 1) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_rate_limited, (self.message, self.code, self.retry_after))
+
+
+def _rebuild_rate_limited(message: str, code: str, retry_after: int) -> RateLimited:
+    return RateLimited(message, code=code, retry_after=retry_after)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: an account, and the key used (None in local single-user mode)."""
+
+    account_id: str
+    key_prefix: str | None
+    is_admin: bool = False
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_key() -> tuple[str, str]:
+    """(prefix, full key) of a fresh random key."""
+    prefix = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+    return prefix, f"p3d_{prefix}_{secrets.token_urlsafe(24)}"
+
+
+class Accounts:
+    """Account and key operations on the database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create_account(self, account_id: str, name: str = "", *, is_admin: bool = False) -> Row:
+        if not ACCOUNT_ID.fullmatch(account_id):
+            raise InvalidInput(
+                "account id: 1-63 of a-z, 0-9, '-', '_', starting with a letter or digit",
+                code="invalid_account_id",
+            )
+        if self.db.fetch_one("get_account", {"id": account_id}) is not None:
+            raise Conflict(f"account {account_id} already exists", code="account_exists")
+        row = self.db.fetch_one(
+            "create_account", {"id": account_id, "name": name or account_id, "is_admin": is_admin}
+        )
+        if row is None:  # pragma: no cover - INSERT ... RETURNING always returns
+            raise Conflict(f"account {account_id} could not be created")
+        return row
+
+    def list_accounts(self) -> list[Row]:
+        return self.db.fetch_all("list_accounts")
+
+    def create_key(self, account_id: str, name: str = "") -> tuple[str, Row]:
+        """Make a key for the account; returns (the key — shown once, its listing row)."""
+        if self.db.fetch_one("get_account", {"id": account_id}) is None:
+            raise NotFound(f"account {account_id} not found", code="account_not_found")
+        prefix, key = new_key()
+        row = self.db.fetch_one(
+            "create_api_key",
+            {
+                "prefix": prefix,
+                "account_id": account_id,
+                "secret_hash": hash_key(key),
+                "name": name[:100],
+            },
+        )
+        if row is None:  # pragma: no cover
+            raise Conflict("key could not be created")
+        return key, row
+
+    def list_keys(self, account_id: str | None = None) -> list[Row]:
+        return self.db.fetch_all("list_api_keys", {"account_id": account_id})
+
+    def revoke_key(self, prefix: str, account_id: str | None = None) -> Row:
+        row = self.db.fetch_one("revoke_api_key", {"prefix": prefix, "account_id": account_id})
+        if row is None:
+            raise NotFound(f"active key {prefix[:16]} not found", code="key_not_found")
+        return row
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an `Authorization: Bearer <key>` header, or Unauthorized."""
+        if not authorization:
+            raise Unauthorized(
+                "send an API key: Authorization: Bearer p3d_…", code="missing_api_key"
+            )
+        scheme, _, key = authorization.strip().partition(" ")
+        match = KEY_PATTERN.fullmatch(key.strip())
+        if scheme.lower() != "bearer" or match is None:
+            raise Unauthorized(
+                "the Authorization header must be 'Bearer p3d_…'", code="invalid_api_key"
+            )
+        row = self.db.fetch_one("authenticate_key", {"prefix": match[1]})
+        if row is None or not hmac.compare_digest(bytes(row["secret_hash"]), hash_key(key.strip())):
+            raise Unauthorized("the API key is not valid or was revoked", code="invalid_api_key")
+        return Principal(row["account_id"], row["prefix"], bool(row["is_admin"]))
+
+    def count_request(self, bucket: str, limit: int, window_seconds: int) -> None:
+        """Count one request in the bucket's window; RateLimited past `limit`."""
+        row = self.db.fetch_one("count_request", {"key": bucket, "window": window_seconds})
+        if row is not None and row["requests"] > limit:
+            retry = max(1, int(float(row["reset_s"]) + 0.999))
+            raise RateLimited(
+                f"more than {limit} requests in {window_seconds} s; retry in {retry} s",
+                retry_after=retry,
+            )
+
+    def check_concurrency(self, account_id: str, limit: int) -> None:
+        """RateLimited when the account already has `limit` tasks queued or running."""
+        row = self.db.fetch_one("active_task_count", {"account_id": account_id})
+        if row is not None and row["active"] >= limit:
+            raise RateLimited(
+                f"{row['active']} tasks are already queued or running; the limit is {limit}. "
+                "Wait for one to finish.",
+                code="too_many_active_tasks",
+                retry_after=5,
+            )
