@@ -10,13 +10,14 @@ import pytest
 from serve_app.settings import Settings
 from tests.support import pg
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 
 
 @pytest.fixture(scope="session")
-def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_admin() -> Iterator[str]:
     """Admin URL of the test server, with the migrated template database ready."""
-    url, server = pg.admin_url(tmp_path_factory.mktemp("pg"))
+    url, server = pg.admin_url(ROOT / ".run")
     pg.make_template(url)
     yield url
     del server

@@ -28,6 +28,7 @@ from serve_app.api.schemas import (
 )
 from serve_app.backends import available_backends
 from serve_app.errors import InvalidInput, PayloadTooLarge, Photo3DError, UnsupportedMediaType
+from serve_app.fetch import fetch_image_url
 from serve_app.images import decode_base64_image
 from serve_app.service import Services
 from serve_app.store.tasks import TERMINAL
@@ -148,7 +149,7 @@ def _form_options(fields: dict[str, list[str]]) -> dict[str, Any]:
     if "options" in fields:
         try:
             loaded = json.loads(fields.pop("options")[0])
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise InvalidInput("options must be a JSON object", code="invalid_options") from exc
         if not isinstance(loaded, dict):
             raise InvalidInput("options must be a JSON object", code="invalid_options")
@@ -194,18 +195,29 @@ async def _parse_generate(
         body = await _read_body(request, limit * 4 // 3 + 64 * 1024)
         try:
             payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidInput("the body is not valid JSON", code="invalid_json") from exc
         if not isinstance(payload, dict):
             raise InvalidInput("the body must be a JSON object", code="invalid_json")
         raw_images = payload.pop("images", None)
         if "image" in payload:
             raw_images = [payload.pop("image"), *(raw_images or [])]
-        if "image_url" in payload:
-            raise InvalidInput(
-                "image_url is not supported yet; send the image itself",
-                code="image_url_unsupported",
+        image_url = payload.pop("image_url", None)
+        if image_url is not None:
+            if raw_images:
+                raise InvalidInput(
+                    "send either image(s) or image_url, not both", code="conflicting_inputs"
+                )
+            photo = await run_in_threadpool(
+                lambda: fetch_image_url(
+                    image_url,
+                    max_bytes=settings.max_upload_bytes,
+                    timeout=settings.url_fetch_timeout_seconds,
+                    max_redirects=settings.url_max_redirects,
+                    allow_hosts=settings.url_allow_host_set,
+                )
             )
+            return [photo], _json_options(payload)
         if not isinstance(raw_images, list) or not raw_images:
             raise InvalidInput(
                 "send 'image' (base64 or data URI) or 'images'", code="missing_image"

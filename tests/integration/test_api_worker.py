@@ -41,19 +41,29 @@ def client(services: Services) -> Iterator[TestClient]:
 def make_worker(services: Services, engine: Backend | None = None, **kwargs: object) -> Worker:
     engine = engine or create_backend("cpu", services.settings)
     engine.load()
-    return Worker(queue=services.queue, store=services.store, backend=engine,
-                  database_url=str(services.settings.database_url), heartbeat_seconds=0.2,
-                  poll_seconds=0.2, task_timeout_seconds=60, **kwargs)  # type: ignore[arg-type]
+    return Worker(
+        queue=services.queue,
+        store=services.store,
+        backend=engine,
+        database_url=str(services.settings.database_url),
+        heartbeat_seconds=0.2,
+        poll_seconds=0.2,
+        task_timeout_seconds=60,
+        **kwargs,
+    )  # type: ignore[arg-type]
 
 
 def submit(client: TestClient, **data: str) -> dict:
-    response = client.post("/api/v1/generate",
-                           files={"image": ("p.png", object_photo(), "image/png")}, data=data)
+    response = client.post(
+        "/api/v1/generate", files={"image": ("p.png", object_photo(), "image/png")}, data=data
+    )
     assert response.status_code == 202, response.text
     return response.json()
 
 
-def test_task_runs_to_success_with_progress_timeline(client: TestClient, services: Services) -> None:
+def test_task_runs_to_success_with_progress_timeline(
+    client: TestClient, services: Services
+) -> None:
     task = submit(client, formats="glb,obj")
     assert task["queue_position"] == 0
     assert make_worker(services).run_once()
@@ -120,8 +130,9 @@ def test_delete_removes_task_and_files(client: TestClient, services: Services) -
 def test_no_object_fails_permanently_with_reason(client: TestClient, services: Services) -> None:
     flat = io.BytesIO()
     Image.new("RGB", (128, 128), (120, 120, 120)).save(flat, format="PNG")
-    task = client.post("/api/v1/generate",
-                       files={"image": ("flat.png", flat.getvalue(), "image/png")}).json()
+    task = client.post(
+        "/api/v1/generate", files={"image": ("flat.png", flat.getvalue(), "image/png")}
+    ).json()
     make_worker(services).run_once()
     done = client.get(f"/api/v1/task/{task['id']}").json()
     assert done["status"] == "failed" and done["attempt"] == 1
@@ -130,11 +141,18 @@ def test_no_object_fails_permanently_with_reason(client: TestClient, services: S
 
 def test_hanging_backend_triggers_the_watchdog(services: Services) -> None:
     services.store.put("inputs/hang/photo-0.png", object_photo())
-    row, _ = services.queue.submit(task_id=uuid.uuid4(), account_id="local", backend="fake-hang",
-                                   options={}, inputs=["inputs/hang/photo-0.png"], max_attempts=1)
+    row, _ = services.queue.submit(
+        task_id=uuid.uuid4(),
+        account_id="local",
+        backend="fake-hang",
+        options={},
+        inputs=["inputs/hang/photo-0.png"],
+        max_attempts=1,
+    )
     hung: list[tuple[Claim, float]] = []
-    worker = make_worker(services, HangingFakeBackend(services.settings),
-                         on_hang=lambda c, s: hung.append((c, s)))
+    worker = make_worker(
+        services, HangingFakeBackend(services.settings), on_hang=lambda c, s: hung.append((c, s))
+    )
     worker.task_timeout_seconds = 0.5
     threading.Thread(target=worker.run_once, daemon=True).start()
     deadline = time.monotonic() + 10
@@ -154,7 +172,14 @@ def test_health_needs_a_live_worker(client: TestClient, services: Services) -> N
 def test_openapi_documents_every_route(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     paths = set(spec["paths"])
-    assert {"/health", "/api/v1/generate", "/api/v1/task/{task_id}", "/api/v1/tasks",
-            "/api/v1/task/{task_id}/stream", "/api/v1/task/{task_id}/cancel",
-            "/api/v1/task/{task_id}/result/{fmt}", "/api/v1/task/{task_id}/preview"} <= paths
+    assert {
+        "/health",
+        "/api/v1/generate",
+        "/api/v1/task/{task_id}",
+        "/api/v1/tasks",
+        "/api/v1/task/{task_id}/stream",
+        "/api/v1/task/{task_id}/cancel",
+        "/api/v1/task/{task_id}/result/{fmt}",
+        "/api/v1/task/{task_id}/preview",
+    } <= paths
     assert client.get("/docs").status_code == 200

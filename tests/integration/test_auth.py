@@ -18,8 +18,13 @@ from tests.support.images import object_photo
 
 @pytest.fixture
 def services(database_url: str, tmp_path: Path) -> Iterator[Services]:
-    settings = Settings(database_url=database_url, run_dir=tmp_path, auth_required=True,
-                        rate_limit_requests=1000, max_active_tasks=3)
+    settings = Settings(
+        database_url=database_url,
+        run_dir=tmp_path,
+        auth_required=True,
+        rate_limit_requests=1000,
+        max_active_tasks=3,
+    )
     services = Services.from_settings(settings)
     services.db.open(wait=True)
     yield services
@@ -39,21 +44,32 @@ def key_for(services: Services, account: str, *, admin: bool = False) -> dict[st
 
 
 def finished_task(client: TestClient, services: Services, headers: dict[str, str]) -> str:
-    response = client.post("/api/v1/generate", headers=headers,
-                           files={"image": ("p.png", object_photo(), "image/png")})
+    response = client.post(
+        "/api/v1/generate", headers=headers, files={"image": ("p.png", object_photo(), "image/png")}
+    )
     assert response.status_code == 202, response.text
     backend = create_backend("cpu", services.settings)
-    Worker(queue=services.queue, store=services.store, backend=backend,
-           database_url=str(services.settings.database_url), heartbeat_seconds=1,
-           poll_seconds=1, task_timeout_seconds=60).run_once()
+    Worker(
+        queue=services.queue,
+        store=services.store,
+        backend=backend,
+        database_url=str(services.settings.database_url),
+        heartbeat_seconds=1,
+        poll_seconds=1,
+        task_timeout_seconds=60,
+    ).run_once()
     task_id: str = response.json()["id"]
     return task_id
 
 
 def test_every_route_but_health_and_page_needs_a_key(client: TestClient) -> None:
-    for method, path in [("GET", "/api/v1/tasks"), ("POST", "/api/v1/generate"),
-                         ("GET", "/api/v1/task/00000000-0000-0000-0000-000000000000"),
-                         ("GET", "/api/v1/account"), ("GET", "/api/v1/keys")]:
+    for method, path in [
+        ("GET", "/api/v1/tasks"),
+        ("POST", "/api/v1/generate"),
+        ("GET", "/api/v1/task/00000000-0000-0000-0000-000000000000"),
+        ("GET", "/api/v1/account"),
+        ("GET", "/api/v1/keys"),
+    ]:
         response = client.request(method, path)
         assert response.status_code == 401, path
         assert response.json()["error"]["code"] == "missing_api_key"
@@ -61,7 +77,10 @@ def test_every_route_but_health_and_page_needs_a_key(client: TestClient) -> None
     assert client.get("/health").status_code in (200, 503)
     bad = client.get("/api/v1/tasks", headers={"Authorization": "Bearer p3d_aaaaaaaa_" + "x" * 32})
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
-    assert client.get("/api/v1/tasks", headers={"Authorization": "Basic Zm9vOmJhcg=="}).status_code == 401
+    assert (
+        client.get("/api/v1/tasks", headers={"Authorization": "Basic Zm9vOmJhcg=="}).status_code
+        == 401
+    )
 
 
 def test_keys_are_hashed_shown_once_and_revocable(client: TestClient, services: Services) -> None:
@@ -71,28 +90,46 @@ def test_keys_are_hashed_shown_once_and_revocable(client: TestClient, services: 
         stored = conn.execute("SELECT secret_hash FROM api_keys").fetchall()
     assert all(key.encode() not in bytes(row["secret_hash"]) for row in stored)
     listed = client.get("/api/v1/keys", headers=headers).json()
-    assert len(listed) == 1 and "key" not in listed[0] and key.startswith(f"p3d_{listed[0]['prefix']}_")
+    assert (
+        len(listed) == 1
+        and "key" not in listed[0]
+        and key.startswith(f"p3d_{listed[0]['prefix']}_")
+    )
     created = client.post("/api/v1/keys", headers=headers, json={"name": "laptop"})
     assert created.status_code == 201 and created.json()["key"].startswith("p3d_")
     second = {"Authorization": f"Bearer {created.json()['key']}"}
     assert client.get("/api/v1/tasks", headers=second).status_code == 200
-    assert client.delete(f"/api/v1/keys/{created.json()['prefix']}", headers=headers).status_code == 200
+    assert (
+        client.delete(f"/api/v1/keys/{created.json()['prefix']}", headers=headers).status_code
+        == 200
+    )
     assert client.get("/api/v1/tasks", headers=second).status_code == 401
 
 
-def test_another_accounts_task_is_404_on_every_route(client: TestClient, services: Services) -> None:
+def test_another_accounts_task_is_404_on_every_route(
+    client: TestClient, services: Services
+) -> None:
     alice = key_for(services, "alice")
     bob = key_for(services, "bob")
     task_id = finished_task(client, services, alice)
     assert client.get(f"/api/v1/task/{task_id}", headers=alice).json()["status"] == "succeeded"
-    for method, suffix in [("GET", ""), ("GET", "/events"), ("GET", "/stream"),
-                           ("GET", "/result/glb"), ("GET", "/result/stl"), ("GET", "/preview"),
-                           ("POST", "/cancel"), ("DELETE", "")]:
+    for method, suffix in [
+        ("GET", ""),
+        ("GET", "/events"),
+        ("GET", "/stream"),
+        ("GET", "/result/glb"),
+        ("GET", "/result/stl"),
+        ("GET", "/preview"),
+        ("POST", "/cancel"),
+        ("DELETE", ""),
+    ]:
         response = client.request(method, f"/api/v1/task/{task_id}{suffix}", headers=bob)
         assert response.status_code == 404, (method, suffix, response.text)
         assert response.json()["error"]["code"] == "task_not_found"
     assert client.get("/api/v1/tasks", headers=bob).json()["tasks"] == []
-    assert [t["id"] for t in client.get("/api/v1/tasks", headers=alice).json()["tasks"]] == [task_id]
+    assert [t["id"] for t in client.get("/api/v1/tasks", headers=alice).json()["tasks"]] == [
+        task_id
+    ]
     # Bob cannot revoke Alice's key either.
     alice_prefix = client.get("/api/v1/keys", headers=alice).json()[0]["prefix"]
     assert client.delete(f"/api/v1/keys/{alice_prefix}", headers=bob).status_code == 404
@@ -105,18 +142,29 @@ def test_admin_routes(client: TestClient, services: Services) -> None:
     assert client.post("/api/v1/admin/accounts", headers=user, json={"id": "x"}).status_code == 403
     made = client.post("/api/v1/admin/accounts", headers=admin, json={"id": "dave"})
     assert made.status_code == 201
-    assert client.post("/api/v1/admin/accounts", headers=admin, json={"id": "dave"}).status_code == 409
-    assert client.post("/api/v1/admin/accounts", headers=admin, json={"id": "../x"}).status_code == 422
+    assert (
+        client.post("/api/v1/admin/accounts", headers=admin, json={"id": "dave"}).status_code == 409
+    )
+    assert (
+        client.post("/api/v1/admin/accounts", headers=admin, json={"id": "../x"}).status_code == 422
+    )
     new_key = client.post("/api/v1/admin/accounts/dave/keys", headers=admin, json={}).json()
     dave = {"Authorization": f"Bearer {new_key['key']}"}
     assert client.get("/api/v1/account", headers=dave).json()["id"] == "dave"
-    assert client.delete(f"/api/v1/admin/keys/{new_key['prefix']}", headers=admin).status_code == 200
+    assert (
+        client.delete(f"/api/v1/admin/keys/{new_key['prefix']}", headers=admin).status_code == 200
+    )
     assert client.get("/api/v1/account", headers=dave).status_code == 401
 
 
 def test_rate_limit_answers_429_with_retry_after(database_url: str, tmp_path: Path) -> None:
-    settings = Settings(database_url=database_url, run_dir=tmp_path, auth_required=True,
-                        rate_limit_requests=3, rate_limit_window_seconds=60)
+    settings = Settings(
+        database_url=database_url,
+        run_dir=tmp_path,
+        auth_required=True,
+        rate_limit_requests=3,
+        rate_limit_window_seconds=60,
+    )
     services = Services.from_settings(settings)
     services.db.open(wait=True)
     headers = key_for(services, "eve")
@@ -132,8 +180,12 @@ def test_rate_limit_answers_429_with_retry_after(database_url: str, tmp_path: Pa
 def test_concurrency_limit_and_idempotency(client: TestClient, services: Services) -> None:
     headers = key_for(services, "frank")
     photo = {"image": ("p.png", object_photo(), "image/png")}
-    first = client.post("/api/v1/generate", headers={**headers, "Idempotency-Key": "k1"}, files=photo)
-    again = client.post("/api/v1/generate", headers={**headers, "Idempotency-Key": "k1"}, files=photo)
+    first = client.post(
+        "/api/v1/generate", headers={**headers, "Idempotency-Key": "k1"}, files=photo
+    )
+    again = client.post(
+        "/api/v1/generate", headers={**headers, "Idempotency-Key": "k1"}, files=photo
+    )
     assert first.status_code == 202 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"]
     for _ in range(2):
@@ -142,7 +194,11 @@ def test_concurrency_limit_and_idempotency(client: TestClient, services: Service
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "too_many_active_tasks"
     assert int(limited.headers["retry-after"]) > 0
     # The idempotent retry still finds its task at the limit.
-    assert client.post("/api/v1/generate", headers={**headers, "Idempotency-Key": "k1"},
-                       files=photo).status_code == 200
+    assert (
+        client.post(
+            "/api/v1/generate", headers={**headers, "Idempotency-Key": "k1"}, files=photo
+        ).status_code
+        == 200
+    )
     inputs = services.settings.artifacts_path / "inputs"
     assert len(list(inputs.iterdir())) == 3

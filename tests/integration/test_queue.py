@@ -36,11 +36,25 @@ def queue(db: Database) -> TaskQueue:
     return TaskQueue(db, lease_seconds=1.0, backoff_seconds=0.0)
 
 
-def submit(queue: TaskQueue, *, backend: str = "cpu", priority: int = 0, account: str = "acct",
-           max_attempts: int = 3, key: str | None = None) -> uuid.UUID:
-    row, _ = queue.submit(task_id=uuid.uuid4(), account_id=account, backend=backend, options={},
-                          inputs=[], max_attempts=max_attempts, priority=priority,
-                          idempotency_key=key)
+def submit(
+    queue: TaskQueue,
+    *,
+    backend: str = "cpu",
+    priority: int = 0,
+    account: str = "acct",
+    max_attempts: int = 3,
+    key: str | None = None,
+) -> uuid.UUID:
+    row, _ = queue.submit(
+        task_id=uuid.uuid4(),
+        account_id=account,
+        backend=backend,
+        options={},
+        inputs=[],
+        max_attempts=max_attempts,
+        priority=priority,
+        idempotency_key=key,
+    )
     return row["id"]
 
 
@@ -139,8 +153,15 @@ def test_cancel_queued_and_running(queue: TaskQueue) -> None:
 
 def test_idempotency_key_returns_the_original(queue: TaskQueue) -> None:
     first = submit(queue, key="abc")
-    again, created = queue.submit(task_id=uuid.uuid4(), account_id="acct", backend="cpu",
-                                  options={}, inputs=[], max_attempts=3, idempotency_key="abc")
+    again, created = queue.submit(
+        task_id=uuid.uuid4(),
+        account_id="acct",
+        backend="cpu",
+        options={},
+        inputs=[],
+        max_attempts=3,
+        idempotency_key="abc",
+    )
     assert not created and again["id"] == first
     other_account = submit(queue, key="abc", account="someone-else")
     assert other_account != first
@@ -153,8 +174,12 @@ def test_events_record_every_status_change(queue: TaskQueue) -> None:
     queue.heartbeat(claim, progress=0.4, stage="meshing")
     queue.succeed(claim, {})
     timeline = [(e["status"], e["stage"]) for e in queue.events(task_id)]
-    assert timeline == [("queued", None), ("running", "starting"), ("running", "meshing"),
-                        ("succeeded", "done")]
+    assert timeline == [
+        ("queued", None),
+        ("running", "starting"),
+        ("running", "meshing"),
+        ("succeeded", "done"),
+    ]
 
 
 def test_listing_is_newest_first_with_cursor_and_filter(queue: TaskQueue) -> None:
@@ -205,5 +230,7 @@ def test_concurrent_claimers_never_share_a_task(db: Database) -> None:
     assert len(counts) == 500
     assert max(counts.values()) == 1
     with psycopg.connect(db.url) as conn:
-        row = conn.execute("SELECT count(*) FROM tasks WHERE status = 'running' AND attempt = 1").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM tasks WHERE status = 'running' AND attempt = 1"
+        ).fetchone()
     assert row is not None and row[0] == 500

@@ -29,8 +29,9 @@ class SlowFakeBackend:
     def check_health(self) -> None:
         self.inner.check_health()
 
-    def generate(self, images: list[Image.Image], options: GenerationOptions,
-                 progress: ProgressCallback) -> GeneratedAsset:
+    def generate(
+        self, images: list[Image.Image], options: GenerationOptions, progress: ProgressCallback
+    ) -> GeneratedAsset:
         steps = max(1, int(self.seconds / 0.25))
         for i in range(steps):
             progress(0.5 * i / steps, "fake-waiting")
@@ -52,8 +53,9 @@ class HangingFakeBackend:
     def check_health(self) -> None:
         pass
 
-    def generate(self, images: list[Image.Image], options: GenerationOptions,
-                 progress: ProgressCallback) -> GeneratedAsset:
+    def generate(
+        self, images: list[Image.Image], options: GenerationOptions, progress: ProgressCallback
+    ) -> GeneratedAsset:
         progress(0.1, "hanging")
         while True:
             time.sleep(1)

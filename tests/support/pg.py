@@ -5,6 +5,7 @@ A template database gets the migrations once; each test clones it (fast and isol
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,14 +19,20 @@ from serve_app.store.migrate import migrate
 TEMPLATE = "photo3d_test_template"
 
 
-def admin_url(tmp_root: Path) -> tuple[str, Any]:
-    """URL of a database we may CREATE DATABASE from, and the server handle (keep it alive)."""
+def admin_url(root: Path) -> tuple[str, Any]:
+    """URL of a database we may CREATE DATABASE from, and the server handle (keep it alive).
+
+    The data directory lives under `root` (the project's .run folder), not pytest's tmp dir:
+    pytest resets its tmp root to mode 0700, which would lock out the `pgserver` system user
+    that the embedded server runs as under root."""
     url = os.environ.get("PHOTO3D_TEST_DATABASE_URL")
     if url:
         return url, None
     import pgserver
 
-    server = pgserver.get_server(tmp_root / "pgdata", cleanup_mode="stop")
+    root.mkdir(parents=True, exist_ok=True)
+    pgdata = Path(tempfile.mkdtemp(prefix="test-pg-", dir=root))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
     return server.get_uri(), server
 
 

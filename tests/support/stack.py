@@ -41,8 +41,14 @@ class Stack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
 
-    def wait_for_task(self, client: httpx.Client, task_id: str, *, timeout: float = 120,
-                      until: tuple[str, ...] = ("succeeded", "failed", "canceled")) -> dict:
+    def wait_for_task(
+        self,
+        client: httpx.Client,
+        task_id: str,
+        *,
+        timeout: float = 120,
+        until: tuple[str, ...] = ("succeeded", "failed", "canceled"),
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             body = client.get(f"/api/v1/task/{task_id}").json()
@@ -59,7 +65,11 @@ def write_config(path: Path, extra_backends: dict[str, float]) -> Path:
     for name, cpus in extra_backends.items():
         app["args"]["backends"].append(name)
         app["deployments"].append(
-            {"name": f"generator-{name}", "num_replicas": 1, "ray_actor_options": {"num_cpus": cpus}}
+            {
+                "name": f"generator-{name}",
+                "num_replicas": 1,
+                "ray_actor_options": {"num_cpus": cpus},
+            }
         )
     for deployment in app["deployments"]:
         if deployment["name"] == "generator-cpu":
@@ -69,8 +79,14 @@ def write_config(path: Path, extra_backends: dict[str, float]) -> Path:
 
 
 @contextlib.contextmanager
-def run_stack(run_dir: Path, database_url: str, *, extra_backends: dict[str, str] | None = None,
-              env: dict[str, str] | None = None, timeout: float = 240) -> Iterator[Stack]:
+def run_stack(
+    run_dir: Path,
+    database_url: str,
+    *,
+    extra_backends: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+) -> Iterator[Stack]:
     """Run `photo3d serve` until the block ends; fails with the server log if it never gets ready."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -96,7 +112,10 @@ def run_stack(run_dir: Path, database_url: str, *, extra_backends: dict[str, str
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "serve_app.cli", "serve", "--num-cpus", "2"],
-            cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     stack = Stack(f"http://127.0.0.1:{port}", database_url, run_dir, process, log_path)
