@@ -276,6 +276,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_weights(args: argparse.Namespace) -> int:
+    """Fetch (where the internet is reachable) or verify pinned model weights."""
+    from serve_app import weights
+
+    dest = Path(args.dest) if args.dest else get_settings().weights_dir
+    try:
+        if args.action == "fetch":
+            report = weights.fetch(args.model, dest, token=args.token)
+        else:
+            report = weights.verify(args.model, dest, hashes=not args.no_hashes)
+    except weights.WeightsError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    print(report.describe())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="photo3d", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -302,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="a label for the key")
     p.add_argument("prefix", nargs="?", help="key prefix (revoke)")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("weights", help="fetch or verify TRELLIS weights (pinned revisions)")
+    p.add_argument("action", choices=["fetch", "verify"])
+    p.add_argument("model", choices=["trellis", "trellis2"])
+    p.add_argument("--dest", help="weights folder (default: PHOTO3D_WEIGHTS_DIR or ./weights)")
+    p.add_argument("--token", help="Hugging Face token for gated files (else $HF_TOKEN)")
+    p.add_argument("--no-hashes", action="store_true", help="verify: skip checksums")
+    p.set_defaults(func=cmd_weights)
 
     p = sub.add_parser("generate", help="turn photos into a 3D model locally, no server")
     p.add_argument("photos", nargs="+", help="photo file(s) of one object")

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     weights_dir: Path = Path("weights")
     trellis_model_dir: Path | None = None  # default: <weights_dir>/TRELLIS-image-large
     trellis2_model_dir: Path | None = None  # default: <weights_dir>/TRELLIS.2-4B
+    torch_home: Path | None = None  # default: <weights_dir>/torch (DINOv2 hub code + checkpoint)
+    u2net_home: Path | None = None  # default: <weights_dir>/u2net (rembg u2net.onnx)
+    dinov3_model_dir: Path | None = None  # default: <weights_dir>/dinov3-vitl16-pretrain-lvd1689m
+    trellis2_rembg_dir: Path | None = None  # default: <weights_dir>/BiRefNet
+    trellis2_low_vram: bool = True  # upstream default; False is faster on big dedicated GPUs
+    gpu_warmup: bool = True
 
     @field_validator("database_url")
     @classmethod
