@@ -95,10 +95,15 @@ class LocalArtifactStore:
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix.rstrip("/"))
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # nothing there: nothing to delete
+        except OSError as exc:
+            raise ArtifactStoreError(f"could not delete {prefix}: {exc.strerror}") from exc
 
     def check(self) -> None:
         try:

@@ -79,6 +79,7 @@ class Generator:
             heartbeat_seconds=settings.heartbeat_seconds,
             poll_seconds=settings.poll_seconds,
             task_timeout_seconds=settings.task_timeout_seconds,
+            retention_seconds=settings.result_retention_seconds,
         )
         self.worker.start()
         log.info("generator %s started as worker %s", backend, self.worker.worker_id)

@@ -65,6 +65,13 @@ class NotFound(Photo3DError):
     http_status = 404
 
 
+class Gone(Photo3DError):
+    """The thing existed but was deleted on purpose (e.g. an expired result)."""
+
+    code = "gone"
+    http_status = 410
+
+
 class Conflict(Photo3DError):
     code = "conflict"
     http_status = 409

@@ -17,7 +17,7 @@ from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
-from serve_app.errors import InvalidInput, NotFound
+from serve_app.errors import Gone, InvalidInput, NotFound
 from serve_app.images import ImageLimits, load_image, to_png
 from serve_app.settings import Settings
 from serve_app.store.db import Database, Row
@@ -150,6 +150,10 @@ class Services:
         """(artifact key, file info) of one result format, converting on demand if needed."""
         row = self.get_task(account_id, task_id)
         result = row["result"]
+        if row.get("expired_at") is not None:
+            raise Gone(
+                f"the result of task {task_id} expired and was deleted", code="result_expired"
+            )
         if row["status"] != "succeeded" or not result:
             raise InvalidInput(
                 f"task {task_id} has no result yet (status {row['status']})", code="task_not_ready"

@@ -21,22 +21,13 @@ from PIL import Image
 from serve_app import exports, preview
 from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import Backend, GenerationOptions
-from serve_app.errors import ArtifactStoreError, InvalidInput, Photo3DError
+from serve_app.errors import ArtifactStoreError, InvalidInput, Photo3DError, ServiceUnavailable
 from serve_app.store.tasks import Claim, TaskQueue
 
 log = logging.getLogger(__name__)
 
 # Errors that retrying cannot fix: the input or the options are the problem.
 PERMANENT_ERRORS: tuple[type[Photo3DError], ...] = (InvalidInput,)
-
-
-def _default_on_hang(claim: Claim, seconds: float) -> None:
-    # A hung generation (e.g. a CUDA kernel that never returns) cannot be interrupted from
-    # Python: end the whole process so Serve replaces the replica and the lease expires.
-    log.error(
-        "task %s attempt %s hung for %.0fs; exiting replica", claim.id, claim.attempt, seconds
-    )
-    os._exit(70)
 
 
 def new_worker_id(backend: str) -> str:
@@ -70,7 +61,8 @@ class Worker:
         poll_seconds: float,
         task_timeout_seconds: float,
         worker_id: str | None = None,
-        on_hang: Callable[[Claim, float], None] = _default_on_hang,
+        exit_process: Callable[[int], None] = os._exit,
+        retention_seconds: float = 0,
     ) -> None:
         self.queue = queue
         self.store = store
@@ -80,7 +72,9 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.task_timeout_seconds = task_timeout_seconds
         self.worker_id = worker_id or new_worker_id(backend.name)
-        self.on_hang = on_hang
+        self.exit_process = exit_process
+        self.retention_seconds = retention_seconds
+        self._next_reap = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._current: _Attempt | None = None
@@ -133,6 +127,7 @@ class Worker:
     def run_once(self) -> bool:
         """Recover stalled tasks, claim one and run it; False when there was nothing to do."""
         self.queue.recover_stalled()
+        self.reap_expired()
         claim = self.queue.claim(self.worker_id, [self.backend.name])
         if claim is None:
             return False
@@ -149,7 +144,7 @@ class Worker:
         prefix = f"tasks/{claim.id}/attempt-{claim.attempt}"
         try:
             result = self._generate(attempt, prefix)
-            if attempt.owned and self.queue.succeed(claim, result):
+            if attempt.owned and self._while_db_returns(lambda: self.queue.succeed(claim, result)):
                 self.tasks_done += 1
                 log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
             else:
@@ -166,6 +161,55 @@ class Worker:
             attempt.done.set()
             self._current = None
             beat.join(timeout=self.heartbeat_seconds + 5)
+
+    def _while_db_returns(self, finish: Callable[[], bool]) -> bool:
+        """Run a finishing statement, retrying through a short database outage: the lease may
+        still hold, and a finished generation is worth a few seconds' wait."""
+        deadline = time.monotonic() + self.queue.lease_seconds
+        while True:
+            try:
+                return finish()
+            except ServiceUnavailable:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise
+                time.sleep(1.0)
+
+    def _handle_hang(self, attempt: _Attempt, seconds: float) -> None:
+        """A generation past its timeout cannot be interrupted from Python (a CUDA kernel or a
+        mesh extraction that never returns): record why, then end the whole process so Serve
+        replaces the replica. The task is retried, or fails after max_attempts."""
+        claim = attempt.claim
+        log.error(
+            "task %s attempt %s hung for %.0f s; restarting the replica",
+            claim.id,
+            claim.attempt,
+            seconds,
+        )
+        if attempt.owned:
+            attempt.owned = False
+            with contextlib.suppress(Photo3DError):
+                self.queue.fail(
+                    claim,
+                    code="generation_timeout",
+                    permanent=False,
+                    message=f"the generation ran longer than {self.task_timeout_seconds:.0f} s "
+                    f"(attempt {claim.attempt} of {claim.max_attempts}); the worker "
+                    "was restarted",
+                )
+        self.exit_process(70)
+
+    def reap_expired(self) -> int:
+        """Delete the files of tasks finished longer ago than the retention; returns how many."""
+        if self.retention_seconds <= 0 or time.monotonic() < self._next_reap:
+            return 0
+        self._next_reap = time.monotonic() + min(300.0, self.retention_seconds / 2)
+        count = 0
+        for task_id in self.queue.expired(self.retention_seconds, limit=100):
+            self.store.delete_prefix(f"tasks/{task_id}")
+            self.store.delete_prefix(f"inputs/{task_id}")
+            if self.queue.mark_expired(task_id):
+                count += 1
+        return count
 
     def _generate(self, attempt: _Attempt, prefix: str) -> dict[str, Any]:
         claim = attempt.claim
@@ -263,7 +307,7 @@ class Worker:
                     attempt.owned = False  # canceled, or the lease was recovered elsewhere
                     return
             if now - attempt.started > self.task_timeout_seconds:
-                self.on_hang(attempt.claim, now - attempt.started)
+                self._handle_hang(attempt, now - attempt.started)
                 return
 
     # --- waiting --------------------------------------------------------------------

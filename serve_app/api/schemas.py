@@ -56,6 +56,7 @@ class Task(BaseModel):
     error: ErrorBody | None = None
     result: TaskResult | None = None
     batch_id: str | None = None
+    expired_at: dt.datetime | None = Field(None, description="When the result files were deleted.")
     links: dict[str, str]
 
 
@@ -141,6 +142,7 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
         error=error,
         result=result,
         batch_id=row.get("batch_id"),
+        expired_at=row.get("expired_at"),
         links={
             "self": link,
             "events": f"{link}/events",

@@ -203,6 +203,17 @@ class TaskQueue:
         """Requeue (or fail) tasks whose lease expired; returns the rows changed."""
         return self.db.fetch_all("recover_stalled", {"backoff_seconds": self.backoff_seconds})
 
+    def expired(self, retention_seconds: float, limit: int = 100) -> list[uuid.UUID]:
+        """Finished tasks whose files are past their retention."""
+        rows = self.db.fetch_all(
+            "expired_tasks", {"retention_seconds": retention_seconds, "limit": limit}
+        )
+        return [r["id"] for r in rows]
+
+    def mark_expired(self, task_id: uuid.UUID) -> bool:
+        """Forget a task's result links once its files are deleted."""
+        return self.db.execute("mark_expired", {"id": task_id}) > 0
+
     def register_worker(self, worker_id: str, backend: str, hostname: str, pid: int) -> None:
         self.db.execute(
             "upsert_worker", {"id": worker_id, "backend": backend, "hostname": hostname, "pid": pid}

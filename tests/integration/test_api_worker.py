@@ -18,7 +18,6 @@ from serve_app.api.app import create_app
 from serve_app.backends import Backend, create_backend
 from serve_app.service import Services
 from serve_app.settings import Settings
-from serve_app.store.tasks import Claim
 from serve_app.worker import Worker
 from tests.support.fake_backends import HangingFakeBackend
 from tests.support.images import object_photo
@@ -139,7 +138,9 @@ def test_no_object_fails_permanently_with_reason(client: TestClient, services: S
     assert done["error"]["code"] == "no_object_found"
 
 
-def test_hanging_backend_triggers_the_watchdog(services: Services) -> None:
+def test_hanging_backend_is_ended_by_the_watchdog_then_fails(services: Services) -> None:
+    """A generation that never returns: the watchdog records why and ends the process; after
+    max_attempts the task fails with that reason."""
     services.store.put("inputs/hang/photo-0.png", object_photo())
     row, _ = services.queue.submit(
         task_id=uuid.uuid4(),
@@ -147,18 +148,58 @@ def test_hanging_backend_triggers_the_watchdog(services: Services) -> None:
         backend="fake-hang",
         options={},
         inputs=["inputs/hang/photo-0.png"],
-        max_attempts=1,
+        max_attempts=2,
     )
-    hung: list[tuple[Claim, float]] = []
-    worker = make_worker(
-        services, HangingFakeBackend(services.settings), on_hang=lambda c, s: hung.append((c, s))
-    )
-    worker.task_timeout_seconds = 0.5
-    threading.Thread(target=worker.run_once, daemon=True).start()
-    deadline = time.monotonic() + 10
-    while not hung and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert hung and hung[0][0].id == row["id"] and hung[0][1] >= 0.5
+    for attempt in (1, 2):
+        exits: list[int] = []
+        worker = make_worker(
+            services, HangingFakeBackend(services.settings), exit_process=exits.append
+        )
+        worker.task_timeout_seconds = 0.5
+        threading.Thread(target=worker.run_once, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert exits == [70]  # the process would end here; Serve starts a new replica
+        task = services.queue.get(row["id"], "local")
+        assert task is not None and task["attempt"] == attempt
+        assert task["error_code"] == "generation_timeout"
+    assert task["status"] == "failed"
+    assert "longer than 0 s (attempt 2 of 2)" in task["error_message"]
+
+
+def test_artifact_store_failure_retries_then_fails_without_serving_files(
+    client: TestClient, services: Services
+) -> None:
+    task = submit(client)
+    # A file where the results folder should be: every write fails with a real OS error.
+    blocked = services.settings.artifacts_path / "tasks"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("in the way")
+    worker = make_worker(services)
+    for _ in range(services.settings.max_attempts):
+        assert worker.run_once()
+    done = client.get(f"/api/v1/task/{task['id']}").json()
+    assert done["status"] == "failed" and done["attempt"] == services.settings.max_attempts
+    assert done["error"]["code"] == "artifact_store_error"
+    assert "could not write" in done["error"]["message"]
+    assert client.get(f"/api/v1/task/{task['id']}/result/glb").status_code == 422
+
+
+def test_results_expire_and_are_deleted(client: TestClient, services: Services) -> None:
+    task = submit(client)
+    worker = make_worker(services, retention_seconds=0.5)
+    assert worker.run_once()
+    files = services.settings.artifacts_path / "tasks" / task["id"]
+    assert client.get(f"/api/v1/task/{task['id']}/result/glb").status_code == 200
+    time.sleep(1.0)
+    worker._next_reap = 0
+    assert worker.reap_expired() == 1
+    assert not [p for p in files.rglob("*") if p.is_file()]
+    gone = client.get(f"/api/v1/task/{task['id']}/result/glb")
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "result_expired"
+    body = client.get(f"/api/v1/task/{task['id']}").json()
+    assert body["expired_at"] and body["result"] is None and body["status"] == "succeeded"
 
 
 def test_health_needs_a_live_worker(client: TestClient, services: Services) -> None:

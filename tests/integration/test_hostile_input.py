@@ -419,7 +419,7 @@ def test_unusual_but_valid_photos_are_accepted(
 
 
 class _PhotoServer(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         if self.path == "/photo.png":
             self.send_response(200)
             self.send_header("Content-Type", "image/png")

@@ -214,9 +214,13 @@ SELECT count(*) AS active FROM tasks
 WHERE account_id = %(account_id)s AND status IN ('queued', 'running');
 
 -- name: expired_tasks
--- Finished tasks past their retention, oldest first.
+-- Finished tasks past their retention whose files are still kept, oldest first.
 SELECT id FROM tasks
-WHERE status IN ('succeeded', 'failed', 'canceled')
+WHERE status IN ('succeeded', 'failed', 'canceled') AND expired_at IS NULL
   AND finished_at < clock_timestamp() - make_interval(secs => %(retention_seconds)s)
 ORDER BY finished_at
 LIMIT %(limit)s;
+
+-- name: mark_expired
+UPDATE tasks SET expired_at = clock_timestamp(), result = NULL, updated_at = clock_timestamp()
+WHERE id = %(id)s AND expired_at IS NULL;
