@@ -16,7 +16,8 @@ def stack(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     run_dir: Path = tmp_path_factory.mktemp("stack")
     for url in pg.clone_database(pg_admin, prefix="e2e"):
         with run_stack(
-            run_dir, url,
+            run_dir,
+            url,
             extra_backends={"fake-slow": "tests.support.fake_backends:SlowFakeBackend"},
         ) as running:
             yield running

@@ -92,10 +92,20 @@ def test_bad_uploads_get_a_clear_4xx_and_nothing_is_stored(stack: Stack) -> None
             ({"json": {"image": "aGVsbG8=", "bogus_option": 1}}, 422),
             ({"json": {}}, 422),
             ({"content": b"raw", "headers": {"content-type": "application/octet-stream"}}, 415),
-            ({"files": {"image": ("a.png", object_photo(), "image/png")},
-              "data": {"backend": "nope"}}, 422),
-            ({"files": {"image": ("a.png", object_photo(), "image/png")},
-              "data": {"face_limit": "-5"}}, 422),
+            (
+                {
+                    "files": {"image": ("a.png", object_photo(), "image/png")},
+                    "data": {"backend": "nope"},
+                },
+                422,
+            ),
+            (
+                {
+                    "files": {"image": ("a.png", object_photo(), "image/png")},
+                    "data": {"face_limit": "-5"},
+                },
+                422,
+            ),
         ]
         for kwargs, expected in cases:
             response = client.post("/api/v1/generate", **kwargs)
@@ -114,8 +124,9 @@ def test_bad_uploads_get_a_clear_4xx_and_nothing_is_stored(stack: Stack) -> None
 def test_listing_pagination_and_filter(stack: Stack) -> None:
     with stack.client() as client:
         ids = [
-            client.post("/api/v1/generate",
-                        files={"image": ("t.png", object_photo(seed=i), "image/png")}).json()["id"]
+            client.post(
+                "/api/v1/generate", files={"image": ("t.png", object_photo(seed=i), "image/png")}
+            ).json()["id"]
             for i in range(3)
         ]
         first = client.get("/api/v1/tasks", params={"limit": 2}).json()
@@ -151,7 +162,9 @@ def test_generator_killed_mid_task_is_retried_and_succeeds_once(stack: Stack) ->
         with psycopg.connect(stack.database_url) as conn:
             worker_id, pid = conn.execute(
                 "SELECT w.id, w.pid FROM tasks t JOIN workers w ON w.id = t.worker_id "
-                "WHERE t.id = %s", (task_id,)).fetchone()
+                "WHERE t.id = %s",
+                (task_id,),
+            ).fetchone()
         os.kill(pid, signal.SIGKILL)
         task = stack.wait_for_task(client, task_id, timeout=180)
         assert task["status"] == "succeeded", task
@@ -160,10 +173,13 @@ def test_generator_killed_mid_task_is_retried_and_succeeds_once(stack: Stack) ->
         assert [e["status"] for e in timeline].count("succeeded") == 1
         assert any(e["message"] and "stopped responding" in e["message"] for e in timeline)
         with psycopg.connect(stack.database_url) as conn:
-            result_worker = conn.execute("SELECT result->>'worker_id' FROM tasks WHERE id = %s",
-                                         (task_id,)).fetchone()[0]
+            result_worker = conn.execute(
+                "SELECT result->>'worker_id' FROM tasks WHERE id = %s", (task_id,)
+            ).fetchone()[0]
         assert result_worker != worker_id
         check_glb(client.get(f"/api/v1/task/{task_id}/result/glb").content)
         # Only the winning attempt's files remain.
-        attempts = sorted(p.name for p in (stack.run_dir / "artifacts" / "tasks" / task_id).iterdir())
+        attempts = sorted(
+            p.name for p in (stack.run_dir / "artifacts" / "tasks" / task_id).iterdir()
+        )
         assert attempts == ["attempt-2"]

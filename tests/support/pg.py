@@ -68,3 +68,14 @@ def clone_database(admin: str, prefix: str = "t") -> Iterator[str]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+def stop_server(server: Any) -> None:
+    from pgserver._commands import pg_ctl
+
+    pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=server.system_user)
+
+
+def start_server(server: Any) -> None:
+    with server._lock:
+        server.ensure_postgres_running()

@@ -87,7 +87,7 @@ def run_stack(
     env: dict[str, str] | None = None,
     timeout: float = 240,
 ) -> Iterator[Stack]:
-    """Run `photo3d serve` until the block ends; fails with the server log if it never gets ready."""
+    """Run `photo3d serve` until the block ends; fails with the server log if it never starts."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     extra = extra_backends or {}
@@ -139,10 +139,8 @@ def stop_stack(process: subprocess.Popen[bytes]) -> None:
     """Ctrl-C, as a person would; then make sure nothing of the process group survives."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
