@@ -32,7 +32,7 @@ def _checked_address(host: str, port: int, allow_hosts: set[str]) -> str:
         raise InvalidInput(
             f"image_url host {host!r} could not be resolved", code="unreachable_image_url"
         ) from exc
-    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     if host.lower() not in allow_hosts:
         for address in addresses:
             mapped = getattr(address, "ipv4_mapped", None) or address

@@ -61,7 +61,7 @@ def load_image(data: bytes, limits: ImageLimits) -> Image.Image:
         with warnings.catch_warnings():
             # A decompression-bomb warning is an error here: we never decode such an image.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
+            image: Image.Image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = image.size
             if width * height > limits.max_pixels or max(width, height) > limits.max_side:
                 raise PayloadTooLarge(

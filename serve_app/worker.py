@@ -214,7 +214,9 @@ class Worker:
     def _generate(self, attempt: _Attempt, prefix: str) -> dict[str, Any]:
         claim = attempt.claim
         options = GenerationOptions.model_validate(claim.options)
-        images = [Image.open(io.BytesIO(self.store.get(key))) for key in claim.inputs]
+        images: list[Image.Image] = [
+            Image.open(io.BytesIO(self.store.get(key))) for key in claim.inputs
+        ]
         for image in images:
             image.load()
 

@@ -376,7 +376,7 @@ def list_tasks(
     batch_id: Annotated[str | None, Query(max_length=200)] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> TaskList:
-    rows, next_cursor = services.queue.list(
+    rows, next_cursor = services.queue.list_tasks(
         account, limit=limit, status=status, batch_id=batch_id, cursor=cursor
     )
     return TaskList(tasks=[task_from_row(r) for r in rows], next_cursor=next_cursor)

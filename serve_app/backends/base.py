@@ -34,7 +34,9 @@ class GenerationOptions(BaseModel):
     simplify: float = Field(
         default=0.95, ge=0.0, le=0.99, description="Fraction of faces removed (TRELLIS to_glb)."
     )
-    formats: list[OutputFormat] = Field(default_factory=lambda: ["glb"], min_length=1, max_length=5)
+    formats: list[OutputFormat] = Field(
+        default_factory=lambda: list[OutputFormat](["glb"]), min_length=1, max_length=5
+    )
     remove_background: bool | None = Field(
         default=None, description="Segment the object; unset means auto (alpha channel if present)."
     )

@@ -104,7 +104,7 @@ class TaskQueue:
     def get(self, task_id: uuid.UUID, account_id: str) -> Row | None:
         return self.db.fetch_one("get_task", {"id": task_id, "account_id": account_id})
 
-    def list(
+    def list_tasks(
         self,
         account_id: str,
         *,

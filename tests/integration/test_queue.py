@@ -189,18 +189,18 @@ def test_listing_is_newest_first_with_cursor_and_filter(queue: TaskQueue) -> Non
     queue.succeed(claim, {})
     seen, cursor = [], None
     while True:
-        rows, cursor = queue.list("acct", limit=2, cursor=cursor)
+        rows, cursor = queue.list_tasks("acct", limit=2, cursor=cursor)
         seen += [r["id"] for r in rows]
         if cursor is None:
             break
     assert seen == list(reversed(ids))
-    done, _ = queue.list("acct", limit=10, status="succeeded")
+    done, _ = queue.list_tasks("acct", limit=10, status="succeeded")
     assert [r["id"] for r in done] == [ids[0]]
-    assert queue.list("nobody", limit=10)[0] == []
+    assert queue.list_tasks("nobody", limit=10)[0] == []
     with pytest.raises(InvalidInput):
-        queue.list("acct", limit=2, cursor="not-a-cursor")
+        queue.list_tasks("acct", limit=2, cursor="not-a-cursor")
     with pytest.raises(InvalidInput):
-        queue.list("acct", limit=2, status="exploded")
+        queue.list_tasks("acct", limit=2, status="exploded")
 
 
 def test_concurrent_claimers_never_share_a_task(db: Database) -> None:
