@@ -34,7 +34,8 @@ from serve_app.service import Services
 from serve_app.store.tasks import TERMINAL
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 410, 413, 415, 422, 429, 503)
+    code: {"model": ErrorResponse}
+    for code in (400, 401, 403, 404, 409, 410, 413, 415, 422, 429, 503)
 }
 
 
