@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from serve_app import exports
+from serve_app import exports, preview
 from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
@@ -160,6 +160,13 @@ class Services:
             )
         if fmt == "preview":
             return result["preview"]["key"], {**result["preview"], "filename": "preview.png"}
+        if fmt == "turntable":
+            # Rendered on first request (a few CPU seconds), then kept beside the preview.
+            key = result["preview"]["key"].rsplit("/", 1)[0] + "/turntable.webp"
+            if not self.store.exists(key):
+                glb = self.store.get(result["files"]["glb"]["key"])
+                self.store.put(key, preview.render_turntable(glb))
+            return key, {"key": key, "media_type": "image/webp", "filename": "turntable.webp"}
         files: dict[str, dict[str, Any]] = result["files"]
         if fmt in files:
             return files[fmt]["key"], files[fmt]

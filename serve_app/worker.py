@@ -232,8 +232,8 @@ class Worker:
 
         attempt.progress, attempt.stage = 0.9, "exporting"
         files: dict[str, dict[str, Any]] = {}
-        for fmt in dict.fromkeys(["glb", *options.formats]):
-            data = asset.glb if fmt == "glb" else exports.convert(asset.glb, fmt)
+        converted = exports.convert_many(asset.glb, list(dict.fromkeys(["glb", *options.formats])))
+        for fmt, data in converted.items():
             info = exports.FORMATS[fmt]
             key = f"{prefix}/{info.filename}"
             self.store.put(key, data)

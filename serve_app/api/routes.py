@@ -368,6 +368,19 @@ def download_preview(task_id: str, services: ServicesDep, account: AccountDep) -
     return response
 
 
+@router.get(
+    "/task/{task_id}/turntable",
+    summary="Animated WebP turntable of the result (rendered on first request)",
+    response_class=Response,
+    responses={200: {"content": {"image/webp": {}}}},
+)
+def download_turntable(task_id: str, services: ServicesDep, account: AccountDep) -> Response:
+    key, info = services.artifact(account, task_id, "turntable")
+    response = _file_response(services, key, info)
+    response.headers["Content-Disposition"] = "inline"
+    return response
+
+
 @router.get("/tasks", response_model=TaskList, summary="Your tasks, newest first")
 def list_tasks(
     services: ServicesDep,

@@ -29,6 +29,7 @@ class FileLink(BaseModel):
 class TaskResult(BaseModel):
     files: list[FileLink]
     preview_url: str
+    turntable_url: str
     stats: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -115,6 +116,7 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
                 for fmt, info in raw["files"].items()
             ],
             preview_url=f"{link}/preview",
+            turntable_url=f"{link}/turntable",
             stats=raw.get("stats", {}),
         )
     error = None

@@ -76,6 +76,8 @@ def test_task_runs_to_success_with_progress_timeline(
     ply = client.get(f"/api/v1/task/{task['id']}/result/ply")
     assert ply.status_code == 200 and ply.content.startswith(b"ply")
     assert client.get(f"/api/v1/task/{task['id']}/result/fbx").status_code == 404
+    turntable = client.get(f"/api/v1/task/{task['id']}/turntable")
+    assert turntable.status_code == 200 and turntable.content[8:12] == b"WEBP"
 
 
 def test_queue_position_counts_tasks_ahead(client: TestClient) -> None:
