@@ -396,7 +396,9 @@ def list_tasks(
     return TaskList(tasks=[task_from_row(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/backends", response_model=list[BackendInfo], summary="Backends and their workers")
+@router.get(
+    "/backends", response_model=list[BackendInfo], summary="Backends served here and their workers"
+)
 def list_backends(services: ServicesDep) -> list[BackendInfo]:
     workers = services.queue.live_workers(services.settings.worker_alive_seconds)
     return [
@@ -405,7 +407,7 @@ def list_backends(services: ServicesDep) -> list[BackendInfo]:
             default=name == services.settings.default_backend,
             workers=workers.get(name, 0),
         )
-        for name in sorted(available_backends(services.settings))
+        for name in sorted(services.backends or available_backends(services.settings))
     ]
 
 

@@ -148,6 +148,10 @@ def test_health_reports_database_and_workers(stack: Stack) -> None:
         body = client.get("/health").json()
     assert body["status"] == "ok" and body["database"] == "ok"
     assert body["workers"].get("cpu", 0) >= 1
+    with stack.client() as client:
+        backends = {b["name"]: b for b in client.get("/api/v1/backends").json()}
+    # No GPU here: the launcher deploys only the CPU backend (and the test's fake one).
+    assert set(backends) == {"cpu", "fake-slow"} and backends["cpu"]["default"]
 
 
 def test_generator_killed_mid_task_is_retried_and_succeeds_once(stack: Stack) -> None:
