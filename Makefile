@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
+BROWSER_STAMP := $(VENV)/.installed-browser
+WEB_VENDOR := serve_app/static/vendor/model-viewer.min.js
 
 export RAY_AUTH_MODE ?= disabled
 export PYTHONUNBUFFERED = 1
 
 .PHONY: run test test-fast lint typecheck install install-dev clean bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | $(WEB_VENDOR)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[embedded]'
@@ -19,6 +21,17 @@ $(STAMP): pyproject.toml
 
 $(DEV_STAMP): $(STAMP) pyproject.toml
 	$(PIP) install -q -e '.[embedded,dev]'
+	touch $@
+
+# The web page's 3D viewer, served locally from /vendor (no CDN at run time).
+$(WEB_VENDOR): package.json $(wildcard package-lock.json)
+	@command -v npm >/dev/null || { echo "npm not found: the web page will have no 3D viewer (install Node.js)"; exit 0; }; \
+	if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi && \
+	mkdir -p $(@D) && cp node_modules/@google/model-viewer/dist/model-viewer.min.js $@
+
+# Browser tests drive the system Chromium (apt-get install chromium) with Playwright.
+$(BROWSER_STAMP): $(DEV_STAMP)
+	@test -x /usr/bin/chromium || echo "note: /usr/bin/chromium is missing; tests/browser will skip"
 	touch $@
 
 install: $(STAMP)
@@ -30,7 +43,7 @@ run: $(STAMP)
 	$(VENV)/bin/photo3d serve
 
 ## The whole suite: unit, integration (real PostgreSQL), e2e (real Ray Serve)
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest tests -q
 
 test-fast: $(DEV_STAMP)

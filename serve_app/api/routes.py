@@ -159,8 +159,18 @@ def _form_options(fields: dict[str, list[str]]) -> dict[str, Any]:
         if name in _LIST_FIELDS:
             options[name] = [v.strip() for value in values for v in value.split(",") if v.strip()]
         else:
-            options[name] = values[-1]
+            options[name] = _form_value(values[-1])
     return options
+
+
+def _form_value(value: str) -> Any:
+    """A form field's text as the JSON scalar it spells (1024, 0.5, true), else the text:
+    forms carry only strings, and options are typed."""
+    try:
+        parsed = json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        return value
+    return parsed if isinstance(parsed, int | float | bool) or parsed is None else value
 
 
 def _json_options(payload: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,19 @@ def test_task_runs_to_success_with_progress_timeline(
     assert turntable.status_code == 200 and turntable.content[8:12] == b"WEBP"
 
 
+def test_options_as_form_fields_are_typed(client: TestClient) -> None:
+    task = submit(
+        client,
+        texture_size="2048",
+        face_limit="5000",
+        remove_background="true",
+        seed="7",
+        backend="cpu",
+    )
+    assert task["options"]["texture_size"] == 2048 and task["options"]["face_limit"] == 5000
+    assert task["options"]["remove_background"] is True and task["options"]["seed"] == 7
+
+
 def test_queue_position_counts_tasks_ahead(client: TestClient) -> None:
     ids = [submit(client)["id"] for _ in range(3)]
     positions = [client.get(f"/api/v1/task/{i}").json()["queue_position"] for i in ids]

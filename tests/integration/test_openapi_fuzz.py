@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import positive_data_acceptance
 
 from serve_app.api.app import create_app
 from serve_app.service import Services
@@ -22,9 +22,13 @@ def app(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[obj
 
     for url in pg.clone_database(pg_admin, prefix="fuzz"):
         services = Services.from_settings(
-            Settings(database_url=url, run_dir=tmp_path_factory.mktemp("fuzz"),
-                     rate_limit_requests=100000, request_timeout_seconds=10,
-                     worker_alive_seconds=3600)
+            Settings(
+                database_url=url,
+                run_dir=tmp_path_factory.mktemp("fuzz"),
+                rate_limit_requests=100000,
+                request_timeout_seconds=10,
+                worker_alive_seconds=3600,
+            )
         )
         services.db.open(wait=True)
         # A live worker row, so /health is ready (its 503 is covered elsewhere).
@@ -40,8 +44,9 @@ def test_api_never_errors_and_keeps_its_schema(app: object) -> None:
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=20, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def run(case: schemathesis.Case) -> None:
             # Every check but positive_data_acceptance: /generate's schema cannot say "a real
             # photo", so schema-valid bytes are rightly refused with a 4xx.
