@@ -1,0 +1,100 @@
+"""The `cpu` backend: classical single-photo reconstruction that needs no GPU and no weights.
+
+segment the object → inflate its silhouette into a closed rounded mesh → project the photo
+onto it as a texture → GLB. It uses the first photo of a task (multi-view is a TRELLIS
+feature) and ignores the sampler options (seed, steps, guidance, resolution): the result is a
+deterministic function of the photo, texture_size, face_limit and remove_background.
+"""
+
+from __future__ import annotations
+
+import time
+
+from PIL import Image
+
+from serve_app.backends.base import GeneratedAsset, GenerationOptions, ProgressCallback
+from serve_app.backends.cpu.geometry import (
+    inflate_silhouette,
+    is_closed_manifold,
+    shading_relief,
+    vertex_normals,
+)
+from serve_app.backends.cpu.glb import write_glb
+from serve_app.backends.cpu.segment import segment_arrays, split_alpha
+from serve_app.backends.cpu.texture import build_texture
+from serve_app.errors import InvalidInput
+from serve_app.settings import Settings
+
+# Photos larger than this (longest side) are reduced first: the texture never needs more
+# and every full-resolution step stays cheap.
+MIN_WORKING_SIDE = 1024
+MAX_WORKING_SIDE = 4096
+
+
+class CPUBackend:
+    """Silhouette-inflation reconstruction on the CPU (the default, weight-free backend)."""
+
+    name = "cpu"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def load(self) -> None:
+        """Nothing to download or warm up."""
+
+    def check_health(self) -> None:
+        """Always healthy: the backend holds no device or model state."""
+
+    def generate(
+        self, images: list[Image.Image], options: GenerationOptions, progress: ProgressCallback
+    ) -> GeneratedAsset:
+        """Reconstruct the object in the first photo as a textured, closed GLB mesh."""
+        if not images:
+            raise InvalidInput("At least one image is required.", code="no_image")
+        started = time.perf_counter()
+
+        progress(0.0, "segmenting")
+        image = _working_image(images[0], options.texture_size)
+        rgb, alpha = split_alpha(image)
+        segmentation = segment_arrays(rgb, alpha, options.remove_background)
+
+        progress(0.35, "meshing")
+        relief = shading_relief(segmentation.rgb, segmentation.mask)
+        mesh = inflate_silhouette(segmentation.mask, options.face_limit, relief)
+
+        progress(0.65, "texturing")
+        texture = build_texture(segmentation.rgb, segmentation.mask, options.texture_size)
+
+        progress(0.85, "exporting")
+        # Pixel units → centred on the origin, longest side 1.0 (glTF axes already).
+        lower, upper = mesh.vertices.min(axis=0), mesh.vertices.max(axis=0)
+        positions = (mesh.vertices - (lower + upper) / 2.0) / float((upper - lower).max())
+        uvs = texture.uv(mesh.vertices[:, 0], -mesh.vertices[:, 1])
+        normals = vertex_normals(mesh.vertices, mesh.faces)
+        glb = write_glb(positions, normals, uvs, mesh.faces, texture.data, texture.mime_type)
+
+        progress(1.0, "done")
+        return GeneratedAsset(
+            glb=glb,
+            stats={
+                "vertices": len(positions),
+                "faces": len(mesh.faces),
+                "watertight": is_closed_manifold(mesh.faces),
+                "seconds": round(time.perf_counter() - started, 3),
+                "segmentation": segmentation.method,
+            },
+        )
+
+
+def _working_image(image: Image.Image, texture_size: int) -> Image.Image:
+    """The photo reduced to the working resolution, in RGB or RGBA."""
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    limit = min(MAX_WORKING_SIDE, max(MIN_WORKING_SIDE, 2 * texture_size))
+    longest = max(image.size)
+    if longest <= limit:
+        return image
+    scale = limit / longest
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    # reducing_gap: integer box reduction first, then a short filter: fast on huge photos.
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)

@@ -1,0 +1,297 @@
+"""Turn an object silhouette into a closed, rounded mesh ("inflation").
+
+The silhouette is rasterised onto a grid of cells; the front surface height is the square root
+of a Poisson solution (−∇²u = c, u = 0 on the outline), which gives circular cross-sections:
+a disc becomes a ball, a strip becomes a cylinder, thin parts stay thin. The back is the
+mirror image, and a narrow wall joins the two along every outline, so the mesh is closed and
+two-manifold by construction, including one-cell-wide parts and holes.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import cv2
+import fast_simplification
+import numpy as np
+import scipy.sparse as sparse
+import scipy.sparse.linalg as sparse_linalg
+
+from serve_app.errors import GenerationFailed, NoObjectFound
+
+# −∇²u = INFLATION: 2 makes elongated parts (limbs, handles, bottles) circular in cross-section
+# and a disc a half-flattened ball (4 would make it a sphere). Measured on scanned objects
+# (bench/quality.py), 1.5-2 fits best; thicker (3-4.5) loses on all but the bulkiest.
+INFLATION = 2.0
+# Half-height of the wall along the outline, in cells: gives thin parts some body.
+RIM_HALF_HEIGHT = 0.5
+# Relief from shading: height in units of the object's size per unit of band-passed lightness.
+# Small on purpose: it adds folds and grooves under a light, not a second shape.
+RELIEF_AMPLITUDE = 0.04
+# Grid density: enough cells to follow the outline well, few enough to stay fast.
+MIN_GRID_FACES = 40_000
+MAX_GRID_FACES = 160_000
+GRID_FACES_PER_LIMIT = 3.0
+
+# fast_simplification keeps its mesh in module-global state: one decimation at a time.
+_DECIMATE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class InflatedMesh:
+    """A closed triangle mesh in photo pixel units, glTF axes: x right, y up (= minus the
+    pixel row), z towards the camera."""
+
+    vertices: np.ndarray  # (N, 3) float64
+    faces: np.ndarray  # (M, 3) int64, counter-clockwise seen from outside
+
+
+def inflate_silhouette(
+    mask: np.ndarray, face_limit: int, relief: np.ndarray | None = None
+) -> InflatedMesh:
+    """Closed rounded mesh of a boolean silhouette with at most face_limit faces.
+
+    relief: optional per-pixel height offsets (pixels) added to the front surface.
+    """
+    cells, origin, cell_size = _cell_grid(mask, face_limit)
+    cells = _remove_pinches(cells)
+    if not cells.any():
+        raise NoObjectFound("The object is too small in the photo to build a 3D shape from.")
+
+    padded = np.pad(cells, 1)
+    # Vertex (r, c) of the grid is the corner shared by cells (r-1..r, c-1..c).
+    around = np.stack([padded[:-1, :-1], padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:]], axis=0)
+    used = around.any(axis=0)
+    interior = np.logical_and.reduce(around, axis=0)
+
+    height = _poisson_height(interior, cell_size)
+    rows, cols = np.nonzero(used)
+    front_index = np.full(used.shape, -1, dtype=np.int64)
+    front_index[rows, cols] = np.arange(len(rows))
+    count = len(rows)
+
+    xy = np.stack([origin[0] + cols * cell_size[0], origin[1] + rows * cell_size[1]], axis=1)
+    front_faces = _cell_faces(cells, front_index)
+    rim_from, rim_to = _boundary_edges(front_faces, count)
+    xy = _smooth_outline(xy, rim_from, rim_to, max_shift=0.4 * min(cell_size))
+
+    rim_z = RIM_HALF_HEIGHT * min(cell_size)
+    depth = height[rows, cols] + rim_z
+    if relief is not None:
+        # Fade the relief out towards the outline so the rim stays smooth and closed.
+        depth = depth + _sample(relief, xy) * np.clip(height[rows, cols] / (8.0 * rim_z), 0.0, 1.0)
+        depth = np.maximum(depth, 0.5 * rim_z)
+    x, y = xy[:, 0], -xy[:, 1]
+    # The back mirrors the front, like the texture does.
+    vertices = np.concatenate([np.column_stack([x, y, depth]), np.column_stack([x, y, -depth])])
+    back_faces = front_faces[:, ::-1] + count
+    wall_faces = np.concatenate(
+        [
+            np.column_stack([rim_to, rim_from, rim_from + count]),
+            np.column_stack([rim_to, rim_from + count, rim_to + count]),
+        ]
+    )
+    faces = np.concatenate([front_faces, back_faces, wall_faces])
+    mesh = InflatedMesh(vertices, faces)
+    if len(faces) > face_limit:
+        mesh = decimate(mesh, face_limit)
+    return mesh
+
+
+def shading_relief(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-pixel height offsets (pixels) from shading: lighter bulges out, darker recedes."""
+    ys, xs = np.nonzero(mask)
+    size = float(max(np.ptp(xs), np.ptp(ys)) + 1)
+    # Work where the object spans ~256 pixels: the mesh grid cannot hold finer relief.
+    scale = min(1.0, 256.0 / size)
+    height, width = mask.shape
+    small_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    lightness = cv2.resize(grey, small_size, interpolation=cv2.INTER_AREA)
+    weight = cv2.resize(mask.astype(np.float32), small_size, interpolation=cv2.INTER_AREA)
+
+    def blur(sigma: float) -> np.ndarray:
+        # Normalised convolution: the backdrop's lightness never leaks into the object.
+        total = cv2.GaussianBlur(lightness * weight, (0, 0), sigma)
+        return np.asarray(total / np.maximum(cv2.GaussianBlur(weight, (0, 0), sigma), 1e-4))
+
+    band = blur(1.0) - blur(max(2.0, 0.03 * size * scale))
+    relief = cv2.resize(band, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(RELIEF_AMPLITUDE * size * relief, dtype=np.float32)
+
+
+def _cell_grid(
+    mask: np.ndarray, face_limit: int
+) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+    """Boolean cell grid over the mask's bounding box, its origin and cell size (pixels)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        raise NoObjectFound("The object mask is empty: there is nothing to reconstruct.")
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    crop = mask[y0:y1, x0:x1].astype(np.float32)
+    # Each cell becomes ~4 faces (front, back); aim for a few times the face limit so that
+    # decimation, not the grid, decides where detail goes.
+    grid_faces = min(max(GRID_FACES_PER_LIMIT * face_limit, MIN_GRID_FACES), MAX_GRID_FACES)
+    side = max(1.0, float(np.sqrt(len(xs) / (grid_faces / 4.0))))
+    grid_w, grid_h = max(1, round((x1 - x0) / side)), max(1, round((y1 - y0) / side))
+    coverage = cv2.resize(crop, (grid_w, grid_h), interpolation=cv2.INTER_AREA)
+    cell_size = ((x1 - x0) / grid_w, (y1 - y0) / grid_h)
+    return coverage >= 0.5, (float(x0), float(y0)), cell_size
+
+
+def _remove_pinches(cells: np.ndarray) -> np.ndarray:
+    """Fill cells so no two cells touch only at a corner (that vertex would be non-manifold)."""
+    cells = cells.copy()
+    for _ in range(32):
+        a, b = cells[:-1, :-1], cells[:-1, 1:]
+        c, d = cells[1:, :-1], cells[1:, 1:]
+        main = a & d & ~b & ~c
+        anti = b & c & ~a & ~d
+        if not (main.any() or anti.any()):
+            return cells
+        cells[:-1, 1:] |= main
+        cells[1:, :-1] |= main
+        cells[:-1, :-1] |= anti
+        cells[1:, 1:] |= anti
+    raise GenerationFailed("Could not build a manifold outline from the object mask.")
+
+
+def _poisson_height(interior: np.ndarray, cell_size: tuple[float, float]) -> np.ndarray:
+    """sqrt(u) with −∇²u = INFLATION on interior vertices and u = 0 on the outline."""
+    height = np.zeros(interior.shape, dtype=np.float64)
+    rows, cols = np.nonzero(interior)
+    n = len(rows)
+    if n == 0:
+        return height
+    index = np.full(interior.shape, -1, dtype=np.int64)
+    index[rows, cols] = np.arange(n)
+    wx, wy = 1.0 / cell_size[0] ** 2, 1.0 / cell_size[1] ** 2
+    ids = np.arange(n)
+    entries_r, entries_c, entries_v = [ids], [ids], [np.full(n, 2.0 * (wx + wy))]
+    for dr, dc, weight in ((0, 1, wx), (0, -1, wx), (1, 0, wy), (-1, 0, wy)):
+        # Interior vertices never sit on the grid's edge, so neighbours are in range.
+        neighbour = index[rows + dr, cols + dc]
+        inside = neighbour >= 0
+        entries_r.append(ids[inside])
+        entries_c.append(neighbour[inside])
+        entries_v.append(np.full(int(inside.sum()), -weight))
+    matrix = sparse.csc_matrix(
+        (np.concatenate(entries_v), (np.concatenate(entries_r), np.concatenate(entries_c))),
+        shape=(n, n),
+    )
+    # A direct solve (not CG) so the result is bit-for-bit repeatable.
+    u = sparse_linalg.spsolve(matrix, np.full(n, INFLATION))
+    height[rows, cols] = np.sqrt(np.maximum(u, 0.0))
+    return height
+
+
+def _cell_faces(cells: np.ndarray, vertex_index: np.ndarray) -> np.ndarray:
+    """Two front triangles per cell, counter-clockwise seen from +z once y points up."""
+    r, c = np.nonzero(cells)
+    v00, v01 = vertex_index[r, c], vertex_index[r, c + 1]
+    v10, v11 = vertex_index[r + 1, c], vertex_index[r + 1, c + 1]
+    # Alternate the diagonal like a chequerboard so decimation sees no preferred direction.
+    flip = ((r + c) % 2).astype(bool)
+    first = np.where(
+        flip[:, None], np.column_stack([v00, v10, v01]), np.column_stack([v00, v10, v11])
+    )
+    second = np.where(
+        flip[:, None], np.column_stack([v01, v10, v11]), np.column_stack([v00, v11, v01])
+    )
+    return np.concatenate([first, second])
+
+
+def _boundary_edges(faces: np.ndarray, vertex_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Directed edges of an open sheet whose reverse is absent: the outline loops."""
+    start = faces.ravel()
+    end = faces[:, [1, 2, 0]].ravel()
+    keys = start * vertex_count + end
+    reverse = end * vertex_count + start
+    outline = ~np.isin(keys, reverse)
+    return start[outline], end[outline]
+
+
+def _smooth_outline(
+    xy: np.ndarray, rim_from: np.ndarray, rim_to: np.ndarray, max_shift: float
+) -> np.ndarray:
+    """Taubin-smooth the staircase outline in the image plane (interior stays put)."""
+    following = np.full(len(xy), -1, dtype=np.int64)
+    preceding = np.full(len(xy), -1, dtype=np.int64)
+    following[rim_from] = rim_to
+    preceding[rim_to] = rim_from
+    on_rim = np.flatnonzero(following >= 0)
+    start = xy[on_rim].copy()
+    points = xy.copy()
+    # lambda/mu pairs smooth without the shrinking plain Laplacian smoothing causes.
+    for factor in (0.5, -0.53) * 6:
+        mean = 0.5 * (points[following[on_rim]] + points[preceding[on_rim]])
+        points[on_rim] += factor * (mean - points[on_rim])
+    shift = points[on_rim] - start
+    length = np.linalg.norm(shift, axis=1, keepdims=True)
+    points[on_rim] = start + shift * np.minimum(1.0, max_shift / np.maximum(length, 1e-12))
+    return points
+
+
+def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear lookup of a float image at pixel positions (pixel centres at +0.5)."""
+    height, width = image.shape
+    x = np.clip(xy[:, 0] - 0.5, 0.0, width - 1.0)
+    y = np.clip(xy[:, 1] - 0.5, 0.0, height - 1.0)
+    x0, y0 = np.minimum(x.astype(np.int64), width - 2), np.minimum(y.astype(np.int64), height - 2)
+    x0, y0 = np.maximum(x0, 0), np.maximum(y0, 0)
+    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
+    fx, fy = x - x0, y - y0
+    top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+    bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+    return np.asarray(top * (1 - fy) + bottom * fy, dtype=np.float64)
+
+
+def decimate(mesh: InflatedMesh, face_limit: int) -> InflatedMesh:
+    """Quadric decimation to at most face_limit faces, keeping the mesh closed."""
+    target = face_limit
+    for _ in range(4):
+        with _DECIMATE_LOCK:
+            points, faces = fast_simplification.simplify(
+                mesh.vertices, mesh.faces.astype(np.int32), target_count=target
+            )
+        points, faces = _drop_unused(np.asarray(points), np.asarray(faces, dtype=np.int64))
+        if len(faces) <= face_limit and is_closed_manifold(faces):
+            return InflatedMesh(points, faces)
+        target = int(target * 0.9)
+    raise GenerationFailed("Mesh decimation did not produce a closed mesh.")
+
+
+def _drop_unused(points: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    degenerate = (
+        (faces[:, 0] == faces[:, 1]) | (faces[:, 1] == faces[:, 2]) | (faces[:, 0] == faces[:, 2])
+    )
+    faces = faces[~degenerate]
+    used = np.unique(faces)
+    remap = np.full(len(points), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return points[used], remap[faces]
+
+
+def is_closed_manifold(faces: np.ndarray) -> bool:
+    """True when every directed edge appears once and its reverse once (closed, oriented)."""
+    if len(faces) == 0:
+        return False
+    start = faces.ravel().astype(np.int64)
+    end = faces[:, [1, 2, 0]].ravel().astype(np.int64)
+    n = int(faces.max()) + 1
+    keys = start * n + end
+    if len(np.unique(keys)) != len(keys):
+        return False
+    return bool(np.isin(end * n + start, keys).all())
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted smooth vertex normals (unit length)."""
+    tri = vertices[faces]
+    face_normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normals = np.zeros_like(vertices)
+    for corner in range(3):
+        np.add.at(normals, faces[:, corner], face_normals)
+    length = np.linalg.norm(normals, axis=1, keepdims=True)
+    return normals / np.maximum(length, 1e-12)

@@ -1,0 +1,315 @@
+"""Separate the object from its background: a trusted alpha matte when the photo has one,
+otherwise GrabCut seeded from the image border and a colour-distance prior."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from serve_app.errors import NoObjectFound
+
+SegmentationMethod = Literal["alpha", "grabcut", "none"]
+
+# GrabCut runs on about this many pixels (256 x 256: ~0.15 s on one core); the outline is
+# smoothed at full resolution afterwards, so a larger working image buys little.
+WORK_PIXELS = 256 * 256
+GRABCUT_ITERATIONS = 4
+GRABCUT_SEED = 0x5EED
+# An object must cover between these fractions of the frame to count as separable.
+MIN_COVERAGE = 0.002
+MAX_COVERAGE = 0.98
+# Holes smaller than this fraction of the object's area are segmentation noise; larger ones
+# (between chair legs, inside a handle) are real and stay open.
+SMALL_HOLE_FRACTION = 0.01
+LIGHTNESS_WEIGHT = 0.8
+# A border colour cluster this small is an object touching the frame, not backdrop.
+MIN_PALETTE_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """An object mask at the photo's resolution and where it came from."""
+
+    mask: np.ndarray  # bool (H, W), True on the object
+    method: SegmentationMethod
+    rgb: np.ndarray  # (H, W, 3) uint8: the picture the mask refers to
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the frame the object covers."""
+        return float(self.mask.mean())
+
+
+def split_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB pixels (H, W, 3 uint8) and the alpha channel when it carries information."""
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+    array = np.asarray(image)
+    if image.mode == "RGB":
+        return array, None
+    rgb, alpha = array[..., :3], array[..., 3]
+    return rgb, (alpha if has_meaningful_alpha(alpha) else None)
+
+
+def has_meaningful_alpha(alpha: np.ndarray) -> bool:
+    """True when the alpha channel marks a real cut-out (not an all-opaque export)."""
+    # A few stray translucent pixels (anti-aliased corners, editor artefacts) do not make a
+    # matte; require a visible share of the frame to be transparent.
+    return bool((alpha < 128).mean() >= 0.001)
+
+
+def segment_image(image: Image.Image, remove_background: bool | None = None) -> Segmentation:
+    """Segment a PIL photo; see `segment_arrays`."""
+    rgb, alpha = split_alpha(image)
+    return segment_arrays(rgb, alpha, remove_background)
+
+
+def segment_arrays(
+    rgb: np.ndarray, alpha: np.ndarray | None, remove_background: bool | None
+) -> Segmentation:
+    """Object mask: alpha when present (auto), GrabCut when asked or without alpha.
+
+    remove_background: None = auto, True = always segment the visible picture (alpha is
+    not trusted as a mask), False = trust the alpha as it is, or take the whole frame when
+    there is none.
+    """
+    if remove_background is False:
+        if alpha is None:
+            return Segmentation(np.ones(rgb.shape[:2], dtype=bool), "none", rgb)
+        return Segmentation(_alpha_mask(alpha), "alpha", rgb)
+    if alpha is None:
+        return Segmentation(_grabcut_mask(rgb), "grabcut", rgb)
+    if remove_background is None:
+        return Segmentation(_alpha_mask(alpha), "alpha", rgb)
+    # Pixels under transparency are arbitrary (often black or leftover backdrop); what the
+    # user sees is the picture over a plain backdrop, so segment that.
+    flat = flatten_onto_backdrop(rgb, alpha)
+    return Segmentation(_grabcut_mask(flat), "grabcut", flat)
+
+
+def flatten_onto_backdrop(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Composite RGBA over white, or over black when the visible object is mostly light."""
+    weight = alpha.astype(np.float32)[..., None] / 255.0
+    visible_luma = float((rgb.astype(np.float32) * weight).sum() / max(weight.sum() * 3, 1.0))
+    backdrop = 0.0 if visible_luma > 170 else 255.0
+    flat = rgb.astype(np.float32) * weight + backdrop * (1.0 - weight)
+    return np.clip(flat + 0.5, 0, 255).astype(np.uint8)
+
+
+def _alpha_mask(alpha: np.ndarray) -> np.ndarray:
+    mask = alpha >= 128
+    if not mask.any():
+        raise NoObjectFound("The photo is fully transparent: there is no object to reconstruct.")
+    # The matte is trusted, so keep every sizeable part (a pair of shoes is two blobs);
+    # only specks and pinholes go.
+    mask = _keep_components(mask, min_fraction_of_largest=0.02)
+    return _fill_small_holes(mask, SMALL_HOLE_FRACTION / 10)
+
+
+def _grabcut_mask(rgb: np.ndarray) -> np.ndarray:
+    height, width = rgb.shape[:2]
+    # Scale by area, not longest side, so a long thin photo keeps enough rows.
+    scale = min(1.0, float(np.sqrt(WORK_PIXELS / (height * width))))
+    small_w, small_h = max(1, round(width * scale)), max(1, round(height * scale))
+    small = cv2.resize(rgb, (small_w, small_h), interpolation=cv2.INTER_AREA)
+
+    if float(small.reshape(-1, 3).std(axis=0).max()) < 1.5:
+        raise NoObjectFound(
+            "The photo is a single flat colour: there is no object to separate from the "
+            "background. Upload a photo of one object, ideally on a plain background."
+        )
+
+    distance, ring = _background_distance(small)
+    ring_values = distance[ring]
+    # Robust noise level of the background: how far border pixels stray from the model.
+    noise = 1.4826 * float(np.median(ring_values)) + 1e-3
+    # Two levels: pixels above Otsu's split clearly stand out and seed the object's core;
+    # fainter ones (a white vase on a grey table) are left for GrabCut to decide.
+    threshold = max(_otsu_threshold(distance), 4.0 * noise, 6.0)
+    faint_threshold = max(0.5 * threshold, 4.0 * noise, 6.0)
+    likely_object = distance > faint_threshold
+    clearly_object = distance > threshold
+    if clearly_object.mean() < MIN_COVERAGE:
+        raise NoObjectFound(
+            "No object stands out from the background. Use a photo where the object is "
+            "clearly visible against a contrasting background, or upload a PNG with transparency."
+        )
+
+    labels = np.full((small_h, small_w), cv2.GC_PR_BGD, dtype=np.uint8)
+    labels[likely_object] = cv2.GC_PR_FGD
+    # The border is background unless it looks like the object (an object cut by the frame).
+    labels[ring & ~likely_object] = cv2.GC_BGD
+    # A solid core of the prior stays object, so GrabCut cannot swap figure and ground.
+    salient = _keep_components(clearly_object, min_fraction_of_largest=0.05)
+    labels[_core(salient)] = cv2.GC_FGD
+
+    background_model = np.zeros((1, 65), np.float64)
+    object_model = np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(GRABCUT_SEED)
+    small_bgr = np.ascontiguousarray(small[..., ::-1])
+    cv2.grabCut(
+        small_bgr,
+        labels,
+        (0, 0, 0, 0),  # no rectangle: initialised from the label mask
+        background_model,
+        object_model,
+        GRABCUT_ITERATIONS,
+        cv2.GC_INIT_WITH_MASK,
+    )
+    mask = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    mask = mask.astype(bool)
+    if not mask.any():
+        raise NoObjectFound("No object could be separated from the background.")
+    # Parts GrabCut grew from the solid prior are the object; other blobs are clutter.
+    mask = _keep_components_touching(mask, salient)
+    # Small holes are noise; a larger one stays open only if it shows the backdrop (the
+    # gap in a handle), not a highlight or reflection on the object.
+    mask = _fill_small_holes(mask, SMALL_HOLE_FRACTION)
+    mask = _fill_holes_unlike_backdrop(mask, distance > 0.5 * threshold)
+    mask = _upsample_smooth(mask, (width, height))
+    coverage = float(mask.mean())
+    if coverage < MIN_COVERAGE or coverage > MAX_COVERAGE:
+        raise NoObjectFound(
+            "No single object could be separated from the background "
+            f"(it would cover {coverage:.0%} of the photo). Crop the photo around the object "
+            "or upload a PNG with transparency."
+        )
+    return mask
+
+
+def _core(salient: np.ndarray) -> np.ndarray:
+    """The salient region shrunk away from its outline, where GrabCut may not relabel it."""
+    for size in (9, 5, 3):
+        core = cv2.erode(salient.astype(np.uint8), np.ones((size, size), np.uint8))
+        # Small objects would vanish under a wide erosion; shrink less for them.
+        if core.sum() >= 0.25 * salient.sum():
+            return core.astype(bool)
+    return salient
+
+
+def _background_distance(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel colour distance to a background model fitted to the border ring."""
+    height, width = small.shape[:2]
+    raw_lab = cv2.cvtColor(small.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    lab = np.asarray(cv2.GaussianBlur(raw_lab, (0, 0), 1.2), dtype=np.float32)
+    # Lightness counts a bit less than hue: soft shadows on the backdrop change L, but a
+    # white object on a grey table differs only in L.
+    lab[..., 0] *= LIGHTNESS_WEIGHT
+
+    # The band must leave room for the object in a long, thin photo.
+    band = min(max(2, round(0.03 * max(height, width))), max(1, min(height, width) // 8))
+    ring = np.zeros((height, width), dtype=bool)
+    ring[:band], ring[-band:], ring[:, :band], ring[:, -band:] = True, True, True, True
+
+    # A quadratic colour field through the border models gradients and vignetting.
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    xs, ys = xs / max(width - 1, 1) - 0.5, ys / max(height - 1, 1) - 0.5
+    basis = np.stack([np.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], axis=-1)
+    ring_basis, ring_lab = basis[ring], lab[ring]
+    keep = np.ones(len(ring_lab), dtype=bool)
+    for _ in range(2):
+        # Refit without border pixels that belong to an object touching the frame.
+        coef, *_ = np.linalg.lstsq(ring_basis[keep], ring_lab[keep], rcond=None)
+        residual = np.linalg.norm(ring_basis @ coef - ring_lab, axis=1)
+        keep = residual <= max(3.0 * 1.4826 * float(np.median(residual)), 2.0)
+    field_distance = np.linalg.norm(basis @ coef - lab, axis=-1)
+
+    # Colour clusters of the border catch two-tone backdrops (wall and table).
+    palette = _border_palette(ring_lab)
+    cluster_distance = np.min(
+        np.linalg.norm(lab[:, :, None, :] - palette[None, None], axis=-1), axis=-1
+    )
+    return np.minimum(field_distance, cluster_distance).astype(np.float32), ring
+
+
+def _border_palette(colours: np.ndarray, clusters: int = 4) -> np.ndarray:
+    """A few representative border colours (deterministic k-means)."""
+    colours = np.ascontiguousarray(colours, dtype=np.float32)
+    if len(colours) <= clusters:
+        return colours
+    cv2.setRNGSeed(GRABCUT_SEED)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+    initial = np.zeros((len(colours), 1), np.int32)
+    _, labels, centres = cv2.kmeans(colours, clusters, initial, criteria, 2, cv2.KMEANS_PP_CENTERS)
+    share = np.bincount(np.asarray(labels).ravel(), minlength=clusters) / len(colours)
+    return np.asarray(centres[share >= min(MIN_PALETTE_SHARE, share.max())], dtype=np.float32)
+
+
+def _otsu_threshold(values: np.ndarray) -> float:
+    top = float(np.percentile(values, 99.5)) + 1e-6
+    scaled = np.clip(values / top * 255.0, 0, 255).astype(np.uint8)
+    level, _ = cv2.threshold(scaled, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(level) / 255.0 * top
+
+
+def _keep_components(mask: np.ndarray, min_fraction_of_largest: float) -> np.ndarray:
+    """Drop connected components smaller than a fraction of the largest one."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=8
+    )
+    if count <= 2:
+        return mask.astype(bool)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    if min_fraction_of_largest >= 1.0:
+        # Exactly one component; ties go to the lowest label so the choice is deterministic.
+        return labels == 1 + int(np.argmax(areas))
+    keep = np.flatnonzero(areas >= min_fraction_of_largest * areas.max()) + 1
+    return np.isin(labels, keep)
+
+
+def _keep_components_touching(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Connected components of mask that contain at least one seed pixel."""
+    _, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    keep = np.unique(labels[seeds & mask])
+    keep = keep[keep != 0]
+    return np.isin(labels, keep)
+
+
+def _fill_small_holes(mask: np.ndarray, max_fraction: float) -> np.ndarray:
+    """Fill background islands enclosed by the object that are smaller than max_fraction."""
+    holes = _holes(mask)
+    count = int(holes.max())
+    if count == 0:
+        return mask
+    areas = np.bincount(holes.ravel(), minlength=count + 1)
+    small = np.flatnonzero(areas <= max_fraction * float(mask.sum()))
+    small = small[small != 0]
+    return mask | np.isin(holes, small) if len(small) else mask
+
+
+def _fill_holes_unlike_backdrop(mask: np.ndarray, unlike_backdrop: np.ndarray) -> np.ndarray:
+    """Fill enclosed holes whose pixels mostly do not look like the background."""
+    holes = _holes(mask)
+    count = int(holes.max())
+    if count == 0:
+        return mask
+    areas = np.bincount(holes.ravel(), minlength=count + 1)
+    unlike = np.bincount(holes.ravel(), weights=unlike_backdrop.ravel(), minlength=count + 1)
+    fill = np.flatnonzero(unlike > 0.5 * np.maximum(areas, 1))
+    fill = fill[fill != 0]
+    return mask | np.isin(holes, fill) if len(fill) else mask
+
+
+def _holes(mask: np.ndarray) -> np.ndarray:
+    """Label image of the background regions enclosed by the mask (0 elsewhere)."""
+    # Pad with background so everything outside the object is one component.
+    padded = np.pad((~mask).astype(np.uint8), 1, constant_values=1)
+    _, labels = cv2.connectedComponents(padded, connectivity=4)
+    outside = labels[0, 0]
+    labels = labels[1:-1, 1:-1]
+    return np.where(labels == outside, 0, labels)
+
+
+def _upsample_smooth(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Upsample a working-resolution mask with a smooth (not blocky) outline."""
+    width, height = size
+    factor = width / mask.shape[1]
+    soft = cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    if factor > 1.5:
+        soft = cv2.GaussianBlur(soft, (0, 0), 0.5 * factor)
+    return soft >= 0.5
