@@ -39,8 +39,9 @@ BACKLOG_SQL = (
 )
 
 
-def desired_replicas(queued: int, running: int, tasks_per_replica: float,
-                     min_replicas: int, max_replicas: int) -> int:
+def desired_replicas(
+    queued: int, running: int, tasks_per_replica: float, min_replicas: int, max_replicas: int
+) -> int:
     """Replicas wanted for this backlog, within [min_replicas, max_replicas]."""
     wanted = math.ceil((queued + running) / max(tasks_per_replica, 1e-9))
     return max(min_replicas, min(max_replicas, wanted))
@@ -49,8 +50,13 @@ def desired_replicas(queued: int, running: int, tasks_per_replica: float,
 class QueueBacklogPolicy:
     """Serve autoscaling policy: replicas follow the task backlog of one backend."""
 
-    def __init__(self, backend: str, tasks_per_replica: float = 1.0,
-                 poll_interval_s: float = 5.0, database_url_env: str = "DATABASE_URL") -> None:
+    def __init__(
+        self,
+        backend: str,
+        tasks_per_replica: float = 1.0,
+        poll_interval_s: float = 5.0,
+        database_url_env: str = "DATABASE_URL",
+    ) -> None:
         self.backend = backend
         self.tasks_per_replica = tasks_per_replica
         self.poll_interval_s = poll_interval_s
@@ -63,8 +69,9 @@ class QueueBacklogPolicy:
     async def _poll_once(self) -> None:
         url = os.environ.get(self.database_url_env)
         if not url:
-            log.warning("QueueBacklogPolicy: %s is not set; cannot read the backlog",
-                        self.database_url_env)
+            log.warning(
+                "QueueBacklogPolicy: %s is not set; cannot read the backlog", self.database_url_env
+            )
             return
         try:
             async with await psycopg.AsyncConnection.connect(url, connect_timeout=5) as conn:
@@ -74,8 +81,9 @@ class QueueBacklogPolicy:
                 self.queued, self.running = int(row[0]), int(row[1])
         except psycopg.Error as exc:
             # Keep the last known backlog: scaling to zero on a DB blip would kill running work.
-            log.warning("QueueBacklogPolicy(%s): backlog query failed: %s", self.backend,
-                        type(exc).__name__)
+            log.warning(
+                "QueueBacklogPolicy(%s): backlog query failed: %s", self.backend, type(exc).__name__
+            )
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         """Called by the Serve controller on every autoscaling tick."""
@@ -86,7 +94,10 @@ class QueueBacklogPolicy:
             self._last_poll = now
             self._task = asyncio.get_running_loop().create_task(self._poll_once())
         wanted = desired_replicas(
-            self.queued, self.running, self.tasks_per_replica,
-            ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas,
+            self.queued,
+            self.running,
+            self.tasks_per_replica,
+            ctx.capacity_adjusted_min_replicas,
+            ctx.capacity_adjusted_max_replicas,
         )
         return wanted, {"queued": self.queued, "running": self.running}

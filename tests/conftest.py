@@ -1,4 +1,4 @@
-"""Shared fixtures: a real PostgreSQL (embedded or PHOTO3D_TEST_DATABASE_URL), per-test databases."""
+"""Shared fixtures: a real PostgreSQL (embedded or from the environment), a database per test."""
 
 from __future__ import annotations
 

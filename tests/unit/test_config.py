@@ -33,7 +33,9 @@ def test_every_generator_scales_on_the_queue_backlog() -> None:
         if deployment["name"].startswith("generator-"):
             policy = deployment["autoscaling_config"]["policy"]
             assert policy["policy_function"] == "serve_app.autoscaling:QueueBacklogPolicy"
-            assert policy["policy_kwargs"]["backend"] == deployment["name"].removeprefix("generator-")
+            assert policy["policy_kwargs"]["backend"] == deployment["name"].removeprefix(
+                "generator-"
+            )
             QueueBacklogPolicy(**policy["policy_kwargs"])  # the kwargs are accepted
 
 
@@ -55,11 +57,17 @@ def test_photo3d_backends_picks_and_refuses_unknown() -> None:
 
 @pytest.mark.parametrize(
     ("queued", "running", "per", "lo", "hi", "want"),
-    [(0, 0, 1, 0, 4, 0), (1, 0, 1, 0, 4, 1), (3, 2, 2, 0, 4, 3), (100, 0, 1, 0, 4, 4),
-     (0, 0, 1, 1, 4, 1)],
+    [
+        (0, 0, 1, 0, 4, 0),
+        (1, 0, 1, 0, 4, 1),
+        (3, 2, 2, 0, 4, 3),
+        (100, 0, 1, 0, 4, 4),
+        (0, 0, 1, 1, 4, 1),
+    ],
 )
-def test_desired_replicas_follow_the_backlog(queued: int, running: int, per: float, lo: int,
-                                             hi: int, want: int) -> None:
+def test_desired_replicas_follow_the_backlog(
+    queued: int, running: int, per: float, lo: int, hi: int, want: int
+) -> None:
     assert desired_replicas(queued, running, per, lo, hi) == want
 
 

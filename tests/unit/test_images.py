@@ -51,7 +51,11 @@ def test_palette_and_16bit_become_rgb() -> None:
     [
         (b"", InvalidImage, "empty_image"),
         (b"GIF89a" + b"\0" * 100, UnsupportedMediaType, "unsupported_image_type"),
-        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", UnsupportedMediaType, "unsupported_image_type"),
+        (
+            b"<svg xmlns='http://www.w3.org/2000/svg'/>",
+            UnsupportedMediaType,
+            "unsupported_image_type",
+        ),
         (b"%PDF-1.4 hello", UnsupportedMediaType, "unsupported_image_type"),
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, InvalidImage, "corrupt_image"),
     ],

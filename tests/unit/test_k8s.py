@@ -37,7 +37,9 @@ def test_manifest_follows_kuberay_practice() -> None:
     resources = gpu["template"]["spec"]["containers"][0]["resources"]
     assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"]
     assert gpu["minReplicas"] == 0
-    env = {e["name"]: e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    env = {
+        e["name"]: e for e in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["PHOTO3D_ENVIRONMENT"]["value"] == "production"
     assert "secretKeyRef" in env["DATABASE_URL"]["valueFrom"]  # the secret never sits in YAML
 
