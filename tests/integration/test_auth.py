@@ -202,3 +202,32 @@ def test_concurrency_limit_and_idempotency(client: TestClient, services: Service
     )
     inputs = services.settings.artifacts_path / "inputs"
     assert len(list(inputs.iterdir())) == 3
+
+
+def test_cors_is_off_unless_origins_are_configured(database_url: str, tmp_path: Path) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    for origins, allowed in (("", False), ("https://app.example", True)):
+        settings = Settings(database_url=database_url, run_dir=tmp_path, cors_origins=origins)
+        services = Services.from_settings(settings)
+        services.db.open(wait=True)
+        with TestClient(create_app(services)) as client:
+            response = client.options("/api/v1/generate", headers=preflight)
+            got = response.headers.get("access-control-allow-origin")
+            assert (got == "https://app.example") is allowed
+            other = client.options(
+                "/api/v1/generate", headers={**preflight, "Origin": "https://evil.example"}
+            )
+            assert "access-control-allow-origin" not in other.headers
+        services.db.close()
+
+
+def test_slow_requests_end_with_a_clear_503(database_url: str, tmp_path: Path) -> None:
+    settings = Settings(database_url=database_url, run_dir=tmp_path, request_timeout_seconds=0.001)
+    services = Services.from_settings(settings)
+    services.db.open(wait=True)
+    with TestClient(create_app(services)) as client:
+        response = client.get("/api/v1/tasks")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "request_timeout"
+        assert response.headers["retry-after"]
+    services.db.close()

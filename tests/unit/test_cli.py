@@ -1,0 +1,48 @@
+"""`photo3d generate`: the same backend, locally, with no server and no database."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import trimesh
+
+from tests.support.images import object_photo
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serve_app.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_generate_writes_a_textured_glb(tmp_path: Path) -> None:
+    photo = tmp_path / "toy.jpg"
+    photo.write_bytes(object_photo(fmt="JPEG"))
+    result = run_cli("generate", str(photo), "-o", str(tmp_path / "toy.glb"), "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scene = trimesh.load(io.BytesIO((tmp_path / "toy.glb").read_bytes()), file_type="glb")
+    mesh = next(iter(scene.geometry.values()))
+    assert len(mesh.faces) > 100 and mesh.visual.uv is not None
+
+
+def test_generate_other_format_and_clear_errors(tmp_path: Path) -> None:
+    photo = tmp_path / "toy.png"
+    photo.write_bytes(object_photo())
+    ok = run_cli("generate", str(photo), "--format", "stl", "-q", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert trimesh.load(tmp_path / "toy.stl").is_watertight
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    refused = run_cli("generate", str(bad), cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "unsupported_image_type" in refused.stderr and "Traceback" not in refused.stderr
