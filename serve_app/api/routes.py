@@ -365,6 +365,13 @@ def download_result(task_id: str, fmt: str, services: ServicesDep, account: Acco
     return _file_response(services, key, info)
 
 
+def _inline(services: Services, account: str, task_id: str, kind: str) -> Response:
+    key, info = services.artifact(account, task_id, kind)
+    response = _file_response(services, key, info)
+    response.headers["Content-Disposition"] = "inline"
+    return response
+
+
 @router.get(
     "/task/{task_id}/preview",
     summary="PNG preview of the result",
@@ -372,10 +379,7 @@ def download_result(task_id: str, fmt: str, services: ServicesDep, account: Acco
     responses={200: {"content": {"image/png": {}}}},
 )
 def download_preview(task_id: str, services: ServicesDep, account: AccountDep) -> Response:
-    key, info = services.artifact(account, task_id, "preview")
-    response = _file_response(services, key, info)
-    response.headers["Content-Disposition"] = "inline"
-    return response
+    return _inline(services, account, task_id, "preview")
 
 
 @router.get(
@@ -385,10 +389,7 @@ def download_preview(task_id: str, services: ServicesDep, account: AccountDep) -
     responses={200: {"content": {"image/webp": {}}}},
 )
 def download_turntable(task_id: str, services: ServicesDep, account: AccountDep) -> Response:
-    key, info = services.artifact(account, task_id, "turntable")
-    response = _file_response(services, key, info)
-    response.headers["Content-Disposition"] = "inline"
-    return response
+    return _inline(services, account, task_id, "turntable")
 
 
 @router.get("/tasks", response_model=TaskList, summary="Your tasks, newest first")

@@ -8,33 +8,15 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve_app.api.app import create_app
 from serve_app.backends import Backend, create_backend
 from serve_app.service import Services
-from serve_app.settings import Settings
 from serve_app.worker import Worker
 from tests.support.fake_backends import HangingFakeBackend
 from tests.support.images import object_photo
-
-
-@pytest.fixture
-def services(settings: Settings) -> Iterator[Services]:
-    services = Services.from_settings(settings)
-    services.db.open(wait=True)
-    yield services
-    services.db.close()
-
-
-@pytest.fixture
-def client(services: Services) -> Iterator[TestClient]:
-    with TestClient(create_app(services)) as test_client:
-        yield test_client
 
 
 def make_worker(services: Services, engine: Backend | None = None, **kwargs: object) -> Worker:

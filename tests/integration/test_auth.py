@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from serve_app.api.app import create_app
 from serve_app.backends import create_backend
 from serve_app.service import Services
 from serve_app.settings import Settings
 from serve_app.worker import Worker
+from tests.support.app import app_client, open_services
 from tests.support.images import object_photo
 
 
@@ -25,16 +25,8 @@ def services(database_url: str, tmp_path: Path) -> Iterator[Services]:
         rate_limit_requests=1000,
         max_active_tasks=3,
     )
-    services = Services.from_settings(settings)
-    services.db.open(wait=True)
-    yield services
-    services.db.close()
-
-
-@pytest.fixture
-def client(services: Services) -> Iterator[TestClient]:
-    with TestClient(create_app(services)) as test_client:
-        yield test_client
+    with open_services(settings) as opened:
+        yield opened
 
 
 def key_for(services: Services, account: str, *, admin: bool = False) -> dict[str, str]:
@@ -165,16 +157,13 @@ def test_rate_limit_answers_429_with_retry_after(database_url: str, tmp_path: Pa
         rate_limit_requests=3,
         rate_limit_window_seconds=60,
     )
-    services = Services.from_settings(settings)
-    services.db.open(wait=True)
-    headers = key_for(services, "eve")
-    with TestClient(create_app(services)) as client:
+    with app_client(settings) as (services, client):
+        headers = key_for(services, "eve")
         codes = [client.get("/api/v1/tasks", headers=headers).status_code for _ in range(5)]
         assert codes == [200, 200, 200, 429, 429]
         limited = client.get("/api/v1/tasks", headers=headers)
         assert limited.json()["error"]["code"] == "rate_limited"
         assert 1 <= int(limited.headers["retry-after"]) <= 60
-    services.db.close()
 
 
 def test_concurrency_limit_and_idempotency(client: TestClient, services: Services) -> None:
@@ -208,9 +197,7 @@ def test_cors_is_off_unless_origins_are_configured(database_url: str, tmp_path: 
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     for origins, allowed in (("", False), ("https://app.example", True)):
         settings = Settings(database_url=database_url, run_dir=tmp_path, cors_origins=origins)
-        services = Services.from_settings(settings)
-        services.db.open(wait=True)
-        with TestClient(create_app(services)) as client:
+        with app_client(settings) as (_, client):
             response = client.options("/api/v1/generate", headers=preflight)
             got = response.headers.get("access-control-allow-origin")
             assert (got == "https://app.example") is allowed
@@ -218,16 +205,12 @@ def test_cors_is_off_unless_origins_are_configured(database_url: str, tmp_path: 
                 "/api/v1/generate", headers={**preflight, "Origin": "https://evil.example"}
             )
             assert "access-control-allow-origin" not in other.headers
-        services.db.close()
 
 
 def test_slow_requests_end_with_a_clear_503(database_url: str, tmp_path: Path) -> None:
     settings = Settings(database_url=database_url, run_dir=tmp_path, request_timeout_seconds=0.001)
-    services = Services.from_settings(settings)
-    services.db.open(wait=True)
-    with TestClient(create_app(services)) as client:
+    with app_client(settings) as (_, client):
         response = client.get("/api/v1/tasks")
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "request_timeout"
         assert response.headers["retry-after"]
-    services.db.close()

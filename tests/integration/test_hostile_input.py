@@ -19,9 +19,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve_app.api.app import create_app
 from serve_app.service import Services
 from serve_app.settings import Settings
+from tests.support.app import open_services
 from tests.support.images import object_photo
 
 MAX_BYTES = 2_000_000
@@ -280,16 +280,8 @@ def services(database_url: str, tmp_path: Path) -> Iterator[Services]:
         url_fetch_timeout_seconds=2,
         url_allow_hosts="127.0.0.1",
     )
-    services = Services.from_settings(settings)
-    services.db.open(wait=True)
-    yield services
-    services.db.close()
-
-
-@pytest.fixture
-def client(services: Services) -> Iterator[TestClient]:
-    with TestClient(create_app(services), raise_server_exceptions=False) as test_client:
-        yield test_client
+    with open_services(settings) as opened:
+        yield opened
 
 
 def stored_inputs(services: Services) -> list[Path]:
