@@ -187,3 +187,38 @@ def test_generator_killed_mid_task_is_retried_and_succeeds_once(stack: Stack) ->
             p.name for p in (stack.run_dir / "artifacts" / "tasks" / task_id).iterdir()
         )
         assert attempts == ["attempt-2"]
+
+
+def test_generators_scale_on_the_queue_backlog(stack: Stack) -> None:
+    """Nothing routes requests to generators; the backlog policy must still add a replica."""
+    import psutil
+
+    def cpu_replicas() -> int:
+        count = 0
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(
+                    "ServeReplica:photo3d:generator-cpu" in p for p in proc.info["cmdline"] or []
+                ):
+                    count += 1
+            except psutil.Error:
+                continue
+        return count
+
+    assert cpu_replicas() == 1  # min_replicas while idle
+    with stack.client() as client:
+        ids = [
+            client.post(
+                "/api/v1/generate",
+                files={"image": ("p.png", object_photo(size=768, seed=i), "image/png")},
+            ).json()["id"]
+            for i in range(20)
+        ]
+        deadline = time.monotonic() + 60
+        most = 1
+        while time.monotonic() < deadline and most < 2:
+            most = max(most, cpu_replicas())
+            time.sleep(0.5)
+        assert most == 2, "the backlog of 20 tasks did not bring a second cpu replica"
+        for task_id in ids:
+            assert stack.wait_for_task(client, task_id)["status"] == "succeeded"

@@ -73,7 +73,7 @@ def write_config(path: Path, extra_backends: dict[str, float]) -> Path:
         )
     for deployment in app["deployments"]:
         if deployment["name"] == "generator-cpu":
-            deployment["ray_actor_options"]["num_cpus"] = 0.5
+            deployment["ray_actor_options"]["num_cpus"] = 0.25
     path.write_text(yaml.safe_dump(config))
     return path
 
