@@ -56,7 +56,7 @@ def submit_many(stack: Stack, count: int) -> list[str]:
             response = client.post(
                 "/api/v1/generate",
                 data={"seed": str(i)},
-                files={"image": ("p.png", object_photo(size=256, seed=i), "image/png")},
+                files={"image": ("p.png", object_photo(size=512, seed=i), "image/png")},
             )
             assert response.status_code == 202, response.text
             return str(response.json()["id"])
