@@ -84,9 +84,21 @@ class Worker:
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        """Run the claim loop in a background thread."""
+        """Run the claim loop, and the presence beat that /health reads, in background threads."""
         self._thread = threading.Thread(target=self.run_forever, name="photo3d-worker", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._presence, name="photo3d-presence", daemon=True).start()
+
+    def _presence(self) -> None:
+        """Say 'alive' every heartbeat, also while a long generation holds the claim loop."""
+        while not self._stop.is_set():
+            try:
+                self.queue.register_worker(
+                    self.worker_id, self.backend.name, socket.gethostname(), os.getpid()
+                )
+            except Photo3DError as exc:
+                self.last_error = exc.message
+            self._stop.wait(self.heartbeat_seconds)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop claiming; wait up to `timeout` for the task in hand to finish."""
@@ -106,14 +118,8 @@ class Worker:
 
     def run_forever(self) -> None:
         """Claim and run tasks until stopped; database outages are waited out."""
-        next_register = 0.0
         while not self._stop.is_set():
             try:
-                if time.monotonic() >= next_register:
-                    self.queue.register_worker(
-                        self.worker_id, self.backend.name, socket.gethostname(), os.getpid()
-                    )
-                    next_register = time.monotonic() + self.heartbeat_seconds
                 if not self.run_once():
                     self._wait_for_work()
             except Photo3DError as exc:

@@ -40,4 +40,5 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         poll_seconds=0.5,
         retry_backoff_seconds=0,
         max_attempts=3,
+        worker_alive_seconds=1.5,
     )

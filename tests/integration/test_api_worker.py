@@ -221,3 +221,31 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         "/api/v1/task/{task_id}/preview",
     } <= paths
     assert client.get("/docs").status_code == 200
+
+
+def test_worker_stays_alive_for_health_during_a_long_generation(
+    client: TestClient, services: Services
+) -> None:
+    """A generation longer than worker_alive_seconds must not make /health report no worker."""
+    from tests.support.fake_backends import SlowFakeBackend
+
+    services.store.put("inputs/slow/photo-0.png", object_photo())
+    services.queue.submit(
+        task_id=uuid.uuid4(),
+        account_id="local",
+        backend="fake-slow",
+        options={},
+        inputs=["inputs/slow/photo-0.png"],
+        max_attempts=1,
+    )
+    backend = SlowFakeBackend(services.settings)
+    backend.seconds = 4
+    worker = make_worker(services, backend)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            assert client.get("/health").json()["workers"].get("fake-slow") == 1
+            time.sleep(0.5)
+    finally:
+        worker.stop(timeout=15)
