@@ -51,3 +51,14 @@ def test_manifest_is_valid_against_the_kuberay_crd() -> None:
     crd = yaml.safe_load(crd_path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     jsonschema.validate(manifest(), version["schema"]["openAPIV3Schema"])
+
+
+def test_bulk_convert_rayjob_is_valid_against_the_kuberay_crd() -> None:
+    crd_path = CRDS / "ray.io_rayjobs.yaml"
+    if not crd_path.exists():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (they ship in ../shared/k8s/crds)")
+    crd = yaml.safe_load(crd_path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob.bulk-convert.yaml").read_text())
+    jsonschema.validate(job, version["schema"]["openAPIV3Schema"])
+    assert "jobs/bulk_convert.py" in job["spec"]["entrypoint"]
