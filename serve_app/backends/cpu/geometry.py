@@ -1,10 +1,11 @@
 """Turn an object silhouette into a closed, rounded mesh ("inflation").
 
 The silhouette is rasterised onto a grid of cells; the front surface height is the square root
-of a Poisson solution (−∇²u = c, u = 0 on the outline), which gives circular cross-sections:
-a disc becomes a ball, a strip becomes a cylinder, thin parts stay thin. The back is the
-mirror image, and a narrow wall joins the two along every outline, so the mesh is closed and
-two-manifold by construction, including one-cell-wide parts and holes.
+of a Poisson solution (−∇²u = c, u = 0 on the outline), which gives round cross-sections: a
+strip becomes a cylinder, a disc a flattened ball, thin parts stay thin. This front sheet is
+decimated (and checked to stay manifold), mirrored to make the back, and a low wall joins the
+two along every outline loop, so the mesh is closed and two-manifold by construction, holes
+and one-cell-wide parts included, and the front never meets the back.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ RELIEF_AMPLITUDE = 0.04
 MIN_GRID_FACES = 40_000
 MAX_GRID_FACES = 160_000
 GRID_FACES_PER_LIMIT = 3.0
+# fast_simplification's "agg" settings tried in turn (7 is its default); lower ones may stop
+# short of the target.
+DECIMATION_AGGRESSIVENESS = (7.0, 9.0, 8.0, 10.0)
 
 # fast_simplification keeps its mesh in module-global state: one decimation at a time.
 _DECIMATE_LOCK = threading.Lock()
@@ -52,9 +56,37 @@ def inflate_silhouette(
 ) -> InflatedMesh:
     """Closed rounded mesh of a boolean silhouette with at most face_limit faces.
 
-    relief: optional per-pixel height offsets (pixels) added to the front surface.
+    relief: optional per-pixel height offsets (pixels) added to the surface.
     """
-    cells, origin, cell_size = _cell_grid(mask, face_limit)
+    # Each cell gives ~4 faces; start a few times over the limit so decimation, not the grid,
+    # decides where detail goes. Should decimation not stay manifold (thin parts at a tiny
+    # limit), fall back to ever coarser grids that fit the limit without decimating.
+    budget = min(max(GRID_FACES_PER_LIMIT * face_limit, MIN_GRID_FACES), MAX_GRID_FACES)
+    for _ in range(24):
+        sheet = _front_sheet(mask, budget, relief)
+        if _closed_face_count(sheet) <= face_limit:
+            return _close(sheet)
+        decimated = _decimate_sheet(sheet, face_limit) if budget > face_limit else None
+        if decimated is not None:
+            return _close(decimated)
+        budget = min(budget, face_limit) * 0.7
+    raise GenerationFailed(
+        f"Could not build a closed mesh within {face_limit} faces; try a higher face limit."
+    )
+
+
+@dataclass(frozen=True)
+class _Sheet:
+    """The front surface: an open height field whose outline becomes the rim."""
+
+    vertices: np.ndarray  # (N, 3): x, y (up), depth >= 0
+    faces: np.ndarray  # (M, 3) counter-clockwise seen from +z
+    rim_from: np.ndarray  # directed outline edges (face on the left)
+    rim_to: np.ndarray
+
+
+def _front_sheet(mask: np.ndarray, grid_faces: float, relief: np.ndarray | None) -> _Sheet:
+    cells, origin, cell_size = _cell_grid(mask, grid_faces)
     cells = _remove_pinches(cells)
     if not cells.any():
         raise NoObjectFound("The object is too small in the photo to build a 3D shape from.")
@@ -67,36 +99,147 @@ def inflate_silhouette(
 
     height = _poisson_height(interior, cell_size)
     rows, cols = np.nonzero(used)
-    front_index = np.full(used.shape, -1, dtype=np.int64)
-    front_index[rows, cols] = np.arange(len(rows))
-    count = len(rows)
-
+    index = np.full(used.shape, -1, dtype=np.int64)
+    index[rows, cols] = np.arange(len(rows))
     xy = np.stack([origin[0] + cols * cell_size[0], origin[1] + rows * cell_size[1]], axis=1)
-    front_faces = _cell_faces(cells, front_index)
-    rim_from, rim_to = _boundary_edges(front_faces, count)
+    faces = _cell_faces(cells, index)
+    rim_from, rim_to = _boundary_edges(faces, len(rows))
     xy = _smooth_outline(xy, rim_from, rim_to, max_shift=0.4 * min(cell_size))
 
+    # A low wall along the outline gives one-cell-wide parts some body and keeps the front
+    # and back apart, so they can never touch or cross.
     rim_z = RIM_HALF_HEIGHT * min(cell_size)
     depth = height[rows, cols] + rim_z
     if relief is not None:
-        # Fade the relief out towards the outline so the rim stays smooth and closed.
+        # Fade the relief out towards the outline so the rim stays smooth.
         depth = depth + _sample(relief, xy) * np.clip(height[rows, cols] / (8.0 * rim_z), 0.0, 1.0)
         depth = np.maximum(depth, 0.5 * rim_z)
-    x, y = xy[:, 0], -xy[:, 1]
-    # The back mirrors the front, like the texture does.
-    vertices = np.concatenate([np.column_stack([x, y, depth]), np.column_stack([x, y, -depth])])
-    back_faces = front_faces[:, ::-1] + count
-    wall_faces = np.concatenate(
+    vertices = np.column_stack([xy[:, 0], -xy[:, 1], depth])
+    return _Sheet(vertices, faces, rim_from, rim_to)
+
+
+def _closed_face_count(sheet: _Sheet) -> int:
+    return 2 * len(sheet.faces) + 2 * len(sheet.rim_from)
+
+
+def _close(sheet: _Sheet) -> InflatedMesh:
+    """Mirror the sheet to the back (as the texture is) and stitch the rim with a wall."""
+    count = len(sheet.vertices)
+    back = sheet.vertices * [1.0, 1.0, -1.0]
+    rim_from, rim_to = sheet.rim_from, sheet.rim_to
+    wall = np.concatenate(
         [
             np.column_stack([rim_to, rim_from, rim_from + count]),
             np.column_stack([rim_to, rim_from + count, rim_to + count]),
         ]
     )
-    faces = np.concatenate([front_faces, back_faces, wall_faces])
-    mesh = InflatedMesh(vertices, faces)
-    if len(faces) > face_limit:
-        mesh = decimate(mesh, face_limit)
-    return mesh
+    faces = np.concatenate([sheet.faces, sheet.faces[:, ::-1] + count, wall])
+    if not is_closed_manifold(faces):
+        raise GenerationFailed("The reconstructed surface is not closed.")
+    return InflatedMesh(np.concatenate([sheet.vertices, back]), faces)
+
+
+def _decimate_sheet(sheet: _Sheet, face_limit: int) -> _Sheet | None:
+    """Quadric decimation of the front sheet so the closed mesh fits face_limit, or None."""
+    target = min(int(0.45 * face_limit), len(sheet.faces) - 1)
+    for _ in range(8):
+        if target < 4:
+            return None
+        decimated = _simplify_sheet(sheet, target)
+        if decimated is None:
+            target -= max(target // 20, 1)
+            continue
+        excess = _closed_face_count(decimated) - face_limit
+        if excess <= 0:
+            return decimated
+        # The outline simplifies less than the inside: shrink the target by what is over.
+        target -= max(excess // 2 + 1, target // 20)
+    return None
+
+
+def _simplify_sheet(sheet: _Sheet, target: int) -> _Sheet | None:
+    """The sheet decimated to ~target faces, or None if no setting kept it manifold."""
+    # The collapse order depends on the aggressiveness; an occasional fold at one setting
+    # is usually absent at another.
+    for aggressiveness in DECIMATION_AGGRESSIVENESS:
+        with _DECIMATE_LOCK:
+            points, faces = fast_simplification.simplify(
+                sheet.vertices,
+                sheet.faces.astype(np.int32),
+                target_count=target,
+                agg=aggressiveness,
+            )
+        points, faces = _drop_unused(np.asarray(points), np.asarray(faces, dtype=np.int64))
+        if len(faces) == 0:
+            continue
+        points, faces = _split_pinches(points, faces)
+        if _is_manifold_sheet(faces, len(points)):
+            rim_from, rim_to = _boundary_edges(faces, len(points))
+            return _Sheet(points, faces, rim_from, rim_to)
+    return None
+
+
+def _split_pinches(points: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Give each fan of faces at a vertex where outline loops touch its own vertex copy.
+
+    Decimation can merge two outline vertices across a narrow gap; the copies are nudged a
+    hair towards their own fan so the closed mesh has no coincident vertices.
+    """
+    rim_from, _ = _boundary_edges(faces, len(points))
+    values, counts = np.unique(rim_from, return_counts=True)
+    pinched = values[counts > 1]
+    if len(pinched) == 0:
+        return points, faces
+    faces = faces.copy()
+    extra: list[np.ndarray] = []
+    for vertex in pinched.tolist():
+        rows, corners = np.nonzero(faces == vertex)
+        # Around the vertex each face is the wedge vertex -> nxt -> prv; wedges sharing an
+        # edge (one's prv is another's nxt) belong to the same fan.
+        nxt = faces[rows, (corners + 1) % 3]
+        prv = faces[rows, (corners + 2) % 3]
+        fan = _fans(nxt.tolist(), prv.tolist())
+        for label in np.unique(fan)[1:]:
+            members = rows[fan == label]
+            centre = points[faces[members]].reshape(-1, 3).mean(axis=0)
+            extra.append(points[vertex] + 0.02 * (centre - points[vertex]))
+            faces[members, corners[fan == label]] = len(points) + len(extra) - 1
+    return np.concatenate([points, np.array(extra)]), faces
+
+
+def _fans(nxt: list[int], prv: list[int]) -> np.ndarray:
+    """Label wedges around one vertex by fan: wedge i continues into j when prv[i] == nxt[j]."""
+    parent = list(range(len(nxt)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    by_next = {vertex: i for i, vertex in enumerate(nxt)}
+    for i, vertex in enumerate(prv):
+        j = by_next.get(vertex)
+        if j is not None:
+            parent[root(i)] = root(j)
+    return np.array([root(i) for i in range(len(nxt))])
+
+
+def _is_manifold_sheet(faces: np.ndarray, vertex_count: int) -> bool:
+    """Oriented, edge-manifold, and every outline vertex on exactly one outline loop."""
+    start = faces.ravel()
+    end = faces[:, [1, 2, 0]].ravel()
+    keys = np.sort(start * vertex_count + end)
+    if bool((keys[1:] == keys[:-1]).any()):
+        return False
+    rim_from, rim_to = _boundary_edges(faces, vertex_count)
+    # A vertex where two outline loops touch would give the wall a non-manifold edge.
+    return not (_has_repeats(rim_from) or _has_repeats(rim_to))
+
+
+def _has_repeats(values: np.ndarray) -> bool:
+    ordered = np.sort(values)
+    return bool((ordered[1:] == ordered[:-1]).any())
 
 
 def shading_relief(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -122,22 +265,23 @@ def shading_relief(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _cell_grid(
-    mask: np.ndarray, face_limit: int
+    mask: np.ndarray, grid_faces: float
 ) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
-    """Boolean cell grid over the mask's bounding box, its origin and cell size (pixels)."""
+    """Cells over the mask's bounding box (~grid_faces/4 of them), origin and cell size."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         raise NoObjectFound("The object mask is empty: there is nothing to reconstruct.")
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
     crop = mask[y0:y1, x0:x1].astype(np.float32)
-    # Each cell becomes ~4 faces (front, back); aim for a few times the face limit so that
-    # decimation, not the grid, decides where detail goes.
-    grid_faces = min(max(GRID_FACES_PER_LIMIT * face_limit, MIN_GRID_FACES), MAX_GRID_FACES)
     side = max(1.0, float(np.sqrt(len(xs) / (grid_faces / 4.0))))
     grid_w, grid_h = max(1, round((x1 - x0) / side)), max(1, round((y1 - y0) / side))
     coverage = cv2.resize(crop, (grid_w, grid_h), interpolation=cv2.INTER_AREA)
     cell_size = ((x1 - x0) / grid_w, (y1 - y0) / grid_h)
-    return coverage >= 0.5, (float(x0), float(y0)), cell_size
+    cells = coverage >= 0.5
+    if not cells.any():
+        # Coarser than the object is thick (a tiny face limit): keep its best-covered cells.
+        cells = coverage >= 0.5 * float(coverage.max())
+    return cells, (float(x0), float(y0)), cell_size
 
 
 def _remove_pinches(cells: np.ndarray) -> np.ndarray:
@@ -208,8 +352,16 @@ def _boundary_edges(faces: np.ndarray, vertex_count: int) -> tuple[np.ndarray, n
     end = faces[:, [1, 2, 0]].ravel()
     keys = start * vertex_count + end
     reverse = end * vertex_count + start
-    outline = ~np.isin(keys, reverse)
+    outline = ~_contains(np.sort(keys), reverse)
     return start[outline], end[outline]
+
+
+def _contains(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Membership test against a sorted array (np.isin, without its hashing cost)."""
+    if len(sorted_values) == 0:
+        return np.zeros(len(queries), dtype=bool)
+    position = np.minimum(np.searchsorted(sorted_values, queries), len(sorted_values) - 1)
+    return np.asarray(sorted_values[position] == queries)
 
 
 def _smooth_outline(
@@ -247,21 +399,6 @@ def _sample(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return np.asarray(top * (1 - fy) + bottom * fy, dtype=np.float64)
 
 
-def decimate(mesh: InflatedMesh, face_limit: int) -> InflatedMesh:
-    """Quadric decimation to at most face_limit faces, keeping the mesh closed."""
-    target = face_limit
-    for _ in range(4):
-        with _DECIMATE_LOCK:
-            points, faces = fast_simplification.simplify(
-                mesh.vertices, mesh.faces.astype(np.int32), target_count=target
-            )
-        points, faces = _drop_unused(np.asarray(points), np.asarray(faces, dtype=np.int64))
-        if len(faces) <= face_limit and is_closed_manifold(faces):
-            return InflatedMesh(points, faces)
-        target = int(target * 0.9)
-    raise GenerationFailed("Mesh decimation did not produce a closed mesh.")
-
-
 def _drop_unused(points: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     degenerate = (
         (faces[:, 0] == faces[:, 1]) | (faces[:, 1] == faces[:, 2]) | (faces[:, 0] == faces[:, 2])
@@ -280,18 +417,24 @@ def is_closed_manifold(faces: np.ndarray) -> bool:
     start = faces.ravel().astype(np.int64)
     end = faces[:, [1, 2, 0]].ravel().astype(np.int64)
     n = int(faces.max()) + 1
-    keys = start * n + end
-    if len(np.unique(keys)) != len(keys):
+    keys = np.sort(start * n + end)
+    if bool((keys[1:] == keys[:-1]).any()):
         return False
-    return bool(np.isin(end * n + start, keys).all())
+    # Unique directed edges whose reverses are the same set: every edge is shared by
+    # exactly two faces with opposite orientation.
+    return bool(np.array_equal(keys, np.sort(end * n + start)))
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted smooth vertex normals (unit length)."""
     tri = vertices[faces]
     face_normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    normals = np.zeros_like(vertices)
-    for corner in range(3):
-        np.add.at(normals, faces[:, corner], face_normals)
+    corners = faces.ravel()
+    normals = np.column_stack(
+        [
+            np.bincount(corners, np.repeat(face_normals[:, axis], 3), minlength=len(vertices))
+            for axis in range(3)
+        ]
+    )
     length = np.linalg.norm(normals, axis=1, keepdims=True)
     return normals / np.maximum(length, 1e-12)

@@ -25,6 +25,7 @@ MAX_COVERAGE = 0.98
 # Holes smaller than this fraction of the object's area are segmentation noise; larger ones
 # (between chair legs, inside a handle) are real and stay open.
 SMALL_HOLE_FRACTION = 0.01
+# Weight of lightness against hue in the colour distance to the backdrop.
 LIGHTNESS_WEIGHT = 0.8
 # A border colour cluster this small is an object touching the frame, not backdrop.
 MIN_PALETTE_SHARE = 0.2
@@ -173,11 +174,16 @@ def _grabcut_mask(rgb: np.ndarray) -> np.ndarray:
     mask = _fill_holes_unlike_backdrop(mask, distance > 0.5 * threshold)
     mask = _upsample_smooth(mask, (width, height))
     coverage = float(mask.mean())
-    if coverage < MIN_COVERAGE or coverage > MAX_COVERAGE:
+    if coverage < MIN_COVERAGE:
         raise NoObjectFound(
-            "No single object could be separated from the background "
-            f"(it would cover {coverage:.0%} of the photo). Crop the photo around the object "
-            "or upload a PNG with transparency."
+            f"The only object found covers {coverage:.1%} of the photo, too little to "
+            "reconstruct. Crop the photo around the object or upload a PNG with transparency."
+        )
+    if coverage > MAX_COVERAGE:
+        raise NoObjectFound(
+            "No background could be told apart from the object (it would fill the whole "
+            "photo). Leave some background around the object, upload a PNG with transparency, "
+            "or set remove_background to false to use the whole frame."
         )
     return mask
 
