@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.support import pg
 from tests.support.images import object_photo
-from tests.support.stack import ROOT, Stack, run_stack
+from tests.support.stack import ROOT, Stack, module_stack
 
 CHROMIUM = os.environ.get("PHOTO3D_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -46,14 +45,7 @@ def stack(
     chromium: str, pg_admin: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """`photo3d serve` with the CPU backend and the FAKE slow one (for progress and cancel)."""
-    run_dir: Path = tmp_path_factory.mktemp("stack")
-    for url in pg.clone_database(pg_admin, prefix="browser"):
-        with run_stack(
-            run_dir,
-            url,
-            extra_backends={"fake-slow": "tests.support.fake_backends:SlowFakeBackend"},
-        ) as running:
-            yield running
+    yield from module_stack(pg_admin, tmp_path_factory.mktemp("stack"), "browser")
 
 
 @pytest.fixture(scope="module")

@@ -144,3 +144,16 @@ def stop_stack(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
+
+
+FAKE_SLOW = {"fake-slow": "tests.support.fake_backends:SlowFakeBackend"}
+
+
+def module_stack(pg_admin: str, run_dir: Path, prefix: str) -> Iterator[Stack]:
+    """A stack on a fresh clone of the test database, with the CPU and FAKE slow backends:
+    the body of a module-scoped `stack` fixture."""
+    from tests.support import pg
+
+    for url in pg.clone_database(pg_admin, prefix=prefix):
+        with run_stack(run_dir, url, extra_backends=FAKE_SLOW) as running:
+            yield running

@@ -11,24 +11,12 @@ from PIL import Image
 
 from serve_app.errors import GenerationFailed, InvalidInput
 from serve_app.preview import render_thumbnail, render_turntable
+from tests.support.meshes import uv_sphere as support_sphere
 
 
-def uv_sphere(texture: np.ndarray, nlat: int = 24, nlon: int = 32) -> trimesh.Trimesh:
-    """A textured radius-0.5 sphere, vertices split along the UV seam; u = 0 faces +Z (front)."""
-    lat = np.linspace(0, np.pi, nlat + 1)
-    lon = np.linspace(0, 2 * np.pi, nlon + 1)
-    la, lo = np.meshgrid(lat, lon, indexing="ij")
-    xyz = np.stack([np.sin(la) * np.sin(lo), np.cos(la), np.sin(la) * np.cos(lo)], -1) * 0.5
-    uv = np.stack([lo / (2 * np.pi), 1 - la / np.pi], -1).reshape(-1, 2)
-    idx = np.arange((nlat + 1) * (nlon + 1)).reshape(nlat + 1, nlon + 1)
-    a, b, c, d = idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:], idx[:-1, 1:]
-    faces = np.concatenate(
-        [np.stack([a, b, c], -1)[:-1].reshape(-1, 3), np.stack([a, c, d], -1)[1:].reshape(-1, 3)]
-    )
-    mesh = trimesh.Trimesh(xyz.reshape(-1, 3), faces, process=False)
-    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(texture))
-    mesh.visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
-    return mesh
+def uv_sphere(texture: np.ndarray) -> trimesh.Trimesh:
+    """A textured radius-0.5 sphere, finer than the exports' one; u = 0 faces +Z (front)."""
+    return support_sphere(texture, nlat=24, nlon=32)
 
 
 def glb_of(*meshes: trimesh.Trimesh) -> bytes:
