@@ -186,12 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raw["texture_size"] = args.texture_size
     try:
         options = parse_options(raw, settings)
-        limits = ImageLimits(
-            settings.max_upload_bytes,
-            settings.max_image_pixels,
-            settings.max_image_side,
-            settings.min_image_side,
-        )
+        limits = ImageLimits.from_settings(settings)
         images = [load_image(Path(p).read_bytes(), limits) for p in args.photos]
         backend = create_backend(str(options.backend), settings)
         backend.load()

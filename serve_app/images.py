@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve_app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from serve_app.settings import Settings
 
 # Magic bytes of the formats we accept; anything else is refused before Pillow sees it.
 _FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -28,6 +29,16 @@ class ImageLimits:
     max_pixels: int
     max_side: int
     min_side: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageLimits:
+        """The limits this installation is configured with."""
+        return cls(
+            settings.max_upload_bytes,
+            settings.max_image_pixels,
+            settings.max_image_side,
+            settings.min_image_side,
+        )
 
 
 def sniff_format(data: bytes) -> str | None:

@@ -77,13 +77,6 @@ class Services:
     def accounts(self) -> Accounts:
         return Accounts(self.db)
 
-    @property
-    def image_limits(self) -> ImageLimits:
-        s = self.settings
-        return ImageLimits(
-            s.max_upload_bytes, s.max_image_pixels, s.max_image_side, s.min_image_side
-        )
-
     # --- generation ----------------------------------------------------------------
     def submit(
         self,
@@ -104,13 +97,11 @@ class Services:
                 code="too_many_images",
             )
         options = parse_options(raw_options, self.settings, self.backends)
-        images: list[Image.Image] = [load_image(data, self.image_limits) for data in photos]
+        limits = ImageLimits.from_settings(self.settings)
+        images: list[Image.Image] = [load_image(data, limits) for data in photos]
         if idempotency_key is not None:
             # A retry must not store its photos again: answer with the original task.
-            task_by_key = self.queue.db.fetch_one(
-                "get_task_by_idempotency_key",
-                {"account_id": account_id, "idempotency_key": idempotency_key},
-            )
+            task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
             if task_by_key is not None:
                 return task_by_key, False
         self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)

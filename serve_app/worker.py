@@ -21,7 +21,7 @@ from PIL import Image
 from serve_app import exports, preview
 from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import Backend, GenerationOptions
-from serve_app.errors import ArtifactStoreError, InvalidInput, Photo3DError, ServiceUnavailable
+from serve_app.errors import InvalidInput, Photo3DError, ServiceUnavailable
 from serve_app.store.tasks import Claim, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -280,8 +280,6 @@ class Worker:
             permanent = isinstance(exc, PERMANENT_ERRORS)
         else:
             code, message, permanent = "backend_error", f"{type(exc).__name__}: {exc}", False
-        if isinstance(exc, ArtifactStoreError):
-            permanent = False
         log.warning(
             "task %s attempt %s failed (%s): %s",
             claim.id,

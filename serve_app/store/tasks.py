@@ -85,13 +85,17 @@ class TaskQueue:
         row = self.db.fetch_one("insert_task", params)
         if row is not None:
             return row, True
-        existing = self.db.fetch_one(
-            "get_task_by_idempotency_key",
-            {"account_id": account_id, "idempotency_key": idempotency_key},
-        )
+        existing = self.by_idempotency_key(account_id, idempotency_key or "")
         if existing is None:  # the original was deleted between the two statements
             raise InvalidInput("idempotency key conflict; retry", code="idempotency_conflict")
         return existing, False
+
+    def by_idempotency_key(self, account_id: str, idempotency_key: str) -> Row | None:
+        """The account's task submitted with this Idempotency-Key, if any."""
+        return self.db.fetch_one(
+            "get_task_by_idempotency_key",
+            {"account_id": account_id, "idempotency_key": idempotency_key},
+        )
 
     def cancel(self, task_id: uuid.UUID, account_id: str) -> Row | None:
         """Cancel a queued or running task; None if it is not cancelable (or not ours)."""
