@@ -1,0 +1,174 @@
+"""Request bodies of POST /generate (multipart, JSON with base64 or data URIs, image_url) into
+photos and raw options."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from serve_app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from serve_app.fetch import fetch_image_url
+from serve_app.images import decode_base64_image
+from serve_app.service import Services
+
+GENERATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "One or more photos (JPEG, PNG, WebP).",
+                        },
+                        "options": {
+                            "type": "string",
+                            "description": "Options as a JSON object (or send each "
+                            "option as its own form field).",
+                        },
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "description": "Base64 or data:image/...;base64, URI.",
+                        },
+                        "images": {"type": "array", "items": {"type": "string"}},
+                        "options": {"type": "object"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+_LIST_FIELDS = {"formats"}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing it as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request is larger than {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"the request is larger than {limit} bytes", code="request_too_large"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _form_options(fields: dict[str, list[str]]) -> dict[str, Any]:
+    """Options sent as form fields: JSON in `options`, or one field per option."""
+    options: dict[str, Any] = {}
+    if "options" in fields:
+        try:
+            loaded = json.loads(fields.pop("options")[0])
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise InvalidInput("options must be a JSON object", code="invalid_options") from exc
+        if not isinstance(loaded, dict):
+            raise InvalidInput("options must be a JSON object", code="invalid_options")
+        options.update(loaded)
+    for name, values in fields.items():
+        if name in _LIST_FIELDS:
+            options[name] = [v.strip() for value in values for v in value.split(",") if v.strip()]
+        else:
+            options[name] = _form_value(values[-1])
+    return options
+
+
+def _form_value(value: str) -> Any:
+    """A form field's text as the JSON scalar it spells (1024, 0.5, true), else the text:
+    forms carry only strings, and options are typed."""
+    try:
+        parsed = json.loads(value)
+    except (json.JSONDecodeError, RecursionError):
+        return value
+    return parsed if isinstance(parsed, int | float | bool) or parsed is None else value
+
+
+def _json_options(payload: dict[str, Any]) -> dict[str, Any]:
+    """Options at the top level of a JSON body, or inside its "options" object."""
+    options = payload.pop("options", {})
+    if not isinstance(options, dict):
+        raise InvalidInput("options must be a JSON object", code="invalid_options")
+    return {**payload, **options}
+
+
+async def parse_generate(
+    request: Request, services: Services
+) -> tuple[list[bytes], dict[str, Any]]:
+    settings = services.settings
+    limit = settings.max_upload_bytes * settings.max_images_per_task + 64 * 1024
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        request._body = await _read_body(request, limit)  # form() then parses the bytes we hold
+        form = await request.form(max_files=settings.max_images_per_task, max_fields=50)
+        photos: list[bytes] = []
+        fields: dict[str, list[str]] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name not in ("image", "images"):
+                    raise InvalidInput(
+                        f"unexpected file field {name!r}; use 'image'", code="unexpected_field"
+                    )
+                photos.append(await value.read())
+            else:
+                fields.setdefault(name, []).append(value)
+        return photos, _form_options(fields)
+    if content_type == "application/json":
+        body = await _read_body(request, limit * 4 // 3 + 64 * 1024)
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise InvalidInput("the body is not valid JSON", code="invalid_json") from exc
+        if not isinstance(payload, dict):
+            raise InvalidInput("the body must be a JSON object", code="invalid_json")
+        raw_images = payload.pop("images", None)
+        if "image" in payload:
+            raw_images = [payload.pop("image"), *(raw_images or [])]
+        image_url = payload.pop("image_url", None)
+        if image_url is not None:
+            if raw_images:
+                raise InvalidInput(
+                    "send either image(s) or image_url, not both", code="conflicting_inputs"
+                )
+            photo = await run_in_threadpool(
+                lambda: fetch_image_url(
+                    image_url,
+                    max_bytes=settings.max_upload_bytes,
+                    timeout=settings.url_fetch_timeout_seconds,
+                    max_redirects=settings.url_max_redirects,
+                    allow_hosts=settings.url_allow_host_set,
+                )
+            )
+            return [photo], _json_options(payload)
+        if not isinstance(raw_images, list) or not raw_images:
+            raise InvalidInput(
+                "send 'image' (base64 or data URI) or 'images'", code="missing_image"
+            )
+        if len(raw_images) > settings.max_images_per_task:
+            raise InvalidInput(
+                f"at most {settings.max_images_per_task} images per task", code="too_many_images"
+            )
+        photos = [decode_base64_image(v, settings.max_upload_bytes) for v in raw_images]
+        return photos, _json_options(payload)
+    raise UnsupportedMediaType(
+        "send multipart/form-data with an 'image' file, or application/json with 'image'",
+        code="unsupported_content_type",
+    )
