@@ -118,6 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     schema = ServeDeploySchema.model_validate(config)
     ray.init(
+        # "local": always a new cluster of our own; with no address Ray would join any cluster
+        # another `ray start` left on this machine (another checkout's tests, say).
+        address="local",
         namespace="serve",
         _temp_dir=str(run_dir / "ray"),
         include_dashboard=False,
