@@ -84,6 +84,36 @@ def select_backends(
     return config
 
 
+def _artifacts_ready(settings: Settings) -> bool:
+    """The artifact store works and a URL signing key exists (one is made in the run folder for
+    local use when PHOTO3D_URL_SIGNING_KEY is unset); else say why, before Ray starts."""
+    from serve_app.artifacts import open_artifact_store
+    from serve_app.downloads import load_signing_key
+    from serve_app.errors import Photo3DError
+
+    try:
+        if not settings.artifact_url:
+            settings.artifacts_path.mkdir(parents=True, exist_ok=True)
+        open_artifact_store(settings).check()
+        load_signing_key(settings, create=True)
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return False
+    return True
+
+
+FORWARDED_ENV = ("PHOTO3D_", "DATABASE_URL", "AUTH_REQUIRED", "AWS_")
+
+
+def forward_settings(config: dict[str, Any]) -> None:
+    """Add this process's settings (PHOTO3D_*, DATABASE_URL, AWS_*) to every application's
+    runtime_env, keeping what the config already sets."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+    for app in config["applications"]:
+        runtime_env = app.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
     settings = get_settings()
@@ -94,8 +124,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     migrate(url)
     settings = get_settings()
-    settings.artifacts_path.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PHOTO3D_RUN_DIR", str(run_dir))
+    if not _artifacts_ready(settings):
+        return 2
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
 
     config = yaml.safe_load(settings.serve_config.read_text())
@@ -116,18 +147,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray.serve._private import api as serve_private_api
     from ray.serve.schema import ServeDeploySchema
 
+    if args.address:
+        if settings.url_signing_key is None:
+            # Every ingress replica, on whichever node, must sign with the same key.
+            from serve_app.downloads import load_signing_key
+
+            os.environ["PHOTO3D_URL_SIGNING_KEY"] = load_signing_key(settings).decode()
+        # Replicas on other nodes inherit their raylet's environment, not ours: pass the
+        # service's settings along with the application (issue #14: a VM cluster).
+        forward_settings(config)
     schema = ServeDeploySchema.model_validate(config)
-    ray.init(
-        # "local": always a new cluster of our own; with no address Ray would join any cluster
-        # another `ray start` left on this machine (another checkout's tests, say).
-        address="local",
-        namespace="serve",
-        _temp_dir=str(run_dir / "ray"),
-        include_dashboard=False,
-        num_cpus=args.num_cpus,
-        configure_logging=True,
-        logging_level=logging.INFO,
-    )
+    if args.address:
+        ray.init(
+            address=args.address,
+            namespace="serve",
+            configure_logging=True,
+            logging_level=logging.INFO,
+        )
+    else:
+        ray.init(
+            # "local": always a new cluster of our own; with no address Ray would join any
+            # cluster another `ray start` left on this machine (another checkout's tests, say).
+            address="local",
+            namespace="serve",
+            _temp_dir=str(run_dir / "ray"),
+            include_dashboard=False,
+            num_cpus=args.num_cpus,
+            configure_logging=True,
+            logging_level=logging.INFO,
+        )
     stopping = False
 
     def _stop(signum: int, frame: Any) -> None:
@@ -299,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the whole stack locally (what `make run` calls)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the deploy")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("PHOTO3D_RAY_ADDRESS") or None,
+        help="deploy on this running Ray cluster (host:port of its head; default "
+        "PHOTO3D_RAY_ADDRESS) instead of starting a local one",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="apply database migrations")

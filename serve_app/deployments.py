@@ -33,12 +33,17 @@ class Ingress:
     """HTTP entry point: validates input, stores photos, queues tasks, serves results."""
 
     def __init__(self, backends: list[str], generators: list[DeploymentHandle] | None = None):
+        from serve_app.errors import Photo3DError
         from serve_app.service import Services
 
         self.services = Services.from_settings(get_settings(), backends=backends)
         # Don't wait for the database: while it is down the API answers 503, it doesn't crash.
         self.services.db.open(wait=False)
-        self.services.store.check()
+        self.services.downloads  # noqa: B018  (a missing URL signing key fails the deploy now)
+        try:
+            self.services.store.check()
+        except Photo3DError as exc:  # /health answers 503 naming it until it is fixed
+            log.error("artifact store not usable: %s", exc.message)
         self._generators = generators or []  # bound so that Serve deploys them
 
     def __serve_build_asgi_app__(self) -> Any:

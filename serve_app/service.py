@@ -14,9 +14,10 @@ from pydantic import ValidationError
 
 from serve_app import exports, preview
 from serve_app.accounts import Accounts
-from serve_app.artifacts import ArtifactStore, LocalArtifactStore
+from serve_app.artifacts import ArtifactStore, open_artifact_store
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
+from serve_app.downloads import DownloadSigner, signer_from_settings
 from serve_app.errors import Gone, InvalidInput, NotFound
 from serve_app.images import ImageLimits, load_image, to_png
 from serve_app.settings import Settings
@@ -71,11 +72,16 @@ class Services:
         queue = TaskQueue(
             db, lease_seconds=settings.lease_seconds, backoff_seconds=settings.retry_backoff_seconds
         )
-        return cls(settings, db, queue, LocalArtifactStore(settings.artifacts_path), backends)
+        return cls(settings, db, queue, open_artifact_store(settings), backends)
 
     @cached_property
     def accounts(self) -> Accounts:
         return Accounts(self.db)
+
+    @cached_property
+    def downloads(self) -> DownloadSigner:
+        """Signs the download links the API hands out (issue #14)."""
+        return signer_from_settings(self.settings)
 
     # --- generation ----------------------------------------------------------------
     def submit(

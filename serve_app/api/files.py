@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
 from serve_app.service import Services
@@ -13,12 +13,20 @@ from serve_app.service import Services
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["files"])
 
 
-def _file_response(services: Services, key: str, info: dict[str, Any]) -> Response:
+def file_response(services: Services, key: str, info: dict[str, Any]) -> Response:
+    """The artifact as a download, streamed (a file, or S3 chunks: never the whole in memory)."""
     headers = {"Content-Disposition": f'attachment; filename="{info["filename"]}"'}
     path = services.store.local_path(key)
     if path is not None:
         return FileResponse(path, media_type=info["media_type"], headers=headers)
-    return Response(services.store.get(key), media_type=info["media_type"], headers=headers)
+    chunks = services.store.iter_chunks(key)
+    first = next(chunks, b"")  # a missing object is a 404 now, not a broken stream later
+
+    def body() -> Any:
+        yield first
+        yield from chunks
+
+    return StreamingResponse(body(), media_type=info["media_type"], headers=headers)
 
 
 @router.get(
@@ -29,12 +37,12 @@ def _file_response(services: Services, key: str, info: dict[str, Any]) -> Respon
 )
 def download_result(task_id: str, fmt: str, services: ServicesDep, account: AccountDep) -> Response:
     key, info = services.artifact(account, task_id, fmt)
-    return _file_response(services, key, info)
+    return file_response(services, key, info)
 
 
 def _inline(services: Services, account: str, task_id: str, kind: str) -> Response:
     key, info = services.artifact(account, task_id, kind)
-    response = _file_response(services, key, info)
+    response = file_response(services, key, info)
     response.headers["Content-Disposition"] = "inline"
     return response
 

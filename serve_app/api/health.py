@@ -34,7 +34,7 @@ def list_backends(services: ServicesDep) -> list[BackendInfo]:
     "/health",
     response_model=Health,
     responses={503: {"model": Health}},
-    summary="Database and worker readiness",
+    summary="Database, artifact store and worker readiness",
 )
 def health(services: ServicesDep) -> JSONResponse:
     settings = services.settings
@@ -44,12 +44,20 @@ def health(services: ServicesDep) -> JSONResponse:
         workers = services.queue.live_workers(settings.worker_alive_seconds)
     except Photo3DError:
         database = "unavailable"
-    ready = database == "ok" and (
-        not settings.health_requires_worker or workers.get(settings.default_backend, 0) > 0
+    artifacts = "ok"
+    try:
+        services.store.check()  # a missing bucket or bad credentials is named here
+    except Photo3DError as exc:
+        artifacts = exc.message
+    ready = (
+        database == "ok"
+        and artifacts == "ok"
+        and (not settings.health_requires_worker or workers.get(settings.default_backend, 0) > 0)
     )
     body = Health(
         status="ok" if ready else "unavailable",
         database=database,
+        artifacts=artifacts,
         workers=workers,
         version=__version__,
     )

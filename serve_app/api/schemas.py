@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -21,7 +22,7 @@ class ErrorResponse(BaseModel):
 
 class FileLink(BaseModel):
     format: str
-    url: str
+    url: str = Field(description="Signed link: fetch it without a Bearer header until it expires.")
     bytes: int | None = None
     media_type: str
 
@@ -30,6 +31,9 @@ class TaskResult(BaseModel):
     files: list[FileLink]
     preview_url: str
     turntable_url: str
+    links_expire_at: dt.datetime | None = Field(
+        None, description="When the signed links above stop working (ask for the task again)."
+    )
     stats: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -83,6 +87,7 @@ class TaskEvents(BaseModel):
 class Health(BaseModel):
     status: str = Field(description="ok | unavailable")
     database: str
+    artifacts: str = Field("ok", description="ok, or why the artifact store cannot be used.")
     workers: dict[str, int]
     version: str
 
@@ -97,26 +102,41 @@ def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
     return round((b - a).total_seconds(), 3) if a and b else None
 
 
-def task_from_row(row: Row, base: str = "/api/v1") -> Task:
-    """The API view of a task row."""
+Signer = Callable[[str, str], str]  # (task id, kind) -> signed download link
+
+
+def task_from_row(
+    row: Row, base: str = "/api/v1", sign: Signer | None = None, ttl_seconds: int | None = None
+) -> Task:
+    """The API view of a task row. With `sign`, result links are signed download links (no
+    Bearer header needed); without, the Bearer-authenticated routes."""
     task_id = str(row["id"])
     link = f"{base}/task/{task_id}"
     now = dt.datetime.now(dt.UTC)
     result = None
     raw = row.get("result")
     if row["status"] == "succeeded" and raw:
+
+        def url(kind: str, bearer_path: str) -> str:
+            return sign(task_id, kind) if sign is not None else f"{link}/{bearer_path}"
+
         result = TaskResult(
             files=[
                 FileLink(
                     format=fmt,
-                    url=f"{link}/result/{fmt}",
+                    url=url(fmt, f"result/{fmt}"),
                     bytes=info.get("bytes"),
                     media_type=info["media_type"],
                 )
                 for fmt, info in raw["files"].items()
             ],
-            preview_url=f"{link}/preview",
-            turntable_url=f"{link}/turntable",
+            preview_url=url("preview", "preview"),
+            turntable_url=url("turntable", "turntable"),
+            links_expire_at=(
+                now.replace(microsecond=0) + dt.timedelta(seconds=ttl_seconds)
+                if sign is not None and ttl_seconds is not None
+                else None
+            ),
             stats=raw.get("stats", {}),
         )
     error = None
