@@ -154,6 +154,7 @@ class LocalArtifactStore:
 # which a service writing a handful of files per task does not need.
 
 MULTIPART_BYTES = 64 * 1024 * 1024  # above this, uploads go in parts (never one huge request)
+MULTIPART_CHUNK_BYTES = 16 * 1024 * 1024
 
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
 _MISSING_BUCKET = {"404", "NoSuchBucket", "NotFound"}
@@ -265,13 +266,14 @@ class S3ArtifactStore:
 
                 from boto3.s3.transfer import TransferConfig
 
-                # BytesIO over bytes shares the buffer (no copy); parts are read 16 MiB at a time.
+                # BytesIO over bytes shares the buffer (no copy); parts are read one at a time.
                 self.client.upload_fileobj(
                     io.BytesIO(data),
                     self.bucket,
                     full,
                     Config=TransferConfig(
-                        multipart_threshold=MULTIPART_BYTES, multipart_chunksize=16 * 1024 * 1024
+                        multipart_threshold=MULTIPART_BYTES,
+                        multipart_chunksize=MULTIPART_CHUNK_BYTES,
                     ),
                 )
         except Exception as exc:
@@ -360,7 +362,7 @@ class S3ArtifactStore:
 
     def check(self) -> None:
         """The bucket exists and these credentials may write to it (a probe object)."""
-        probe = self._key(".probe")
+        probe = self._key("photo3d-probe")
         try:
             self._probe.head_bucket(Bucket=self.bucket)
             self._probe.put_object(Bucket=self.bucket, Key=probe, Body=b"")
