@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from serve_app.exports import FORMATS
 from serve_app.store.db import Row
 
 
@@ -31,6 +32,10 @@ class TaskResult(BaseModel):
     files: list[FileLink]
     preview_url: str
     turntable_url: str
+    format_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="A link per format, those not made yet included (made on first request).",
+    )
     links_expire_at: dt.datetime | None = Field(
         None, description="When the signed links above stop working (ask for the task again)."
     )
@@ -130,6 +135,9 @@ def task_from_row(
                 )
                 for fmt, info in raw["files"].items()
             ],
+            format_urls={
+                fmt: url(fmt, f"result/{fmt}") for fmt in dict.fromkeys([*raw["files"], *FORMATS])
+            },
             preview_url=url("preview", "preview"),
             turntable_url=url("turntable", "turntable"),
             links_expire_at=(
