@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trimesh
 
 from tests.support.images import object_photo
@@ -46,3 +47,26 @@ def test_generate_other_format_and_clear_errors(tmp_path: Path) -> None:
     refused = run_cli("generate", str(bad), cwd=tmp_path)
     assert refused.returncode == 2
     assert "unsupported_image_type" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_serve_on_a_cluster_forwards_the_settings_to_the_replicas(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`photo3d serve --address`: replicas on other nodes get the settings with the app."""
+    from serve_app.cli import build_parser, forward_settings
+
+    monkeypatch.setenv("PHOTO3D_RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("PHOTO3D_ARTIFACT_URL", "s3://bucket/p")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.internal:8333")
+    monkeypatch.setenv("HOME_UNRELATED", "x")
+    assert build_parser().parse_args(["serve"]).address == "10.0.0.1:6379"
+    config: dict = {
+        "applications": [{"name": "a", "runtime_env": {"env_vars": {"PHOTO3D_X": "kept"}}}]
+    }
+    monkeypatch.setenv("PHOTO3D_X", "from-env")
+    forward_settings(config)
+    env = config["applications"][0]["runtime_env"]["env_vars"]
+    assert env["PHOTO3D_ARTIFACT_URL"] == "s3://bucket/p"
+    assert env["AWS_ENDPOINT_URL"] == "http://s3.internal:8333"
+    assert env["PHOTO3D_X"] == "kept"  # what the config sets wins
+    assert "HOME_UNRELATED" not in env
