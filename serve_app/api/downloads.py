@@ -37,7 +37,9 @@ async def signed_download(
     left = services.downloads.verify(account, task_id, kind, expires, signature)
     key, info = await run_in_threadpool(services.artifact, account, task_id, kind)
     inline = kind in ("preview", "turntable")
-    url = services.store.presigned_url(
+    # In a thread: finding credentials may ask an instance metadata service the first time.
+    url = await run_in_threadpool(
+        services.store.presigned_url,
         key,
         left + REDIRECT_GRACE_SECONDS,
         filename=info["filename"],
