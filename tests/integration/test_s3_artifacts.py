@@ -176,3 +176,19 @@ def test_serve_refuses_to_start_on_a_missing_bucket(
     err = capsys.readouterr().err
     assert "artifact_bucket_missing" in err and "photo3d-absent-bucket" in err
     assert isinstance(open_artifact_store(settings), S3ArtifactStore)
+
+
+def test_presigned_urls_name_the_public_endpoint_when_one_is_set(s3_env: SeaweedS3) -> None:
+    """The service talks to S3 at its internal address; browsers get links for the public one
+    (here the same server under another host name)."""
+    public = s3_env.endpoint.replace("127.0.0.1", "localhost")
+    bucket = s3_env.new_bucket()
+    store = S3ArtifactStore.from_url(f"s3://{bucket}/p", public_endpoint=public)
+    store.put("tasks/t/model.glb", b"glTF-public")
+    url = store.presigned_url(
+        "tasks/t/model.glb", 60, filename="model.glb", media_type="model/gltf-binary", inline=False
+    )
+    assert url is not None and url.startswith(public + "/")
+    response = httpx.get(url)
+    assert response.status_code == 200 and response.content == b"glTF-public"
+    assert response.headers["content-type"] == "model/gltf-binary"
