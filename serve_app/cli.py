@@ -102,16 +102,28 @@ def _artifacts_ready(settings: Settings) -> bool:
     return True
 
 
-FORWARDED_ENV = ("PHOTO3D_", "DATABASE_URL", "AUTH_REQUIRED", "AWS_")
+FORWARDED_ENV = ("PHOTO3D_", "AUTH_REQUIRED", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+# Never sent with the app: the deployed config (runtime_env included) is readable by anyone who
+# can read the cluster's Serve status or dashboard. Each node's own environment provides these.
+SECRET_MARKERS = ("DATABASE_URL", "KEY", "SECRET", "TOKEN", "PASSWORD")
 
 
-def forward_settings(config: dict[str, Any]) -> None:
-    """Add this process's settings (PHOTO3D_*, DATABASE_URL, AWS_*) to every application's
-    runtime_env, keeping what the config already sets."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+def forward_settings(config: dict[str, Any]) -> list[str]:
+    """Add this process's non-secret settings (PHOTO3D_*, the S3 endpoint and region) to every
+    application's runtime_env, keeping what the config already sets; returns the secrets left
+    out (names only), which the cluster's nodes must have in their own environment."""
+    env, secrets = {}, []
+    for name, value in os.environ.items():
+        if not name.startswith(FORWARDED_ENV):
+            continue
+        if any(marker in name for marker in SECRET_MARKERS):
+            secrets.append(name)
+        else:
+            env[name] = value
     for app in config["applications"]:
         runtime_env = app.setdefault("runtime_env", {})
         runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    return sorted(secrets)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -148,14 +160,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray.serve.schema import ServeDeploySchema
 
     if args.address:
-        if settings.url_signing_key is None:
-            # Every ingress replica, on whichever node, must sign with the same key.
-            from serve_app.downloads import load_signing_key
-
-            os.environ["PHOTO3D_URL_SIGNING_KEY"] = load_signing_key(settings).decode()
         # Replicas on other nodes inherit their raylet's environment, not ours: pass the
-        # service's settings along with the application (issue #14: a VM cluster).
+        # service's (non-secret) settings along with the application (a VM cluster).
         forward_settings(config)
+        print(
+            "note: on a cluster, every node's environment must hold DATABASE_URL, the S3 "
+            "credentials and PHOTO3D_URL_SIGNING_KEY (the same key everywhere); "
+            "secrets are not sent with the application",
+            flush=True,
+        )
     schema = ServeDeploySchema.model_validate(config)
     if args.address:
         ray.init(

@@ -6,6 +6,7 @@ mid-task and the task is retried and succeeds once the node is back, nothing los
 from __future__ import annotations
 
 import io
+import secrets as secrets_module
 import shutil
 import tempfile
 import time
@@ -63,37 +64,44 @@ def cluster(
     run_dir = tmp_path_factory.mktemp("multinode")
     # Short: Ray's socket paths must fit in 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="p3d-ray-", dir="/tmp"))
-    node_env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     bucket = seaweed.new_bucket()
-    with stopping([]) as nodes:
-        head, address = start_node(
-            "head",
-            run_dir,
-            temp_dir=temp_dir,
-            num_cpus=1,
-            resources={"ingress_node": 1},
-            env=node_env,
-        )
-        nodes.append(head)
-        generator_node, _ = start_node(
-            "generator-1",
-            run_dir,
-            head_address=address,
-            num_cpus=1,
-            resources={"generator_node": 1},
-            env=node_env,
-        )
-        nodes.append(generator_node)
-        wait_for_nodes(address, 2, nodes)
-        for url in pg.clone_database(pg_admin, prefix="multinode"):
+    for database_url in pg.clone_database(pg_admin, prefix="multinode"):
+        # As on a VM cluster: each node's environment holds the secrets (the database, the S3
+        # credentials, the URL signing key); `photo3d serve --address` sends only settings.
+        secrets = {
+            "DATABASE_URL": database_url,
+            **seaweed.env,
+            "PHOTO3D_URL_SIGNING_KEY": secrets_module.token_urlsafe(48),
+        }
+        node_env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), **secrets}
+        with stopping([]) as nodes:
+            head, address = start_node(
+                "head",
+                run_dir,
+                temp_dir=temp_dir,
+                num_cpus=1,
+                resources={"ingress_node": 1},
+                env=node_env,
+            )
+            nodes.append(head)
+            generator_node, _ = start_node(
+                "generator-1",
+                run_dir,
+                head_address=address,
+                num_cpus=1,
+                resources={"generator_node": 1},
+                env=node_env,
+            )
+            nodes.append(generator_node)
+            wait_for_nodes(address, 2, nodes)
             with run_stack(
                 run_dir,
-                url,
+                database_url,
                 extra_backends=FAKE_SLOW,
                 config_path=two_node_config(run_dir / "serve_config.two-node.yaml"),
                 serve_args=["--address", address],
                 env={
-                    **seaweed.env,
+                    **secrets,
                     "PHOTO3D_ARTIFACT_URL": f"s3://{bucket}/photo3d",
                     "PHOTO3D_FAKE_SLOW_SECONDS": "20",
                     "PHOTO3D_LEASE_SECONDS": "4",
@@ -101,6 +109,8 @@ def cluster(
                 timeout=420,
             ) as stack:
                 yield stack, nodes, address, node_env
+            # No secret went out with the deployed application.
+            assert secrets["PHOTO3D_URL_SIGNING_KEY"] not in stack.log()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
