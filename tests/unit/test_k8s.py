@@ -238,6 +238,7 @@ def test_rayservice_follows_kuberay_practice(overlay: str) -> None:
     assert "deploymentUnhealthySecondThreshold" not in spec
     cluster = spec["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["authOptions"] == {"mode": "token"}  # the dashboard/job API is not open
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     metrics_port = config_map(docs)["PHOTO3D_METRICS_PORT"]
@@ -431,6 +432,7 @@ def test_bulk_convert_job_joins_the_service_queue() -> None:
     # the job runs on its own small cluster and reaches the service through the shared queue.
     assert "clusterSelector" not in spec
     assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     entry = spec["entrypoint"].split()
     assert entry[:2] == ["python", "/opt/photo3d/jobs/bulk_convert.py"]
     # The entrypoint's arguments are ones the script accepts (argparse exits 2 otherwise).
