@@ -469,3 +469,31 @@ def test_ray_versions_and_image_tags_agree_everywhere() -> None:
     }
     ray_versions = set(re.findall(r"rayVersion: ['\"]?([\d.]+)", text))
     assert ray_versions == {ray_version}
+
+
+# --- the operator's own overlay, as docs/deploy.md shows it ------------------------------------
+
+
+def test_example_overlay_in_docs_builds_and_does_what_it_says(tmp_path: Path) -> None:
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    section = docs[docs.index("### 2.4 Your overlay") :]
+    example = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert example, "docs/deploy.md 2.4 has no kustomization example"
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "kustomization.yaml").write_text(example[1])
+    (tmp_path / "k8s").symlink_to(K8S)
+    out = subprocess.run(
+        [kubectl(), "kustomize", str(tmp_path / "deploy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    ingress = one(built, "Ingress", "photo3d")
+    assert ingress["spec"]["rules"][0]["host"] == "photo3d.your-domain.com"
+    assert ingress["spec"]["tls"][0]["hosts"] == ["photo3d.your-domain.com"]
+    data = config_map(built)
+    assert data["PHOTO3D_ARTIFACT_URL"] == "s3://your-artifact-bucket/photo3d"
+    assert data["PHOTO3D_WEIGHTS_DIR"] == config_map(build("overlays/gpu"))["PHOTO3D_WEIGHTS_DIR"]
+    assert groups(rayservice(built)["spec"]["rayClusterConfig"]).keys() == {"head", "cpu", "gpu"}
