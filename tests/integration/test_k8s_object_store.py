@@ -5,7 +5,9 @@ idempotent), write and read an object with the Secret's keys, and be refused wit
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -163,12 +166,18 @@ def test_bucket_job_and_artifacts_work_with_the_secret_keys(seaweedfs: dict[str,
     config = next(d for d in seaweedfs["docs"] if d["kind"] == "ConfigMap")["data"]
     bucket, _, prefix = config["PHOTO3D_ARTIFACT_URL"].removeprefix("s3://").partition("/")
 
+    job = next(d for d in seaweedfs["docs"] if d["kind"] == "Job")
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    cors = re.search(r"--cors-configuration\s+'([^']+)'", script)
+    assert cors, script
+
     def bucket_job() -> None:
-        """What the Job's `head-bucket || create-bucket` does."""
+        """What the Job's `head-bucket || create-bucket` then `put-bucket-cors` does."""
         try:
             s3.head_bucket(Bucket=bucket)
         except ClientError:
             s3.create_bucket(Bucket=bucket)
+        s3.put_bucket_cors(Bucket=bucket, CORSConfiguration=json.loads(cors[1]))
 
     deadline = time.monotonic() + 60
     while True:  # the filer may still be starting when the S3 port opens (the Job retries too)
@@ -183,6 +192,13 @@ def test_bucket_job_and_artifacts_work_with_the_secret_keys(seaweedfs: dict[str,
     key = f"{prefix}/smoke/model.glb"
     s3.put_object(Bucket=bucket, Key=key, Body=b"glTF-test")
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"glTF-test"
+
+    # A presigned link works from the web page's origin (the viewer fetches it cross-origin).
+    link = s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key})
+    origin = "https://photo3d.example.com"
+    answer = httpx.get(link, headers={"Origin": origin})
+    assert answer.status_code == 200 and answer.content == b"glTF-test"
+    assert answer.headers["access-control-allow-origin"] in {origin, "*"}
 
     stranger = client(seaweedfs["endpoint"], "someoneelse", "wrong-secret")
     with pytest.raises(ClientError) as refused:
