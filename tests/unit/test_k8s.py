@@ -210,6 +210,32 @@ def test_core_kinds_validate_strictly(kustomization: str, version: str) -> None:
 
 
 @pytest.mark.parametrize("kustomization", [*OVERLAYS, "bulk-convert"])
+def test_ray_pod_templates_are_valid_core_pod_templates(kustomization: str) -> None:
+    """KubeRay turns each group's template into Pods: they must pass the core Pod schema too."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        require(False, "kubernetes-validate not installed (dev extra)")
+        return
+    for doc in build(kustomization):
+        if not doc["apiVersion"].startswith("ray.io/"):
+            continue
+        cluster = doc["spec"].get("rayClusterConfig") or doc["spec"]["rayClusterSpec"]
+        templates = {name: g["template"] for name, g in groups(cluster).items()}
+        if "submitterPodTemplate" in doc["spec"]:
+            templates["submitter"] = doc["spec"]["submitterPodTemplate"]
+        for name, template in templates.items():
+            pod_template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"{doc['metadata']['name']}-{name}"},
+                "template": template,
+            }
+            for version in (OLDEST_KUBERNETES, kubernetes_validate.latest_version()):
+                kubernetes_validate.validate(pod_template, version, strict=True)
+
+
+@pytest.mark.parametrize("kustomization", [*OVERLAYS, "bulk-convert"])
 def test_ray_kinds_validate_against_kuberay_crds(kustomization: str) -> None:
     schemas = {"RayService": crd_schema("rayservices"), "RayJob": crd_schema("rayjobs")}
     ray_docs = [d for d in build(kustomization) if d["apiVersion"].startswith("ray.io/")]
