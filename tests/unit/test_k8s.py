@@ -87,7 +87,13 @@ def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
 def crd_schema(plural: str) -> dict[str, Any]:
     path = CRDS / f"ray.io_{plural}.yaml"
     require(path.exists(), f"KubeRay CRDs not found at {CRDS} (they ship in ../shared/k8s/crds)")
-    crd = yaml.safe_load(path.read_text())
+    return _crd_schema(path)
+
+
+@functools.cache
+def _crd_schema(path: Path) -> dict[str, Any]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are ~1 MB each
+    crd = yaml.load(path.read_text(), Loader=loader)  # a safe loader, C-accelerated
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     return version["schema"]["openAPIV3Schema"]
 
