@@ -95,7 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     migrate(url)
     settings = get_settings()
     settings.artifacts_path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PHOTO3D_RUN_DIR", str(run_dir))
+    # Ray workers and Ray Jobs' drivers inherit this environment, and a job runs in its own
+    # working directory: give them absolute paths, and this interpreter as `python`.
+    os.environ["PHOTO3D_RUN_DIR"] = str(run_dir)
+    bin_dir = os.path.dirname(sys.executable)
+    os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
 
     config = yaml.safe_load(settings.serve_config.read_text())
@@ -123,7 +127,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address="local",
         namespace="serve",
         _temp_dir=str(run_dir / "ray"),
-        include_dashboard=False,
+        # The dashboard hosts Ray's job server (`ray job submit`, e.g. the bulk conversion
+        # job); on loopback only. PHOTO3D_DASHBOARD_PORT=0 leaves it out.
+        include_dashboard=settings.dashboard_port > 0,
+        dashboard_host="127.0.0.1",
+        dashboard_port=settings.dashboard_port or None,
         num_cpus=args.num_cpus,
         configure_logging=True,
         logging_level=logging.INFO,
@@ -163,6 +171,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _stop(0, None)
             return 1
         time.sleep(0.5)
+    if settings.dashboard_port:
+        print(
+            f"Ray job server (ray job submit --address): http://127.0.0.1:{settings.dashboard_port}",
+            flush=True,
+        )
     print(
         f"photo3d is running at http://{settings.host}:{settings.port}  (Ctrl-C to stop)",
         flush=True,
