@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,18 @@ def select_backends(
     return config
 
 
+def ray_temp_dir(run_dir: Path) -> Path:
+    """Ray's temp dir: `<run dir>/ray`, unless that path is too long for the Unix sockets Ray
+    makes below it (107 bytes, reached by e.g. `session_<date>_<pid>/sockets/dash_MetricsHead`
+    when the checkout lives deep in a home folder); then a short one in the system temp dir,
+    named after the run dir so each checkout keeps its own."""
+    preferred = run_dir / "ray"
+    if len(str(preferred)) <= 36:
+        return preferred
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"photo3d-ray-{digest}"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
     settings = get_settings()
@@ -126,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # another `ray start` left on this machine (another checkout's tests, say).
         address="local",
         namespace="serve",
-        _temp_dir=str(run_dir / "ray"),
+        _temp_dir=str(ray_temp_dir(run_dir)),
         # The dashboard hosts Ray's job server (`ray job submit`, e.g. the bulk conversion
         # job); on loopback only. PHOTO3D_DASHBOARD_PORT=0 leaves it out.
         include_dashboard=settings.dashboard_port > 0,
