@@ -74,7 +74,11 @@ def run_batch(photos: Path, replicas: int, admin_url: str, work: Path) -> dict[s
                 "--working-dir", str(ROOT), "--", "python", "-m", "jobs.bulk_convert",
                 "--input", str(photos), "--output", str(out),
             ]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True)
+            for _ in range(5):  # the job server asks to retry while its agent starts
+                done = subprocess.run(command, capture_output=True, text=True)
+                if "No available agent" not in done.stdout + done.stderr:
+                    break
+                time.sleep(3)
             seconds = time.monotonic() - started
             if done.returncode != 0:
                 raise SystemExit(f"the job failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -98,6 +98,26 @@ def ray_temp_dir(run_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"photo3d-ray-{digest}"
 
 
+def wait_for_job_agent(timeout: float) -> bool:
+    """Wait until Ray's job server can take a job: it needs the head node's dashboard agent,
+    which registers itself some seconds after ray.init on a busy machine, and the job server
+    gives up after 10 s ("No available agent to submit job"). Ray has no public readiness call
+    for this, so this reads the agent's registration where the job server itself looks."""
+    import ray
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    key = (DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX + ray.get_runtime_context().get_node_id()).encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if key in _internal_kv_list(key, namespace=KV_NAMESPACE_DASHBOARD):
+            return True
+        time.sleep(0.5)
+    print("note: Ray's job agent is not up yet; `ray job submit` may ask to retry", file=sys.stderr)
+    return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
     settings = get_settings()
@@ -186,6 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 1
         time.sleep(0.5)
     if settings.dashboard_port:
+        wait_for_job_agent(timeout=30)
         print(
             f"Ray job server (ray job submit --address): http://127.0.0.1:{settings.dashboard_port}",
             flush=True,

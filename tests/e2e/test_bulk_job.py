@@ -43,7 +43,11 @@ def submit(stack: Stack, submission_id: str, *args: str) -> None:
         "--submission-id", submission_id, "--no-wait", "--working-dir", str(ROOT),
         "--", "python", "-m", "jobs.bulk_convert", *args,
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    for _ in range(5):  # Ray's job server asks to retry while its agent is still starting
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(3)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
