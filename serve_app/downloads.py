@@ -41,6 +41,10 @@ def load_signing_key(settings: Settings, *, create: bool | None = None) -> bytes
                 f"PHOTO3D_URL_SIGNING_KEY must be at least {MIN_KEY_CHARS} characters",
                 code="config_error",
             )
+        if settings.environment == "production" and "CHANGE_ME" in key.upper():
+            raise InvalidInput(
+                "PHOTO3D_URL_SIGNING_KEY is still the example's placeholder", code="config_error"
+            )
         return key.encode()
     path = Path(settings.run_dir) / KEY_FILE
     if create is None:

@@ -16,7 +16,7 @@ import trimesh
 from PIL import Image
 
 from tests.support.images import object_photo
-from tests.support.stack import Stack
+from tests.support.stack import ROOT, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -409,3 +409,37 @@ def test_viewer_downloads_and_ar_link_use_signed_links_when_keys_are_required(
     with stack.client() as client:
         usdz = client.get(ios_src)
     assert usdz.status_code == 200 and usdz.content[:2] == b"PK"
+
+
+def test_bulk_batches_are_listed_with_their_progress(
+    page: Any, stack: Stack, tmp_path: Path, screenshots: Path
+) -> None:
+    """A bulk job run beside the stack (as a plain script): "My models" shows its batch."""
+    import os
+    import subprocess
+    import sys
+
+    photos = tmp_path / "shelf"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"vase{i}.png").write_bytes(object_photo(96, seed=60 + i))
+    (photos / "torn.jpg").write_bytes(b"not a photo")
+    env = {
+        **os.environ,
+        "DATABASE_URL": stack.database_url,
+        "PHOTO3D_RUN_DIR": str(stack.run_dir),
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "jobs.bulk_convert", "--input", str(photos)]
+    command += ["--output", str(tmp_path / "out"), "--batch-id", "shelf-photos"]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    page.goto("/#/models")
+    batch = page.locator('.batch[data-batch-id="shelf-photos"]')
+    batch.wait_for()
+    assert batch.locator(".badge").inner_text() == "Done"
+    assert batch.locator("progress").evaluate("bar => bar.value") == 1
+    meta = batch.locator(".batch-meta").inner_text()
+    assert "2 done" in meta and "1 failed" in meta and "of 3" in meta
+    page.screenshot(path=str(screenshots / "batches.png"))

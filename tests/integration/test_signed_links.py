@@ -134,6 +134,10 @@ def test_signing_key_is_made_once_in_the_run_folder_and_never_logged(
         load_signing_key(Settings(run_dir=tmp_path / "prod", environment="production"))
     with pytest.raises(InvalidInput, match="at least 32"):
         load_signing_key(Settings(url_signing_key="short"))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="placeholder"):
+        load_signing_key(
+            Settings(environment="production", url_signing_key="CHANGE_ME_" + "x" * 32)  # type: ignore[arg-type]
+        )
     explicit = Settings(url_signing_key="k" * 40)  # type: ignore[arg-type]
     assert load_signing_key(explicit) == b"k" * 40
     assert "kkkk" not in repr(explicit)
