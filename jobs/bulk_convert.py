@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.errors import Photo3DError
+from serve_app.results import TaskResult
 from serve_app.service import Services
 from serve_app.settings import get_settings
 from serve_app.store.tasks import TERMINAL
@@ -115,21 +116,18 @@ def collect(services: Services, entries: list[dict[str, Any]], output: Path) -> 
             item["status"] = row["status"]
             if row.get("error_code"):
                 item["error"] = {"code": row["error_code"], "message": row["error_message"]}
-            if row["status"] == "succeeded" and row["result"]:
+            result = TaskResult.of_row(row)
+            if result is not None:
                 stem = Path(entry["photo"]).stem
                 files = {}
-                for fmt, info in row["result"]["files"].items():
+                for fmt, info in result.files.items():
                     # model.glb -> <stem>.glb, model_obj.zip -> <stem>_obj.zip
-                    target = output / f"{stem}{info['filename'].removeprefix('model')}"
-                    target.write_bytes(services.store.get(info["key"]))
+                    target = output / f"{stem}{info.filename.removeprefix('model')}"
+                    target.write_bytes(services.artifacts.get(info.key))
                     files[fmt] = target.name
                 preview = output / f"{stem}.preview.png"
-                preview.write_bytes(services.store.get(row["result"]["preview"]["key"]))
-                item.update(
-                    files=files,
-                    preview=preview.name,
-                    seconds=row["result"].get("timings", {}).get("total_s"),
-                )
+                preview.write_bytes(services.artifacts.get(result.preview.key))
+                item.update(files=files, preview=preview.name, seconds=result.timings.total_s)
         items.append(item)
     counts: dict[str, int] = {}
     for item in items:
@@ -201,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for_batch(services, entries, account=args.account, timeout=args.timeout)
         report = collect(services, entries, args.output)
     finally:
-        services.db.close()
+        services.close()
     write_report(report, args.output, batch_id)
     print(f"batch {batch_id}: {report['counts']}; report in {args.output / 'report.html'}")
     return 0 if report["counts"].get("succeeded", 0) == queued else 1
