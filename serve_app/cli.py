@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from serve_app.formats import FORMATS
 from serve_app.settings import Settings, get_settings
 
 log = logging.getLogger("photo3d")
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="+", help="photo file(s) of one object")
     p.add_argument("-o", "--output", help="output file (default: <photo>.<format>)")
     p.add_argument("--backend", help="backend name (default: PHOTO3D_DEFAULT_BACKEND or cpu)")
-    p.add_argument("--format", default="glb", choices=["glb", "obj", "stl", "ply", "usdz"])
+    p.add_argument("--format", default="glb", choices=list(FORMATS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--face-limit", type=int)
     p.add_argument("--texture-size", type=int)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
+from serve_app.formats import FORMATS
 from serve_app.service import ArtifactFile
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["files"])
@@ -23,7 +24,7 @@ def _file_response(file: ArtifactFile, disposition: str = "attachment") -> Respo
 
 @router.get(
     "/task/{task_id}/result/{fmt}",
-    summary="Download the result in one format (glb, obj, stl, ply, usdz)",
+    summary=f"Download the result in one format ({', '.join(FORMATS)})",
     response_class=Response,
     responses={200: {"content": {"model/gltf-binary": {}, "application/octet-stream": {}}}},
 )
