@@ -277,7 +277,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     """Fetch (where the internet is reachable) or verify pinned model weights."""
-    from serve_app import weights
+    from serve_app.backends.gpu import weights
 
     dest = Path(args.dest) if args.dest else get_settings().weights_dir
     try:

@@ -196,11 +196,7 @@ def test_generators_scale_on_the_queue_backlog(stack: Stack) -> None:
     """Nothing routes requests to generators; the backlog policy must still add a replica."""
 
     def cpu_replicas() -> int:
-        # Each generator replica is one worker of this stack's own database (its presence beat),
-        # so this counts this stack's replicas, whatever else runs on the machine.
-        with stack.client() as client:
-            workers: dict[str, int] = client.get("/health").json()["workers"]
-        return workers.get("cpu", 0)
+        return len(stack.processes("ServeReplica:photo3d:generator-cpu"))
 
     assert cpu_replicas() == 1  # min_replicas while idle
     with stack.client() as client:

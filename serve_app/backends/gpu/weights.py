@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,7 +278,7 @@ def fetch(
     if unpinned:
         raise WeightsError(
             "refusing to fetch unpinned weights (" + ", ".join(unpinned) + "): set the commit in "
-            "serve_app/weights.py so every host serves the same bytes",
+            "serve_app/backends/gpu/weights.py so every host serves the same bytes",
             code="weights_unpinned",
         )
     dest = Path(dest)
@@ -474,11 +474,3 @@ def _read_record(model: str, root: Path) -> dict[str, dict[str, Any]]:
         return {}
     return files if isinstance(files, dict) else {}
 
-
-def all_licences(models: Iterable[str] | None = None) -> dict[str, str]:
-    """Source -> licence, for the docs and the CLI."""
-    out: dict[str, str] = {}
-    for model in models or model_names():
-        for comp in components(model):
-            out[_describe(comp)] = comp.licence
-    return out
