@@ -85,6 +85,63 @@ def select_backends(
     return config
 
 
+def serve_deploy_config(settings: Settings) -> dict[str, Any]:
+    """serve_config.yaml with the backends this machine can run and our HTTP host and port."""
+    config = yaml.safe_load(settings.serve_config.read_text())
+    wanted = os.environ.get("PHOTO3D_BACKENDS")
+    config = select_backends(
+        config,
+        [b.strip() for b in wanted.split(",") if b.strip()] if wanted else None,
+        gpu_available(),
+    )
+    config["http_options"] = {
+        **config.get("http_options", {}),
+        "host": settings.host,
+        "port": settings.port,
+    }
+    return config
+
+
+def deploy_config(config: dict[str, Any]) -> None:
+    """Start Serve (public API) and deploy the config's applications without waiting.
+
+    Ray 2.60 has no public call that deploys a config file in-process: `serve deploy` posts it to
+    the dashboard's REST API (the dashboard is off here: one more open port for nothing), and
+    `serve.run` takes a single Application and drops the config's per-deployment settings (the
+    autoscaling policy, CPUs per replica). So this is the one place that uses Serve's private
+    client, the same call `serve deploy` ends in; check it first on a Ray upgrade."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client = _get_global_client()
+    if client is None:  # serve.start just made the controller; this would be a Ray bug
+        raise RuntimeError("Ray Serve did not start")
+    client.deploy_apps(schema, _blocking=False)
+
+
+def wait_until_running(deadline: float) -> bool:
+    """Wait for every application to be RUNNING; False (after printing why) when one failed or
+    the deadline passed."""
+    from ray import serve
+
+    while True:
+        statuses = serve.status().applications
+        states = {name: app.status for name, app in statuses.items()}
+        if states and all(str(s).endswith("RUNNING") for s in states.values()):
+            return True
+        failed = [
+            n for n, a in statuses.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))
+        ]
+        if failed or time.monotonic() > deadline:
+            for name, app in statuses.items():
+                print(f"application {name}: {app.status} {app.message}", file=sys.stderr)
+            return False
+        time.sleep(0.5)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
     settings = get_settings()
@@ -98,26 +155,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.artifacts_path.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PHOTO3D_RUN_DIR", str(run_dir))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
-
-    config = yaml.safe_load(settings.serve_config.read_text())
-    wanted = os.environ.get("PHOTO3D_BACKENDS")
-    config = select_backends(
-        config,
-        [b.strip() for b in wanted.split(",") if b.strip()] if wanted else None,
-        gpu_available(),
-    )
-    config["http_options"] = {
-        **config.get("http_options", {}),
-        "host": settings.host,
-        "port": settings.port,
-    }
+    config = serve_deploy_config(settings)
 
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_private_api
-    from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(config)
     ray.init(
         # "local": always a new cluster of our own; with no address Ray would join any cluster
         # another `ray start` left on this machine (another checkout's tests, say).
@@ -145,25 +187,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    client = serve_private_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-    )
-    client.deploy_apps(schema, _blocking=False)
-    deadline = time.monotonic() + args.wait
-    while True:
-        statuses = serve.status().applications
-        states = {name: app.status for name, app in statuses.items()}
-        if states and all(str(s).endswith("RUNNING") for s in states.values()):
-            break
-        failed = [
-            n for n, a in statuses.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))
-        ]
-        if failed or time.monotonic() > deadline:
-            for name, app in statuses.items():
-                print(f"application {name}: {app.status} {app.message}", file=sys.stderr)
-            _stop(0, None)
-            return 1
-        time.sleep(0.5)
+    deploy_config(config)
+    if not wait_until_running(time.monotonic() + args.wait):
+        _stop(0, None)
+        return 1
     print(
         f"photo3d is running at http://{settings.host}:{settings.port}  (Ctrl-C to stop)",
         flush=True,

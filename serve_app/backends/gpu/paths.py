@@ -21,7 +21,7 @@ from serve_app.errors import (
 )
 from serve_app.settings import Settings
 
-# Serving reads weights from disk only (DESIGN.md): these make huggingface_hub / transformers fail
+# Serving reads weights from disk only (docs/gpu.md): these make huggingface_hub / transformers fail
 # fast instead of reaching for the network if anything still asks for a hub id.
 OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_OFFLINE": "1",

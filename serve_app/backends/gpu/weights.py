@@ -1,7 +1,7 @@
 """Model weights for the GPU backends: pinned sources, the expected file layout, `fetch` and
 `verify`.
 
-Serving never downloads (DESIGN.md, "Backends"): `fetch` runs where the internet is reachable,
+Serving never downloads (docs/gpu.md): `fetch` runs where the internet is reachable,
 the resulting directory is copied or mounted on the GPU hosts (as `PHOTO3D_WEIGHTS_DIR`, `/models`
 in the GPU image), and `verify` checks it there. Layout under that root:
 
@@ -473,4 +473,3 @@ def _read_record(model: str, root: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return files if isinstance(files, dict) else {}
-
