@@ -177,18 +177,11 @@ class Services:
         return self.queue.events(row["id"], after_id)
 
     def list_tasks(
-        self,
-        account_id: str,
-        *,
-        limit: int,
-        status: str | None = None,
-        batch_id: str | None = None,
-        cursor: str | None = None,
+        self, account_id: str, *, limit: int, **filters: str | None
     ) -> tuple[list[Row], str | None]:
-        """The account's tasks, newest first; returns (rows, next_cursor)."""
-        return self.queue.list_tasks(
-            account_id, limit=limit, status=status, batch_id=batch_id, cursor=cursor
-        )
+        """The account's tasks, newest first; filters: status, batch_id, cursor. Returns (rows,
+        next_cursor)."""
+        return self.queue.list_tasks(account_id, limit=limit, **filters)
 
     def artifact(self, account_id: str, task_id: str, fmt: str) -> StoredFile:
         """The stored file of one result format ("preview", "turntable", or an output format),

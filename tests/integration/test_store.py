@@ -27,14 +27,6 @@ from tests.support.app import app_client
 
 
 @pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url, max_size=12)
-    database.open(wait=True)
-    yield database
-    database.close()
-
-
-@pytest.fixture
 def queue(db: Database) -> Iterator[TaskQueue]:
     task_queue = TaskQueue(db, lease_seconds=5.0, backoff_seconds=30.0)
     yield task_queue
