@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from fastapi.testclient import TestClient
 
 from serve_app.accounts import Accounts
 from serve_app.errors import Conflict, Photo3DError
@@ -159,3 +160,9 @@ def test_housekeeping_prunes_ended_rate_windows(services: Services, database_url
     with psycopg.connect(database_url) as conn:
         left = [r[0] for r in conn.execute("SELECT key_prefix FROM rate_windows")]
     assert left == ["live-key"]  # the ended window is gone, the current one still counts
+
+
+def test_a_value_the_database_cannot_hold_is_a_422(client: TestClient) -> None:
+    response = client.post("/api/v1/keys", json={"name": "a\x00b"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_value"
