@@ -41,7 +41,7 @@ class Ingress:
         self.services.db.open(wait=False)
         self.services.downloads  # noqa: B018  (a missing URL signing key fails the deploy now)
         try:
-            self.services.store.check()
+            self.services.artifacts.check()
         except Photo3DError as exc:  # /health answers 503 naming it until it is fixed
             log.error("artifact store not usable: %s", exc.message)
         self._generators = generators or []  # bound so that Serve deploys them
@@ -52,7 +52,7 @@ class Ingress:
         return create_app(self.services)
 
     def __del__(self) -> None:
-        self.services.db.close()
+        self.services.close()
 
 
 @serve.deployment(
@@ -78,13 +78,14 @@ class Generator:
         self.backend.load()  # weights and warm-up once per replica
         self.worker = Worker(
             queue=self.services.queue,
-            store=self.services.store,
+            artifacts=self.services.artifacts,
             backend=self.backend,
-            database_url=str(settings.database_url),
             heartbeat_seconds=settings.heartbeat_seconds,
             poll_seconds=settings.poll_seconds,
             task_timeout_seconds=settings.task_timeout_seconds,
             retention_seconds=settings.result_retention_seconds,
+            accounts=self.services.accounts,
+            rate_window_seconds=settings.rate_limit_window_seconds,
         )
         self.worker.start()
         log.info("generator %s started as worker %s", backend, self.worker.worker_id)
@@ -110,7 +111,7 @@ class Generator:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.stop(timeout=55)
-            self.services.db.close()
+            self.services.close()
 
 
 def generator_name(backend: str) -> str:

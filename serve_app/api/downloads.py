@@ -8,11 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import RedirectResponse
-from starlette.concurrency import run_in_threadpool
 
 from serve_app.api.deps import ERRORS, ServicesDep
 from serve_app.api.files import file_response
-from serve_app.downloads import REDIRECT_GRACE_SECONDS
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["files"])
 
@@ -26,7 +24,7 @@ router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["files"])
         307: {"description": "Redirect to a presigned URL of the S3 artifact store."},
     },
 )
-async def signed_download(
+def signed_download(
     task_id: str,
     kind: str,
     services: ServicesDep,
@@ -34,22 +32,9 @@ async def signed_download(
     expires: Annotated[int, Query(ge=0, le=2**40)],
     signature: Annotated[str, Query(max_length=100)],
 ) -> Response:
-    left = services.downloads.verify(account, task_id, kind, expires, signature)
-    key, info = await run_in_threadpool(services.artifact, account, task_id, kind)
-    inline = kind in ("preview", "turntable")
-    # In a thread: finding credentials may ask an instance metadata service the first time.
-    url = await run_in_threadpool(
-        services.store.presigned_url,
-        key,
-        left + REDIRECT_GRACE_SECONDS,
-        filename=info["filename"],
-        media_type=info["media_type"],
-        inline=inline,
-    )
-    if url is not None:
-        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
-    response = await run_in_threadpool(file_response, services, key, info)
-    if inline:
-        response.headers["Content-Disposition"] = "inline"
+    target, left = services.signed_artifact(account, task_id, kind, expires, signature)
+    if isinstance(target, str):  # a presigned URL of the S3 store: the bytes come from there
+        return RedirectResponse(target, status_code=307, headers={"Cache-Control": "no-store"})
+    response = file_response(target, "inline" if kind in ("preview", "turntable") else "attachment")
     response.headers["Cache-Control"] = f"private, max-age={max(0, left)}"
     return response

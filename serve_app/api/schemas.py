@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from serve_app.exports import FORMATS
+from serve_app import results
+from serve_app.formats import FORMATS
 from serve_app.store.db import Row
 
 
@@ -29,6 +30,8 @@ class FileLink(BaseModel):
 
 
 class TaskResult(BaseModel):
+    """A result as the API shows it: download links (the stored form is results.TaskResult)."""
+
     files: list[FileLink]
     preview_url: str
     turntable_url: str
@@ -119,8 +122,8 @@ def task_from_row(
     link = f"{base}/task/{task_id}"
     now = dt.datetime.now(dt.UTC)
     result = None
-    raw = row.get("result")
-    if row["status"] == "succeeded" and raw:
+    stored = results.TaskResult.of_row(row)
+    if stored is not None:
 
         def url(kind: str, bearer_path: str) -> str:
             return sign(task_id, kind) if sign is not None else f"{link}/{bearer_path}"
@@ -130,22 +133,22 @@ def task_from_row(
                 FileLink(
                     format=fmt,
                     url=url(fmt, f"result/{fmt}"),
-                    bytes=info.get("bytes"),
-                    media_type=info["media_type"],
+                    bytes=info.bytes,
+                    media_type=info.media_type,
                 )
-                for fmt, info in raw["files"].items()
+                for fmt, info in stored.files.items()
             ],
-            format_urls={
-                fmt: url(fmt, f"result/{fmt}") for fmt in dict.fromkeys([*raw["files"], *FORMATS])
-            },
             preview_url=url("preview", "preview"),
             turntable_url=url("turntable", "turntable"),
+            format_urls={
+                fmt: url(fmt, f"result/{fmt}") for fmt in dict.fromkeys([*stored.files, *FORMATS])
+            },
             links_expire_at=(
                 now.replace(microsecond=0) + dt.timedelta(seconds=ttl_seconds)
                 if sign is not None and ttl_seconds is not None
                 else None
             ),
-            stats=raw.get("stats", {}),
+            stats=stored.stats,
         )
     error = None
     if row.get("error_code") and row["status"] in ("failed", "queued"):
@@ -166,7 +169,7 @@ def task_from_row(
             queued_s=_seconds(row["created_at"], row.get("started_at")),
             running_s=_seconds(row.get("started_at"), row.get("finished_at")),
             total_s=_seconds(row["created_at"], row.get("finished_at") or now),
-            generate_s=(raw or {}).get("timings", {}).get("generate_s"),
+            generate_s=stored.timings.generate_s if stored else None,
         ),
         options=row["options"],
         error=error,

@@ -107,7 +107,7 @@ def s3_services(s3_env: SeaweedS3, database_url: str, tmp_path: Path) -> Iterato
 
 
 def test_result_downloads_by_signed_link_from_the_bucket(s3_services: Services) -> None:
-    assert isinstance(s3_services.store, S3ArtifactStore)
+    assert isinstance(s3_services.artifacts, S3ArtifactStore)
     with TestClient(create_app(s3_services), raise_server_exceptions=False) as client:
         alice = key_for(s3_services, "alice")
         task_id = finished_task(client, s3_services, alice)
@@ -118,7 +118,7 @@ def test_result_downloads_by_signed_link_from_the_bucket(s3_services: Services) 
         redirect = client.get(glb_link, follow_redirects=False)
         assert redirect.status_code == 307, redirect.text
         presigned = redirect.headers["location"]
-        assert presigned.startswith(s3_services.store.endpoint or "")
+        assert presigned.startswith(s3_services.artifacts.endpoint or "")
         assert "X-Amz-Signature=" in presigned
         # ... which anyone may fetch until it expires: the bytes come straight from S3.
         body = httpx.get(presigned)
