@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from PIL import Image
 from pydantic import ValidationError
 
 from serve_app import exports, preview
@@ -19,7 +18,7 @@ from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
 from serve_app.errors import Gone, InvalidInput, NotFound
-from serve_app.images import ImageLimits, load_image, to_png
+from serve_app.images import ImageLimits, load_image, stored_suffix
 from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
 from serve_app.store.db import Database, Row
@@ -104,7 +103,8 @@ class Services:
             )
         options = parse_options(raw_options, self.settings, self.backends)
         limits = ImageLimits.from_settings(self.settings)
-        images: list[Image.Image] = [load_image(data, limits) for data in photos]
+        for data in photos:  # decoded in full to refuse what the worker could not read
+            load_image(data, limits)
         if idempotency_key is not None:
             # A retry must not store its photos again: answer with the original task.
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
@@ -113,10 +113,10 @@ class Services:
         if batch_id is None:  # a bulk job bounds its own items in flight
             self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         task_id = uuid.uuid4()
-        keys = [f"inputs/{task_id}/photo-{i}.png" for i in range(len(images))]
+        keys = [f"inputs/{task_id}/photo-{i}{stored_suffix(data)}" for i, data in enumerate(photos)]
         try:
-            for key, image in zip(keys, images, strict=True):
-                self.store.put(key, to_png(image))
+            for key, data in zip(keys, photos, strict=True):
+                self.store.put(key, data)
             row, created = self.queue.submit(
                 task_id=task_id,
                 account_id=account_id,

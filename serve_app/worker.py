@@ -4,7 +4,6 @@ the fencing token. The generator deployment is a thin shim around it; tests driv
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ from serve_app import exports, preview
 from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import Backend, GenerationOptions
 from serve_app.errors import InvalidInput, Photo3DError, ServiceUnavailable
+from serve_app.images import load_stored_input
 from serve_app.store.tasks import Claim, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -220,11 +220,7 @@ class Worker:
     def _generate(self, attempt: _Attempt, prefix: str) -> dict[str, Any]:
         claim = attempt.claim
         options = GenerationOptions.model_validate(claim.options)
-        images: list[Image.Image] = [
-            Image.open(io.BytesIO(self.store.get(key))) for key in claim.inputs
-        ]
-        for image in images:
-            image.load()
+        images: list[Image.Image] = [load_stored_input(self.store.get(key)) for key in claim.inputs]
 
         def progress(fraction: float, stage: str) -> None:
             # Generation is 90% of the bar; exports take the rest.
