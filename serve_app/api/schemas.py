@@ -34,6 +34,11 @@ class TaskResult(BaseModel):
 
     files: list[FileLink]
     preview_url: str
+    preview_ready: bool = Field(
+        True,
+        description="False for a moment after success while the preview renders (a task "
+        "succeeds as soon as its model is stored); preview_url works either way.",
+    )
     turntable_url: str
     format_urls: dict[str, str] = Field(
         default_factory=dict,
@@ -139,6 +144,7 @@ def task_from_row(
                 for fmt, info in stored.files.items()
             ],
             preview_url=url("preview", "preview"),
+            preview_ready=stored.preview.ready,
             turntable_url=url("turntable", "turntable"),
             format_urls={
                 fmt: url(fmt, f"result/{fmt}") for fmt in dict.fromkeys([*stored.files, *FORMATS])
