@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
-from serve_app import exports, preview
+from serve_app import exports, metrics, preview
 from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
@@ -127,6 +127,11 @@ class Services:
         if not created:
             self.store.delete_prefix(f"inputs/{task_id}")
             return row, False
+        metrics.task_submitted(str(options.backend))
+        log.info(
+            "task queued",
+            extra={"task_id": str(task_id), "account_id": account_id, "backend": options.backend},
+        )
         return self.queue.get(task_id, account_id) or row, True  # with its queue position
 
     # --- reading -------------------------------------------------------------------

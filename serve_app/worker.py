@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from PIL import Image
 
-from serve_app import exports, preview
+from serve_app import exports, logs, metrics, preview
 from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import Backend, GenerationOptions
 from serve_app.errors import InvalidInput, Photo3DError, ServiceUnavailable
@@ -73,6 +73,8 @@ class Worker:
         self.task_timeout_seconds = task_timeout_seconds
         self.worker_id = worker_id or new_worker_id(backend.name)
         self.exit_process = exit_process
+        # Only a real replica exit needs to wait for the metrics reporter; tests inject theirs.
+        self.flush_metrics = exit_process is os._exit
         self.retention_seconds = retention_seconds
         self._next_reap = 0.0
         self._stop = threading.Event()
@@ -132,28 +134,47 @@ class Worker:
 
     def run_once(self) -> bool:
         """Recover stalled tasks, claim one and run it; False when there was nothing to do."""
-        self.queue.recover_stalled()
+        for row in self.queue.recover_stalled():
+            metrics.stalled_recovered(str(row["status"]))
+            log.warning(
+                "lease expired; task %s",
+                "failed" if row["status"] == "failed" else "requeued",
+                extra={"task_id": str(row["id"]), "attempt": row["attempt"]},
+            )
         self.reap_expired()
         claim = self.queue.claim(self.worker_id, [self.backend.name])
         if claim is None:
             return False
+        metrics.task_claimed(self.backend.name, claim.attempt, claim.queue_wait_seconds)
         self.process(claim)
         return True
 
     # --- one task ----------------------------------------------------------------------
     def process(self, claim: Claim) -> None:
         """Run one claimed attempt to its end: success, failure or lost ownership."""
+        with logs.context(
+            task_id=str(claim.id),
+            attempt=claim.attempt,
+            account_id=claim.account_id,
+            backend=self.backend.name,
+        ):
+            self._process(claim)
+
+    def _process(self, claim: Claim) -> None:
+        log.info("task %s attempt %s started", claim.id, claim.attempt)
         attempt = _Attempt(claim)
         self._current = attempt
-        beat = threading.Thread(target=self._heartbeat, args=(attempt,), daemon=True)
+        beat = threading.Thread(target=self._heartbeat, args=(attempt, logs.current()), daemon=True)
         beat.start()
         prefix = f"tasks/{claim.id}/attempt-{claim.attempt}"
         try:
             result = self._generate(attempt, prefix)
             if attempt.owned and self._while_db_returns(lambda: self.queue.succeed(claim, result)):
                 self.tasks_done += 1
+                metrics.task_finished(self.backend.name, "succeeded")
                 log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
             else:
+                metrics.task_finished(self.backend.name, "lost", "lease_lost")
                 # A newer attempt, a cancel or a stall recovery owns the task: our files go.
                 log.warning(
                     "task %s attempt %s lost its lease; result dropped", claim.id, claim.attempt
@@ -191,10 +212,11 @@ class Worker:
             claim.attempt,
             seconds,
         )
+        metrics.watchdog_kill(self.backend.name)
         if attempt.owned:
             attempt.owned = False
             with contextlib.suppress(Photo3DError):
-                self.queue.fail(
+                row = self.queue.fail(
                     claim,
                     code="generation_timeout",
                     permanent=False,
@@ -202,7 +224,19 @@ class Worker:
                     f"(attempt {claim.attempt} of {claim.max_attempts}); the worker "
                     "was restarted",
                 )
+                self._count_failure(row, "generation_timeout")
+        # Give Ray's metrics reporter one round to ship the kill before the process goes (the
+        # generation is already hung; a few more seconds change nothing for the user).
+        time.sleep(min(metrics.report_interval_seconds() * 1.5, 20.0) if self.flush_metrics else 0)
         self.exit_process(70)
+
+    def _count_failure(self, row: dict[str, Any] | None, code: str) -> None:
+        """Count a failed attempt as final (`failed`) or to be retried (`retrying`)."""
+        if row is None:
+            metrics.task_finished(self.backend.name, "lost", "lease_lost")
+        else:
+            status = "failed" if row["status"] == "failed" else "retrying"
+            metrics.task_finished(self.backend.name, status, code)
 
     def reap_expired(self) -> int:
         """Delete the files of tasks finished longer ago than the retention; returns how many."""
@@ -226,20 +260,32 @@ class Worker:
         for image in images:
             image.load()
 
+        backend = self.backend.name
+        stage_started = [time.monotonic()]
+
         def progress(fraction: float, stage: str) -> None:
             # Generation is 90% of the bar; exports take the rest.
             attempt.progress = max(0.0, min(1.0, fraction)) * 0.9
+            if stage != attempt.stage:  # time spent in each stage the backend reports
+                now = time.monotonic()
+                metrics.generation_seconds(backend, attempt.stage, now - stage_started[0])
+                stage_started[0] = now
             attempt.stage = stage
 
         progress(0.0, "loading")
         t0 = time.monotonic()
         asset = self.backend.generate(images, options, progress)
         t_generate = time.monotonic() - t0
+        metrics.generation_seconds(backend, attempt.stage, time.monotonic() - stage_started[0])
+        metrics.generation_seconds(backend, "total", t_generate)
 
         attempt.progress, attempt.stage = 0.9, "exporting"
         files: dict[str, dict[str, Any]] = {}
+        t_export = time.monotonic()
         converted = exports.convert_many(asset.glb, list(dict.fromkeys(["glb", *options.formats])))
+        metrics.export_seconds(backend, time.monotonic() - t_export)
         for fmt, data in converted.items():
+            metrics.artifact_bytes(backend, fmt, len(data))
             info = exports.FORMATS[fmt]
             key = f"{prefix}/{info.filename}"
             self.store.put(key, data)
@@ -250,6 +296,7 @@ class Worker:
                 "filename": info.filename,
             }
         for name, data in asset.extra_files.items():
+            metrics.artifact_bytes(backend, "extra", len(data))
             key = f"{prefix}/{name}"
             self.store.put(key, data)
             files[name] = {
@@ -259,7 +306,10 @@ class Worker:
                 "filename": name,
             }
         attempt.stage = "rendering preview"
+        t_preview = time.monotonic()
         preview_png = asset.preview_png or preview.render_thumbnail(asset.glb)
+        metrics.preview_seconds(backend, time.monotonic() - t_preview)
+        metrics.artifact_bytes(backend, "preview", len(preview_png))
         preview_key = f"{prefix}/preview.png"
         self.store.put(preview_key, preview_png)
         return {
@@ -289,12 +339,19 @@ class Worker:
             exc_info=not isinstance(exc, Photo3DError),
         )
         if attempt.owned:
-            self.queue.fail(claim, code=code, message=message, permanent=permanent)
+            row = self.queue.fail(claim, code=code, message=message, permanent=permanent)
+            self._count_failure(row, code)
+        else:
+            metrics.task_finished(self.backend.name, "lost", "lease_lost")
 
-    def _heartbeat(self, attempt: _Attempt) -> None:
+    def _heartbeat(self, attempt: _Attempt, context: dict[str, Any] | None = None) -> None:
         """Keep the lease while the attempt runs; push progress; notice cancels, lost leases
         and hangs. Progress goes out within a second; the lease is renewed at least every
         heartbeat_seconds."""
+        with logs.context(**(context or {})):
+            self._beat(attempt)
+
+    def _beat(self, attempt: _Attempt) -> None:
         tick = min(1.0, self.heartbeat_seconds)
         sent: tuple[float, str] | None = None
         sent_at = 0.0

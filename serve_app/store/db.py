@@ -24,10 +24,20 @@ Row = dict[str, Any]
 
 @lru_cache(maxsize=1)
 def queries() -> dict[str, str]:
-    """All named queries of `sql/queries.sql`."""
-    text = resources.files("serve_app.store").joinpath("sql/queries.sql").read_text()
-    parts = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    """All named queries of every `sql/*.sql` file (queries.sql, then each feature's own)."""
+    found: dict[str, str] = {}
+    folder = resources.files("serve_app.store").joinpath("sql")
+    files = sorted(
+        (f for f in folder.iterdir() if f.name.endswith(".sql")),
+        key=lambda f: (f.name != "queries.sql", f.name),
+    )
+    for sql_file in files:
+        parts = re.split(r"^-- name: (\w+)\s*$", sql_file.read_text(), flags=re.MULTILINE)
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise RuntimeError(f"query {name} is defined twice ({sql_file.name})")
+            found[name] = body.strip()
+    return found
 
 
 def query(name: str) -> str:

@@ -29,6 +29,8 @@ class Claim:
     options: dict[str, Any]
     inputs: list[str]
     max_attempts: int
+    account_id: str | None = None  # for log lines
+    queue_wait_seconds: float = 0.0  # from "could run" (submit or backoff end) to this claim
 
 
 def encode_cursor(row: Row) -> str:
@@ -164,6 +166,8 @@ class TaskQueue:
             options=row["options"],
             inputs=row["inputs"],
             max_attempts=row["max_attempts"],
+            account_id=row.get("account_id"),
+            queue_wait_seconds=queue_wait_seconds(row),
         )
 
     def heartbeat(
@@ -225,6 +229,20 @@ class TaskQueue:
 
     def unregister_worker(self, worker_id: str) -> None:
         self.db.execute("delete_worker", {"id": worker_id})
+
+
+def queue_wait_seconds(row: Row) -> float:
+    """Seconds a claimed attempt waited: from submit (or the end of its retry backoff) to the
+    claim."""
+    started, created, run_after = (
+        row.get("attempt_started_at"),
+        row.get("created_at"),
+        row.get("run_after"),
+    )
+    if started is None or created is None:
+        return 0.0
+    ready = max(created, run_after) if run_after is not None else created
+    return max(0.0, (started - ready).total_seconds())
 
 
 def dumps(value: Any) -> str:
