@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 import uuid
 from typing import Any
@@ -31,11 +32,19 @@ def route_label(scope: Scope) -> str:
     return "unmatched"
 
 
+def behind_serve_proxy() -> bool:
+    """True in a Serve replica: Serve's proxy then accepts or generates X-Request-ID itself and
+    echoes it on the response (ray/serve/_private/http_util.py RequestIdMiddleware)."""
+    context = sys.modules.get("ray.serve.context")
+    return context is not None and context._get_internal_replica_context() is not None
+
+
 class RequestObservability:
     """Pure ASGI middleware (no BaseHTTPMiddleware: streams pass through untouched)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.proxy_echoes = behind_serve_proxy()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,12 +55,13 @@ class RequestObservability:
         request_id = given if given and REQUEST_ID_PATTERN.fullmatch(given) else None
         if request_id is None:
             request_id = uuid.uuid4().hex
-            # Behind Serve's proxy the header is always set (the client's or the proxy's id)
-            # and echoed by the proxy; the app sets it itself only when it is missing or unfit.
             if given is not None:
                 del headers[REQUEST_ID_HEADER]
             headers[REQUEST_ID_HEADER] = request_id
-        echo = given is None or given != request_id
+        # Behind Serve's proxy the header always arrives (the client's or the proxy's id) and
+        # the proxy echoes it; the app adds its own only elsewhere, or when it replaced an unfit
+        # one (the client then also gets its own back from the proxy).
+        echo = not self.proxy_echoes or given != request_id
         status = 500
         started = time.perf_counter()
 
