@@ -98,7 +98,13 @@ def pin_metrics_export(settings: Settings) -> str:
     127.0.0.1; `photo3d serve` runs a one-machine cluster (address="local"), so that mode keeps
     the metrics endpoint, and every other Ray port, off the network."""
     if _is_loopback(settings.metrics_host):
+        # Read when Ray is imported (ray_constants): set it before, in this process, and every
+        # Ray process started from it inherits it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if "ray" in sys.modules:
+            log.warning(
+                "Ray was imported before the metrics port was pinned; it may not bind loopback"
+            )
     import socket
 
     with socket.socket() as probe:
@@ -131,6 +137,7 @@ def start_monitoring(settings: Settings, run_dir: Path) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
     settings = get_settings()
+    metrics_url = pin_metrics_export(settings)  # before anything imports Ray
     run_dir = settings.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     url, _server = _database_url(settings)
@@ -161,7 +168,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
-    metrics_url = pin_metrics_export(settings)
     ray.init(
         # "local": always a new cluster of our own; with no address Ray would join any cluster
         # another `ray start` left on this machine (another checkout's tests, say).

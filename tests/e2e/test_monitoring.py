@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+import psutil
 import psycopg
 import pytest
 import yaml
@@ -156,6 +157,18 @@ def test_request_ids_are_echoed_once_through_serve(monitored: Monitored) -> None
         assert given.headers.get_list("x-request-id") == ["ops-check-1"]
         fresh = client.get("/health")
         assert len(fresh.headers.get_list("x-request-id")) == 1
+
+
+def test_metrics_endpoint_listens_on_loopback_only(monitored: Monitored) -> None:
+    port = monitored.stack.metrics_port
+    listening = [
+        c.laddr.ip
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert listening and set(listening) <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert "ray_photo3d_" in text  # photo3d's metrics travel next to Ray's own
 
 
 def test_queue_gauges_match_the_database_after_a_burst(monitored: Monitored) -> None:
