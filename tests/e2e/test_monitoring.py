@@ -79,7 +79,7 @@ def prometheus_or_skip() -> None:
 @pytest.fixture(scope="module")
 def monitored(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
     prometheus_or_skip()
-    run_dir = tmp_path_factory.mktemp("monitoring")
+    run_dir = tmp_path_factory.mktemp("mon")  # short: Ray socket paths max 107 bytes
     for url in pg.clone_database(pg_admin, prefix="mon"):
         db = Database(url)
         db.open(wait=True)
@@ -334,11 +334,11 @@ def screenshots(monitored: Monitored, folder: Path) -> None:
             executable_path=os.environ.get("PHOTO3D_CHROMIUM", "/usr/bin/chromium"),
             args=["--no-sandbox", "--disable-gpu"],
         )
-        page = browser.new_page(viewport={"width": 1200, "height": 700})
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
         for name, expr in KEY_QUERIES.items():
-            params = {"g0.expr": expr, "g0.tab": "0", "g0.range_input": "5m"}
+            params = {"g0.expr": expr, "g0.tab": "0", "g0.range_input": "3m"}
             page.goto(f"{monitored.prometheus}/graph?{urlencode(params)}")
             page.wait_for_selector("canvas, .graph-legend, svg", timeout=15000)
             time.sleep(1.5)
-            page.screenshot(path=str(folder / f"prometheus-{name}.png"))
+            page.screenshot(path=str(folder / f"prometheus-{name}.png"), full_page=True)
         browser.close()
