@@ -24,18 +24,16 @@ Row = dict[str, Any]
 
 @lru_cache(maxsize=1)
 def queries() -> dict[str, str]:
-    """All named queries of every `sql/*.sql` file (queries.sql, then each feature's own)."""
+    """All named queries of every `sql/*.sql` file (one file per feature); names are unique."""
     found: dict[str, str] = {}
     folder = resources.files("serve_app.store").joinpath("sql")
-    files = sorted(
-        (f for f in folder.iterdir() if f.name.endswith(".sql")),
-        key=lambda f: (f.name != "queries.sql", f.name),
-    )
-    for sql_file in files:
-        parts = re.split(r"^-- name: (\w+)\s*$", sql_file.read_text(), flags=re.MULTILINE)
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        parts = re.split(r"^-- name: (\w+)\s*$", entry.read_text(), flags=re.MULTILINE)
         for name, body in zip(parts[1::2], parts[2::2], strict=True):
             if name in found:
-                raise RuntimeError(f"query {name} is defined twice ({sql_file.name})")
+                raise RuntimeError(f"query {name!r} is defined twice (in {entry.name})")
             found[name] = body.strip()
     return found
 
