@@ -1,6 +1,7 @@
 """Watching the real stack: `photo3d serve` with a real Prometheus (Debian's binary) scraping its
 Ray metrics port. A few tasks run (one succeeds, one fails, one hangs until the watchdog kills
-its replica and then succeeds on the retry, a burst waits in the queue), then every Grafana
+its replica and then succeeds on the retry, a burst waits in the queue and loses its replica
+mid-task, so a stalled lease is recovered), then every Grafana
 panel query and every rule expression is evaluated through Prometheus's HTTP API and must
 return series; the queue gauges must match the database; no API key may reach any log.
 
@@ -175,7 +176,7 @@ def test_queue_gauges_match_the_database_after_a_burst(monitored: Monitored) -> 
     stack = monitored.stack
     with stack.client() as client:
         for seed in range(4):  # one runs (5 s each), the others wait: a backlog that holds
-            submit(client, "fake-slow", 100 + seed)
+            BURST.append(submit(client, "fake-slow", 100 + seed))
     deadline = time.monotonic() + 60
     last: tuple[Any, Any] = ({}, {})
     while time.monotonic() < deadline:
@@ -188,10 +189,39 @@ def test_queue_gauges_match_the_database_after_a_burst(monitored: Monitored) -> 
         if truth.get(("fake-slow", "queued"), 0) > 0 and nonzero == truth:
             # Every deployed backend is exported, idle ones as 0, so "no data" never hides one.
             assert {b for b, _ in exported} >= {"cpu", "fake-slow", "fake-hang-once"}
+            # Then the replica running one of them dies: its lease expires and is recovered.
+            kill_replica_mid_task(stack, "fake-slow")
             return
         last = (truth, exported)
         time.sleep(0.5)
     raise AssertionError(f"gauges never matched the database with a backlog: {last}")
+
+
+BURST: list[str] = []
+
+
+def kill_replica_mid_task(stack: Stack, backend: str) -> None:
+    """SIGKILL this stack's generator replica of `backend` (only a descendant of the stack's own
+    process) while it is early in a task, so the task's lease is left to expire."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with psycopg.connect(stack.database_url) as conn:
+            early = conn.execute(
+                "SELECT count(*) FROM tasks WHERE backend = %s AND status = 'running' "
+                "AND stage = 'fake-waiting' AND progress < 0.25",
+                (backend,),
+            ).fetchone()
+        if early and early[0]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"no {backend} task was early in its run")
+    for proc in psutil.Process(stack.process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(f"ServeReplica:photo3d:generator-{backend}" in p for p in proc.cmdline()):
+                proc.kill()
+                return
+    raise AssertionError(f"no generator-{backend} replica under this stack")
 
 
 def test_every_panel_and_rule_returns_series(monitored: Monitored) -> None:
@@ -213,6 +243,10 @@ def test_every_panel_and_rule_returns_series(monitored: Monitored) -> None:
         # Attempt 1 hangs until the watchdog ends its replica; attempt 2 succeeds.
         done = stack.wait_for_task(client, retried, timeout=240)
         assert done["status"] == "succeeded" and done["attempt"] == 2, done
+        # The burst, one of them recovered after its replica was killed, all succeed.
+        burst = [stack.wait_for_task(client, task_id, timeout=240) for task_id in BURST]
+        assert [t["status"] for t in burst] == ["succeeded"] * len(BURST)
+        assert max(t["attempt"] for t in burst) == 2
 
     queries = panel_queries() + rule_queries()
     deadline = time.monotonic() + 120
@@ -233,7 +267,8 @@ def test_every_panel_and_rule_returns_series(monitored: Monitored) -> None:
         )
         >= 1
     )
-    assert monitored.value('sum(photo3d_task_attempts_total{kind="retry"})') >= 1
+    assert monitored.value('sum(photo3d_task_attempts_total{kind="retry"})') >= 2
+    assert monitored.value('sum(photo3d_stalled_recovered_total{outcome="queued"})') >= 1
     assert monitored.value('sum(photo3d_tasks_finished_total{status="succeeded"})') >= 2
     assert monitored.value('photo3d:watchdog_kills:increase30m{backend="fake-hang-once"}') >= 1
     assert monitored.value("photo3d:service_up") == 1
