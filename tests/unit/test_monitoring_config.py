@@ -128,3 +128,22 @@ def test_metrics_are_no_ops_outside_ray() -> None:
     metrics.credits_charged("cpu", 1.5)
     metrics.webhook_delivery("delivered")
     assert metrics._metrics == {}
+
+
+def test_serve_refuses_a_busy_metrics_port_and_keeps_ray_on_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from serve_app.cli import pin_metrics_export
+    from serve_app.settings import Settings
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"port {port} .* PHOTO3D_METRICS_PORT"):
+            pin_metrics_export(Settings(metrics_port=port))
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # Ray's one-machine mode
+    assert pin_metrics_export(Settings(metrics_port=port)) == f"http://127.0.0.1:{port}/metrics"
