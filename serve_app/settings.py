@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     # HMAC key of signed download links. Unset: `photo3d serve` keeps one in the run folder.
     url_signing_key: SecretStr | None = None
 
+    # --- observability (metrics, logs) -----------------------------------------------------
+    # `photo3d serve` pins Ray's metrics export (Prometheus text) to metrics_host:metrics_port.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=8080, ge=1, le=65535)
+    queue_metrics_seconds: float = Field(default=5.0, gt=0, description="queue gauge refresh")
+    log_format: Literal["json", "text"] = "json"
+    prometheus_port: int = Field(default=9090, ge=1, le=65535)  # `make run MONITORING=1`
+
     @field_validator("database_url", "artifact_url", "s3_public_endpoint")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
