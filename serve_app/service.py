@@ -7,7 +7,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from pydantic import ValidationError
@@ -22,6 +22,9 @@ from serve_app.images import ImageLimits, load_image, to_png
 from serve_app.settings import Settings
 from serve_app.store.db import Database, Row
 from serve_app.store.tasks import TaskQueue
+
+if TYPE_CHECKING:
+    from serve_app.billing import Billing
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,12 @@ class Services:
     def accounts(self) -> Accounts:
         return Accounts(self.db)
 
+    @cached_property
+    def billing(self) -> Billing:
+        from serve_app.billing import Billing
+
+        return Billing(self.settings, self.db)
+
     # --- generation ----------------------------------------------------------------
     def submit(
         self,
@@ -105,6 +114,13 @@ class Services:
             if task_by_key is not None:
                 return task_by_key, False
         self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
+        # Billing (off by default): 402 before anything is stored; the reservation itself is
+        # taken in the task insert's transaction below.
+        quote = (
+            self.billing.quote(account_id, options.model_dump(mode="json"))
+            if self.settings.billing_enabled
+            else None
+        )
         task_id = uuid.uuid4()
         keys = [f"inputs/{task_id}/photo-{i}.png" for i in range(len(images))]
         try:
@@ -120,6 +136,8 @@ class Services:
                 priority=priority,
                 idempotency_key=idempotency_key,
                 batch_id=batch_id,
+                credits=quote.credits if quote else 0,
+                meter_event=quote.meter_event if quote else None,
             )
         except BaseException:
             self.store.delete_prefix(f"inputs/{task_id}")
