@@ -235,6 +235,7 @@ class Billing:
                 "grant" if credits > 0 else "adjustment",
                 credits,
                 reason=reason.strip()[:500],
+                allowance_delta=min(credits, 0),  # like a generation, a debit uses allowance first
             )
         if row is None:
             raise NotFound(f"account {account_id} not found", code="account_not_found")
