@@ -384,7 +384,7 @@ class Billing:
                 want = self._price_params(kind, item, product_id)
                 key = lookup_key(kind, item.name)
                 found = client.v1.prices.list(params={"lookup_keys": [key], "limit": 1}).data
-                if found and self._same_price(found[0], want):
+                if found and self._same_price(found[0].to_dict(), want):
                     done.append(f"price {key} is up to date ({found[0].id})")
                     continue
                 price = client.v1.prices.create(
@@ -410,7 +410,7 @@ class Billing:
         return params
 
     @staticmethod
-    def _same_price(price: Any, want: dict[str, Any]) -> bool:
+    def _same_price(price: dict[str, Any], want: dict[str, Any]) -> bool:
         recurring = price.get("recurring") or {}
         want_recurring = want.get("recurring") or {}
         return bool(
@@ -426,7 +426,7 @@ class Billing:
     def _meter_id(self, event_name: str) -> str:
         meters = self.stripe.v1.billing.meters.list(params={"limit": 100}).data
         for meter in meters:
-            if meter.get("event_name") == event_name:
+            if meter.to_dict().get("event_name") == event_name:
                 return str(meter.id)
         meter = self.stripe.v1.billing.meters.create(
             params={
@@ -670,6 +670,8 @@ class Billing:
                             "value": str(row["value"]),
                         },
                     },
+                    # Stripe's recommended guard for resends, on top of the identifier.
+                    options={"idempotency_key": f"photo3d-meter-{row['task_id']}"},
                 )
             except Photo3DError as exc:
                 self.ledger.meter_event_failed(row["task_id"], exc.message, backoff_seconds=5)

@@ -1,0 +1,199 @@
+"""Billing against a Stripe STAND-IN (localstripe from PyPI, plus tests/support/stripe_standin.py
+for the Prices, Checkout, portal and meter routes localstripe lacks), driven through the
+official `stripe` SDK: `billing setup`, Checkout for packs and plans with the webhooks the
+stand-in signs and delivers to the real app, the portal, and metered usage through the outbox
+while Stripe is unreachable and after it comes back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from serve_app.billing import Billing
+from serve_app.service import Services
+from serve_app.settings import Settings
+from tests.integration.test_billing_credits import PHOTO, serve, worker
+from tests.support.app import open_services
+from tests.support.stack import free_port
+
+if os.environ.get("CI") != "true":
+    pytest.importorskip("localstripe", reason="localstripe (the dev extra) is not installed")
+
+ROOT = Path(__file__).resolve().parents[2]
+WEBHOOK_SECRET = "whsec_standin_photo3d"
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[str]:
+    """The stand-in Stripe server on a free loopback port."""
+    port = free_port()
+    log = open(ROOT / ".run" / f"stripe-standin-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.stripe_standin", "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Stripe stand-in did not start (see {log.name})")
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@pytest.fixture
+def services(settings: Settings, standin: str) -> Iterator[Services]:
+    billing = settings.model_copy(
+        update={
+            "billing": True,
+            "stripe_secret_key": SecretStr("sk_test_photo3d"),
+            "stripe_webhook_secret": SecretStr(WEBHOOK_SECRET),
+            "stripe_api_base": standin,
+            "max_active_tasks": 100,
+        }
+    )
+    with open_services(billing) as opened:
+        opened.billing.setup()
+        yield opened
+
+
+def wait_for(check: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the webhook to be applied")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def app_with_webhook(services: Services, standin: str) -> Iterator[httpx.Client]:
+    """The real app on a real port, registered as the stand-in's webhook endpoint."""
+    with serve(services) as base, httpx.Client(base_url=base, timeout=30) as client:
+        httpx.post(
+            f"{standin}/_config/webhooks/photo3d",
+            data={"url": f"{base}/api/v1/billing/webhook", "secret": WEBHOOK_SECRET},
+        ).raise_for_status()
+        yield client
+
+
+def balance(services: Services) -> int:
+    row = services.billing.ledger.account("local")
+    assert services.billing.ledger.totals("local")["total"] == row["balance"]
+    return int(row["balance"])
+
+
+def test_billing_setup_is_idempotent_and_follows_config_changes(
+    services: Services, tmp_path: Path
+) -> None:
+    again = services.billing.setup()  # the fixture already ran it once
+    assert all("up to date" in line for line in again), again
+    assert len(again) == 4  # two packs and two plans in the packaged billing.yaml
+    cheaper = tmp_path / "billing.yaml"
+    cheaper.write_text(
+        "packs: [{name: starter, credits: 100, amount: 400}]\n"
+        "plans: [{name: hobby, amount: 900, allowance: 200}]\n"
+    )
+    changed = Billing(services.settings.model_copy(update={"billing_config": cheaper}), services.db)
+    lines = changed.setup()
+    assert any(line.startswith("updated price photo3d_pack_starter") for line in lines), lines
+    assert any("photo3d_plan_hobby is up to date" in line for line in lines), lines
+    price = changed.stripe.v1.prices.list(params={"lookup_keys": ["photo3d_pack_starter"]})
+    assert [p.unit_amount for p in price.data] == [400]  # the lookup key moved to the new price
+
+
+def test_buying_a_pack_through_checkout_credits_the_account(
+    services: Services, standin: str
+) -> None:
+    with app_with_webhook(services, standin) as client:
+        response = client.post("/api/v1/billing/checkout", json={"pack": "starter"})
+        assert response.status_code == 200, response.text
+        session = response.json()
+        assert session["url"].startswith(standin) and session["id"].startswith("cs_")
+        assert balance(services) == 0
+        httpx.post(f"{standin}/_config/standin/checkout/{session['id']}/pay").raise_for_status()
+        wait_for(lambda: balance(services) == 100)
+        account = client.get("/api/v1/account").json()
+        assert account["balance"] == 100
+        assert account["billing"]["recent_ledger"][0]["kind"] == "purchase"
+        # A refund of the payment claws the credits back (charge.refunded from the stand-in).
+        purchase = services.billing.entries("local", limit=1)[0]
+        pi = purchase["metadata"]["payment_intent"]
+        httpx.post(f"{standin}/_config/standin/payments/{pi}/refund").raise_for_status()
+        wait_for(lambda: balance(services) == 0)
+
+
+def test_a_plan_subscription_grants_its_allowance(services: Services, standin: str) -> None:
+    with app_with_webhook(services, standin) as client:
+        session = client.post("/api/v1/billing/checkout", json={"plan": "hobby"}).json()
+        httpx.post(f"{standin}/_config/standin/checkout/{session['id']}/pay").raise_for_status()
+        wait_for(lambda: balance(services) == 200)
+        wait_for(lambda: client.get("/api/v1/account").json()["billing"]["plan"] == "hobby")
+        portal = client.post("/api/v1/billing/portal")
+        assert portal.status_code == 200 and portal.json()["url"].startswith(standin)
+
+
+def test_checkout_errors_are_clear(services: Services, standin: str) -> None:
+    with serve(services) as base, httpx.Client(base_url=base) as client:
+        unknown = client.post("/api/v1/billing/checkout", json={"pack": "gold"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_pack"
+        both = client.post("/api/v1/billing/checkout", json={"pack": "starter", "plan": "hobby"})
+        assert both.status_code == 422
+        pricing = httpx.get(f"{base}/api/v1/pricing").json()
+        assert [p["name"] for p in pricing["packs"]] == ["starter", "studio"]
+        assert pricing["packs"][0] == {
+            "name": "starter",
+            "credits": 100,
+            "amount": 500,
+            "currency": "usd",
+        }
+        assert pricing["prices"]["backends"]["cpu"] == 1
+
+
+def test_metered_usage_is_reported_once_even_through_a_stripe_outage(
+    services: Services, standin: str
+) -> None:
+    with app_with_webhook(services, standin) as client:
+        session = client.post("/api/v1/billing/checkout", json={"plan": "metered"}).json()
+        httpx.post(f"{standin}/_config/standin/checkout/{session['id']}/pay").raise_for_status()
+        wait_for(lambda: client.get("/api/v1/account").json()["billing"]["metered"] is True)
+        # A metered account needs no credits: the generation is billed by Stripe afterwards.
+        task = client.post(
+            "/api/v1/generate", files={"image": ("p.png", PHOTO, "image/png")}
+        ).json()
+        assert task["credits_reserved"] == 0
+        assert worker(services).run_once()
+    assert services.billing.ledger.meter_outbox_counts() == {"pending": 1, "sent": 0}
+
+    down = services.settings.model_copy(
+        update={"stripe_api_base": f"http://127.0.0.1:{free_port()}"}
+    )
+    unreachable = Billing(down, services.db)
+    assert unreachable.deliver_meter_events() == 0  # Stripe unreachable: kept, not lost
+    assert services.billing.ledger.meter_outbox_counts() == {"pending": 1, "sent": 0}
+
+    with services.db.connection() as conn:  # skip the backoff: Stripe is back
+        conn.execute("UPDATE meter_outbox SET next_try_at = now()")
+    assert services.billing.deliver_meter_events() == 1
+    assert services.billing.deliver_meter_events() == 0
+    assert services.billing.ledger.meter_outbox_counts() == {"pending": 0, "sent": 1}
+    events = httpx.get(f"{standin}/_config/standin/meter_events").json()["data"]
+    mine = [e for e in events if e["identifier"] == task["id"]]
+    assert len(mine) == 1 and mine[0]["event_name"] == "photo3d_generation"
