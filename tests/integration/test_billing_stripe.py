@@ -34,10 +34,10 @@ WEBHOOK_SECRET = "whsec_standin_photo3d"
 
 
 @pytest.fixture(scope="module")
-def standin() -> Iterator[str]:
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The stand-in Stripe server on a free loopback port."""
     port = free_port()
-    log = open(ROOT / ".run" / f"stripe-standin-{port}.log", "wb")  # noqa: SIM115
+    log = open(tmp_path_factory.mktemp("stripe") / "standin.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.stripe_standin", "--port", str(port)],
         cwd=ROOT,
@@ -197,3 +197,62 @@ def test_metered_usage_is_reported_once_even_through_a_stripe_outage(
     events = httpx.get(f"{standin}/_config/standin/meter_events").json()["data"]
     mine = [e for e in events if e["identifier"] == task["id"]]
     assert len(mine) == 1 and mine[0]["event_name"] == "photo3d_generation"
+
+
+def test_cli_billing_setup_and_credits(
+    services: Services,
+    standin: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from serve_app.cli import main
+    from serve_app.settings import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", str(services.settings.database_url))
+    monkeypatch.setenv("STRIPE_SECRET_KEY", "sk_test_cli")
+    monkeypatch.setenv("STRIPE_API_BASE", standin)
+    get_settings.cache_clear()
+    try:
+        assert main(["billing", "setup"]) == 0
+        out = capsys.readouterr().out
+        assert out.count("is up to date") == 4 and "sk_test_cli" not in out
+        assert main(["credits", "grant", "local", "25", "--reason", "welcome"]) == 0
+        assert "balance 25" in capsys.readouterr().out
+        assert main(["credits", "grant", "local", "5"]) == 2  # a grant must say why
+        assert main(["credits", "show", "local"]) == 0
+        shown = capsys.readouterr().out
+        assert "local: balance 25 credits" in shown and "welcome" in shown
+        assert main(["credits", "show", "nobody"]) == 2
+    finally:
+        get_settings.cache_clear()
+
+
+def test_admin_grant_route(services: Services) -> None:
+    admin_key = (
+        services.accounts.create_account("boss", is_admin=True)
+        and (services.accounts.create_key("boss")[0])
+    )
+    services.accounts.create_account("carol")
+    user_key = services.accounts.create_key("carol")[0]
+    with serve(services) as base, httpx.Client(base_url=base) as client:
+        body = {"credits": 40, "reason": "support ticket 12"}
+        denied = client.post(
+            "/api/v1/admin/accounts/carol/credits",
+            json=body,
+            headers={"Authorization": f"Bearer {user_key}"},
+        )
+        assert denied.status_code == 403
+        granted = client.post(
+            "/api/v1/admin/accounts/carol/credits",
+            json=body,
+            headers={"Authorization": f"Bearer {admin_key}"},
+        )
+        assert granted.status_code == 201 and granted.json()["balance_after"] == 40
+        missing = client.post(
+            "/api/v1/admin/accounts/nobody/credits",
+            json=body,
+            headers={"Authorization": f"Bearer {admin_key}"},
+        )
+        assert missing.status_code == 404
+        mine = client.get("/api/v1/account", headers={"Authorization": f"Bearer {user_key}"})
+        assert mine.json()["balance"] == 40
