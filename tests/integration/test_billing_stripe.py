@@ -228,10 +228,8 @@ def test_cli_billing_setup_and_credits(
 
 
 def test_admin_grant_route(services: Services) -> None:
-    admin_key = (
-        services.accounts.create_account("boss", is_admin=True)
-        and (services.accounts.create_key("boss")[0])
-    )
+    services.accounts.create_account("boss", is_admin=True)
+    admin_key = services.accounts.create_key("boss")[0]
     services.accounts.create_account("carol")
     user_key = services.accounts.create_key("carol")[0]
     with serve(services) as base, httpx.Client(base_url=base) as client:
