@@ -461,7 +461,14 @@ class Billing:
             ) from exc
         if not isinstance(event, dict) or not isinstance(event.get("id"), str):
             raise InvalidSignature("the payload is not a Stripe event")
-        return self.apply_event(event)
+        try:
+            return self.apply_event(event)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            # Signed, yet not shaped like the event it claims to be: refuse it, apply nothing.
+            log.warning("stripe event %s is malformed: %s", event["id"][:80], type(exc).__name__)
+            raise InvalidSignature(
+                "the event does not have the fields its type needs", code="malformed_event"
+            ) from exc
 
     def apply_event(self, event: dict[str, Any]) -> dict[str, Any]:
         """Apply a verified event in one transaction with its once-per-id record."""

@@ -143,7 +143,7 @@ def ledger(
     account: AccountDep,
     services: ServicesDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    before: Annotated[int | None, Query(ge=1)] = None,
+    before: Annotated[int | None, Query(ge=1, le=2**63 - 1)] = None,
 ) -> LedgerPage:
     rows = services.billing.entries(account, limit=limit + 1, before_id=before)
     next_before = rows[limit - 1]["id"] if len(rows) > limit else None

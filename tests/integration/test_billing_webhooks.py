@@ -283,3 +283,16 @@ def test_an_invoice_for_an_unknown_customer_is_retried(
     orphan["customer"] = "cus_unknown"
     assert deliver(client, event("invoice.paid", orphan)).status_code == 409
     assert balance(services) == 0
+
+
+def test_a_signed_but_malformed_event_is_400_and_applies_nothing(
+    client: TestClient, services: Services
+) -> None:
+    evt = event("checkout.session.completed", pack_session())
+    evt["created"] = "yesterday"
+    response = deliver(client, evt)
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "malformed_event"
+    evt["created"] = int(time.time())
+    assert deliver(client, evt).json()["applied"] is True  # nothing was recorded before
+    assert balance(services) == 100
