@@ -207,6 +207,7 @@ class Billing:
             "plan": plan.name if plan else None,
             "plan_status": account.get("plan_status"),
             "metered": bool(plan and plan.metered),
+            "customer": bool(account.get("stripe_customer_id")),
             "period_end": account.get("period_end"),
             "usage_this_period": {
                 "generations": int(usage["generations"]),

@@ -245,9 +245,9 @@ def test_signup_credits_are_granted_once(billing_settings: Settings) -> None:
 
 
 @contextlib.contextmanager
-def serve(services: Services) -> Iterator[str]:
+def serve(services: Services, port: int | None = None) -> Iterator[str]:
     """The real app on a real HTTP server (uvicorn) on a free loopback port."""
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(services), host="127.0.0.1", port=port, log_level="warning")
     )

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +22,7 @@ from serve_app.settings import Settings
 from tests.integration.test_billing_credits import PHOTO, serve, worker
 from tests.support.app import open_services
 from tests.support.stack import free_port
+from tests.support.stripe_server import run_standin
 
 if os.environ.get("CI") != "true":
     pytest.importorskip("localstripe", reason="localstripe (the dev extra) is not installed")
@@ -36,27 +34,7 @@ WEBHOOK_SECRET = "whsec_standin_photo3d"
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The stand-in Stripe server on a free loopback port."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("stripe") / "standin.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.stripe_standin", "--port", str(port)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Stripe stand-in did not start (see {log.name})")
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+    yield from run_standin(tmp_path_factory.mktemp("stripe"))
 
 
 @pytest.fixture
