@@ -296,3 +296,15 @@ def test_a_signed_but_malformed_event_is_400_and_applies_nothing(
     evt["created"] = int(time.time())
     assert deliver(client, evt).json()["applied"] is True  # nothing was recorded before
     assert balance(services) == 100
+
+
+def test_a_customer_is_never_moved_to_another_account(
+    client: TestClient, services: Services
+) -> None:
+    deliver(client, event("checkout.session.completed", pack_session(pi="pi_a")))
+    services.accounts.create_account("mallory")
+    theirs = pack_session(pi="pi_m", client_reference_id="mallory")  # same customer id
+    response = deliver(client, event("checkout.session.completed", theirs))
+    assert response.status_code == 200
+    assert services.billing.ledger.account("alice")["stripe_customer_id"] == "cus_alice"
+    assert services.billing.ledger.account("mallory")["stripe_customer_id"] is None

@@ -56,9 +56,12 @@ FROM accounts WHERE id = %(account_id)s;
 SELECT id FROM accounts WHERE stripe_customer_id = %(customer_id)s;
 
 -- name: set_customer
--- The first customer id seen for an account sticks (Checkout may be opened twice).
-UPDATE accounts SET stripe_customer_id = coalesce(stripe_customer_id, %(customer_id)s)
-WHERE id = %(account_id)s
+-- The first customer id seen for an account sticks (Checkout may be opened twice); a customer
+-- already linked to another account is never moved.
+UPDATE accounts a SET stripe_customer_id = coalesce(a.stripe_customer_id, %(customer_id)s)
+WHERE a.id = %(account_id)s
+  AND NOT EXISTS (SELECT 1 FROM accounts o
+                  WHERE o.stripe_customer_id = %(customer_id)s AND o.id <> a.id)
 RETURNING stripe_customer_id;
 
 -- name: set_subscription
@@ -69,7 +72,11 @@ SET plan = %(plan)s, plan_status = %(status)s, subscription_id = %(subscription_
     period_start = coalesce(%(period_start)s, period_start),
     period_end = coalesce(%(period_end)s, period_end),
     subscription_event_at = %(created)s,
-    stripe_customer_id = coalesce(stripe_customer_id, %(customer_id)s)
+    stripe_customer_id = CASE
+        WHEN EXISTS (SELECT 1 FROM accounts o
+                     WHERE o.stripe_customer_id = %(customer_id)s AND o.id <> accounts.id)
+        THEN stripe_customer_id
+        ELSE coalesce(stripe_customer_id, %(customer_id)s) END
 WHERE id = %(account_id)s
   AND (subscription_event_at IS NULL OR subscription_event_at <= %(created)s)
 RETURNING id;
