@@ -309,8 +309,16 @@ class Billing:
             )
         return str(prices.data[0].id)
 
+    def _return_url(self, request_base: str | None) -> str:
+        return self.settings.billing_return_url or request_base or "http://127.0.0.1:8000/"
+
     def checkout(
-        self, account_id: str, *, pack: str | None = None, plan: str | None = None
+        self,
+        account_id: str,
+        *,
+        pack: str | None = None,
+        plan: str | None = None,
+        request_base: str | None = None,
     ) -> dict[str, str]:
         """A Checkout Session URL: a credit pack (payment) or a plan (subscription)."""
         self._require_enabled()
@@ -332,7 +340,7 @@ class Billing:
         line: dict[str, Any] = {"price": self._price_id(key)}
         if not metered:
             line["quantity"] = 1  # metered prices take no quantity
-        back = self.settings.billing_return_url
+        back = self._return_url(request_base)
         sep = "&" if "?" in back else "?"
         params: dict[str, Any] = {
             "mode": mode,
@@ -350,7 +358,7 @@ class Billing:
         )
         return {"id": str(session.id), "url": str(session.url)}
 
-    def portal(self, account_id: str) -> dict[str, str]:
+    def portal(self, account_id: str, *, request_base: str | None = None) -> dict[str, str]:
         """A Customer Portal URL (invoices, payment methods, plan changes and cancel)."""
         self._require_enabled()
         session = self._call(
@@ -358,7 +366,7 @@ class Billing:
             self.stripe.v1.billing_portal.sessions.create,
             params={
                 "customer": self._customer(account_id),
-                "return_url": self.settings.billing_return_url,
+                "return_url": self._return_url(request_base),
             },
         )
         return {"url": str(session.url)}

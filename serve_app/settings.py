@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     billing: bool | None = None
     signup_credits: int = Field(default=0, ge=0, description="granted once per account")
     billing_config: Path | None = None  # prices, packs, plans; default: the packaged billing.yaml
-    # Where Checkout and the portal send people back (the web page).
-    billing_return_url: str = "http://127.0.0.1:8000/"
+    # Where Checkout and the portal send people back (the web page); unset: the address the
+    # request came to (set it behind a proxy that rewrites the host).
+    billing_return_url: str | None = None
     meter_poll_seconds: float = Field(default=10.0, gt=0)
     stripe_secret_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("STRIPE_SECRET_KEY", "stripe_secret_key")

@@ -108,15 +108,20 @@ def pricing(services: ServicesDep) -> Pricing:
     response_model=CheckoutSession,
     summary="Start a Stripe Checkout for a credit pack or a plan",
 )
-def checkout(body: CheckoutRequest, account: AccountDep, services: ServicesDep) -> CheckoutSession:
-    return CheckoutSession(**services.billing.checkout(account, pack=body.pack, plan=body.plan))
+def checkout(
+    body: CheckoutRequest, request: Request, account: AccountDep, services: ServicesDep
+) -> CheckoutSession:
+    session = services.billing.checkout(
+        account, pack=body.pack, plan=body.plan, request_base=str(request.base_url)
+    )
+    return CheckoutSession(**session)
 
 
 @router.post(
     "/billing/portal", response_model=PortalSession, summary="Open the Stripe Customer Portal"
 )
-def portal(account: AccountDep, services: ServicesDep) -> PortalSession:
-    return PortalSession(**services.billing.portal(account))
+def portal(request: Request, account: AccountDep, services: ServicesDep) -> PortalSession:
+    return PortalSession(**services.billing.portal(account, request_base=str(request.base_url)))
 
 
 @router.post(

@@ -41,7 +41,6 @@ def billed_page(
             "stripe_secret_key": SecretStr("sk_test_browser"),
             "stripe_webhook_secret": SecretStr(SECRET),
             "stripe_api_base": standin,
-            "billing_return_url": f"{base}/",
         }
     )
     try:
