@@ -27,6 +27,7 @@ from serve_app.errors import ServiceUnavailable
 from serve_app.service import Services
 from serve_app.settings import Settings
 from serve_app.worker import Worker
+from tests.integration.test_api_worker import make_worker
 from tests.support.app import open_services
 from tests.support.images import object_photo
 from tests.support.stack import free_port
@@ -109,17 +110,8 @@ class FastBackend:
 
 
 def worker(services: Services, backend: FastBackend | None = None) -> Worker:
-    engine = backend or FastBackend(services.settings)
-    engine.load()
-    return Worker(
-        queue=services.queue,
-        store=services.store,
-        backend=engine,  # type: ignore[arg-type]
-        database_url=str(services.settings.database_url),
-        heartbeat_seconds=0.2,
-        poll_seconds=0.2,
-        task_timeout_seconds=60,
-    )
+    """The worker engine as the other integration tests build it, on a FAKE fast backend."""
+    return make_worker(services, backend or FastBackend(services.settings))  # type: ignore[arg-type]
 
 
 def test_no_credits_is_402_naming_price_and_balance_and_nothing_is_queued(
@@ -284,9 +276,14 @@ def test_fifty_concurrent_submissions_against_ten_credits(services: Services) ->
     entries = ledger(services)
     assert [e["kind"] for e in entries].count("reserve") == 10
     assert assert_ledger_sums(services) == 0
-    assert len(services.queue.list_tasks("local", limit=100)[0]) == 10
+    assert len(httpx_tasks(services)) == 10
     inputs = services.settings.artifacts_path / "inputs"
     assert len(list(inputs.iterdir())) == 10  # a refused submission leaves no photo behind
+
+
+def httpx_tasks(services: Services) -> list[dict]:
+    with TestClient(create_app(services)) as client:
+        return client.get("/api/v1/tasks", params={"limit": 100}).json()["tasks"]
 
 
 def test_billing_off_changes_nothing(settings: Settings) -> None:
