@@ -17,9 +17,11 @@ from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
+from serve_app.batches import Batches
 from serve_app.errors import Gone, InvalidInput, NotFound
 from serve_app.images import ImageLimits, load_image, to_png
 from serve_app.settings import Settings
+from serve_app.store.batches import BatchStore
 from serve_app.store.db import Database, Row
 from serve_app.store.tasks import TaskQueue
 
@@ -81,6 +83,10 @@ class Services:
         return Accounts(self.db)
 
     @cached_property
+    def batches(self) -> Batches:
+        return Batches(BatchStore(self.db))
+
+    @cached_property
     def billing(self) -> Billing:
         from serve_app.billing import Billing
 
@@ -113,7 +119,8 @@ class Services:
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
             if task_by_key is not None:
                 return task_by_key, False
-        self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
+        if batch_id is None:  # a bulk job bounds its own items in flight
+            self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         # Billing (off by default): 402 before anything is stored; the reservation itself is
         # taken in the task insert's transaction below.
         quote = (
