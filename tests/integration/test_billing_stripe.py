@@ -232,3 +232,17 @@ def test_admin_grant_route(services: Services) -> None:
         assert missing.status_code == 404
         mine = client.get("/api/v1/account", headers={"Authorization": f"Bearer {user_key}"})
         assert mine.json()["balance"] == 40
+
+
+def test_a_grant_reason_postgresql_cannot_store_is_a_4xx(services: Services) -> None:
+    services.accounts.create_account("boss", is_admin=True)
+    admin_key = services.accounts.create_key("boss")[0]
+    with serve(services) as base, httpx.Client(base_url=base) as client:
+        response = client.post(
+            "/api/v1/admin/accounts/boss/credits",
+            json={"credits": 5, "reason": "nul \u0000 byte"},
+            headers={"Authorization": f"Bearer {admin_key}"},
+        )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_value"
+    assert services.billing.ledger.account("boss")["balance"] == 0
