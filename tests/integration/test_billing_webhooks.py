@@ -308,3 +308,14 @@ def test_a_customer_is_never_moved_to_another_account(
     assert response.status_code == 200
     assert services.billing.ledger.account("alice")["stripe_customer_id"] == "cus_alice"
     assert services.billing.ledger.account("mallory")["stripe_customer_id"] is None
+
+
+def test_the_same_event_delivered_ten_times_at_once_applies_once(services: Services) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    evt = event("checkout.session.completed", pack_session(pi="pi_race"))
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(lambda _: services.billing.apply_event(evt), range(10)))
+    assert sum(1 for r in results if r["applied"]) == 1
+    assert sum(1 for r in results if r.get("duplicate")) == 9
+    assert balance(services) == 100
