@@ -383,6 +383,7 @@ $("#create-form").addEventListener("submit", async (event) => {
       },
     });
     pendingTasks.set(task.id, task);
+    if ((task.credits_reserved ?? 0) > 0) refreshAccount(); // the price is now held
     for (const photo of photos.splice(0)) URL.revokeObjectURL(photo.url);
     renderPhotos();
     location.hash = `#/task/${task.id}`;
@@ -520,6 +521,8 @@ class TaskView {
         delay = Math.min(delay * 2, 10_000);
       }
     }
+    // Charged on success, given back on failure or cancel: show the new balance.
+    if (!this.closed && (this.task.credits_reserved ?? 0) > 0) refreshAccount();
   }
 
   onEvent({ event, data }) {

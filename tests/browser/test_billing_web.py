@@ -92,3 +92,12 @@ def test_buying_credits_from_the_402_message(
     page.click("#account-button")
     page.click("#billing .ledger-box summary")
     assert "+100 Bought" in page.inner_text("#billing-ledger")
+    page.click("#account-dialog [data-close]")
+
+    # Now the model is accepted, and the header shows the credit it holds.
+    page.set_input_files("#file-input", str(photo))
+    page.click("#generate-button")
+    page.wait_for_url("**/#/task/*")
+    page.wait_for_function(
+        "() => document.querySelector('#credits').textContent === '99 credits'", timeout=20_000
+    )
