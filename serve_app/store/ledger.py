@@ -180,8 +180,9 @@ class Ledger:
         )
 
     def totals(self, account_id: str) -> Row:
+        """The ledger's sum, its number of entries and the cached balance, in one snapshot."""
         row = self.db.fetch_one("ledger_totals", {"account_id": account_id})
-        return row or {"total": 0, "entries": 0}
+        return row or {"total": 0, "entries": 0, "balance": None}
 
     def usage_since(self, account_id: str, since: dt.datetime | None) -> Row:
         row = self.db.fetch_one("usage_since", {"account_id": account_id, "since": since})
@@ -212,12 +213,17 @@ def insert_task_reserving(
     *,
     credits: int,
     meter_event: str | None,
+    insert_query: str = "insert_task",
+    lock: str | None = None,
 ) -> Row | None:
-    """Insert a task (named query `insert_task`) and reserve its price in the same transaction.
-    None when the idempotency key already exists (nothing reserved); InsufficientCredits rolls
-    the insert back, so nothing is queued."""
+    """Insert a task (named query `insert_query`, under the advisory lock `lock` if given) and
+    reserve its price in the same transaction. None when nothing was inserted (an idempotency
+    key already used, or the insert query's own condition); InsufficientCredits rolls the
+    insert back, so nothing is queued."""
     with db.connection() as conn, conn.transaction():
-        row = conn.execute(query("insert_task"), params).fetchone()
+        if lock is not None:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
+        row = conn.execute(query(insert_query), params).fetchone()
         if row is None:
             return None
         if credits > 0:

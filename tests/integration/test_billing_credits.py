@@ -65,10 +65,9 @@ def ledger(services: Services, account: str = "local") -> list[dict]:
 
 def assert_ledger_sums(services: Services, account: str = "local") -> int:
     """The cached balance equals the sum of the ledger, and is returned."""
-    totals = services.billing.ledger.totals(account)
-    balance = services.billing.ledger.account(account)["balance"]
-    assert totals["total"] == balance
-    return int(balance)
+    totals = services.billing.ledger.totals(account)  # one snapshot: sum and cached balance
+    assert totals["total"] == totals["balance"]
+    return int(totals["balance"])
 
 
 class FastBackend:

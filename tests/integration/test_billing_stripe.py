@@ -73,9 +73,9 @@ def app_with_webhook(services: Services, standin: str) -> Iterator[httpx.Client]
 
 
 def balance(services: Services) -> int:
-    row = services.billing.ledger.account("local")
-    assert services.billing.ledger.totals("local")["total"] == row["balance"]
-    return int(row["balance"])
+    totals = services.billing.ledger.totals("local")  # one snapshot: sum and cached balance
+    assert totals["total"] == totals["balance"]
+    return int(totals["balance"])
 
 
 def test_billing_setup_is_idempotent_and_follows_config_changes(
@@ -244,5 +244,4 @@ def test_a_grant_reason_postgresql_cannot_store_is_a_4xx(services: Services) -> 
             headers={"Authorization": f"Bearer {admin_key}"},
         )
     assert response.status_code == 422
-    assert response.json()["error"]["code"] == "invalid_value"
     assert services.billing.ledger.account("boss")["balance"] == 0

@@ -70,9 +70,9 @@ def deliver(
 
 
 def balance(services: Services, account: str = "alice") -> int:
-    row = services.billing.ledger.account(account)
-    assert services.billing.ledger.totals(account)["total"] == row["balance"]
-    return int(row["balance"])
+    totals = services.billing.ledger.totals(account)  # one snapshot: sum and cached balance
+    assert totals["total"] == totals["balance"]
+    return int(totals["balance"])
 
 
 def pack_session(pack: str = "starter", pi: str = "pi_1", **extra: Any) -> dict[str, Any]:

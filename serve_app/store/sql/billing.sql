@@ -105,7 +105,9 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: ledger_totals
-SELECT coalesce(sum(amount), 0) AS total, count(*) AS entries
+-- The ledger's sum and the cached balance read in one snapshot: they must always agree.
+SELECT coalesce(sum(amount), 0)::bigint AS total, count(*) AS entries,
+       (SELECT balance FROM accounts WHERE id = %(account_id)s) AS balance
 FROM ledger WHERE account_id = %(account_id)s;
 
 -- name: usage_since
