@@ -47,7 +47,6 @@ class AccountInfo(BaseModel):
 
 @router.get("/account", response_model=AccountInfo, summary="Who you are")
 def get_account(principal: PrincipalDep, services: ServicesDep) -> AccountInfo:
-    row = services.db.fetch_one("get_account", {"id": principal.account_id}) or {}
     billing = (
         services.billing.account_view(principal.account_id)
         if services.settings.billing_enabled
@@ -55,7 +54,7 @@ def get_account(principal: PrincipalDep, services: ServicesDep) -> AccountInfo:
     )
     return AccountInfo(
         id=principal.account_id,
-        name=row.get("name", principal.account_id),
+        name=services.account_name(principal),
         is_admin=principal.is_admin,
         auth_required=services.settings.auth_enforced,
         billing=billing,

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from serve_app.errors import InvalidInput, Photo3DError
+from serve_app.errors import Photo3DError
 from serve_app.store.db import Database, Row, query
 
 KINDS = (
@@ -160,15 +160,10 @@ class Ledger:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[LedgerTx]:
-        """One transaction: every change made through the LedgerTx commits or none does.
-        A value PostgreSQL cannot store (a NUL character, say) is a 4xx, never a 500."""
-        try:
-            with self.db.connection() as conn, conn.transaction():
-                yield LedgerTx(conn)
-        except psycopg.DataError as exc:
-            raise InvalidInput(
-                "a value cannot be stored (e.g. it contains a NUL character)", code="invalid_value"
-            ) from exc
+        """One transaction: every change made through the LedgerTx commits or none does
+        (driver errors are mapped by Database.connection, as everywhere)."""
+        with self.db.connection() as conn, conn.transaction():
+            yield LedgerTx(conn)
 
     def account(self, account_id: str) -> Row | None:
         return self.db.fetch_one("billing_account", {"account_id": account_id})
