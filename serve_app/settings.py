@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     trellis2_low_vram: bool = True  # upstream default; False is faster on big dedicated GPUs
     gpu_warmup: bool = True
 
+    # --- observability (metrics, logs) -----------------------------------------------------
+    # `photo3d serve` pins Ray's metrics export (Prometheus text) to metrics_host:metrics_port.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=8080, ge=1, le=65535)
+    queue_metrics_seconds: float = Field(default=5.0, gt=0, description="queue gauge refresh")
+    log_format: Literal["json", "text"] = "json"
+    prometheus_port: int = Field(default=9090, ge=1, le=65535)  # `make run MONITORING=1`
+
     # --- billing (Stripe) -----------------------------------------------------------
     # Off unless PHOTO3D_BILLING=true or STRIPE_SECRET_KEY is set: then every generation is
     # priced in credits. The Stripe settings carry Stripe's own names (no PHOTO3D_ prefix).

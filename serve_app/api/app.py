@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, batches, billing, files, health, tasks, web
+from serve_app.api import accounts, batches, billing, files, health, observability, tasks, web
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -116,6 +116,9 @@ def create_app(services: Services) -> FastAPI:
             expose_headers=["Location", "Retry-After"],
             max_age=600,
         )
+
+    # --- observability (#13): request metrics and request ids; added last = outermost --------
+    observability.observe(app)
 
     page = static_dir()
     if (page / "index.html").is_file():
