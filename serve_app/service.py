@@ -11,7 +11,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from pydantic import ValidationError
 
 from serve_app import artifact_keys, exports, preview
@@ -21,7 +20,8 @@ from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
 from serve_app.errors import Gone, InvalidInput, NotFound, Photo3DError
-from serve_app.images import ImageLimits, load_image, to_png
+from serve_app.images import ImageLimits, load_image, stored_suffix
+from serve_app.packaging import store_preview
 from serve_app.results import StoredFile, TaskResult
 from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
@@ -138,7 +138,8 @@ class Services:
             )
         options = parse_options(raw_options, self.settings, self.backends)
         limits = ImageLimits.from_settings(self.settings)
-        images: list[Image.Image] = [load_image(data, limits) for data in photos]
+        for data in photos:  # decoded in full to refuse what the worker could not read
+            load_image(data, limits)
         if idempotency_key is not None:
             # A retry must not store its photos again: answer with the original task.
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
@@ -147,10 +148,13 @@ class Services:
         if batch_id is None:  # a bulk job bounds its own items in flight
             self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         task_id = uuid.uuid4()
-        keys = [artifact_keys.input_key(task_id, i) for i in range(len(images))]
+        keys = [
+            artifact_keys.input_key(task_id, i, stored_suffix(data))
+            for i, data in enumerate(photos)
+        ]
         try:
-            for key, image in zip(keys, images, strict=True):
-                self.artifacts.put(key, to_png(image))
+            for key, data in zip(keys, photos, strict=True):
+                self.artifacts.put(key, data)
             row, created = self.queue.submit(
                 task_id=task_id,
                 account_id=account_id,
@@ -204,6 +208,10 @@ class Services:
                 f"task {task_id} has no result yet (status {row['status']})", code="task_not_ready"
             )
         if fmt == "preview":
+            if not result.preview.ready and not self.artifacts.exists(result.preview.key):
+                # Asked for before the worker rendered it (or the worker died first).
+                glb = self.artifacts.get(result.files["glb"].key)
+                return store_preview(self.artifacts, result.preview.key, None, glb).as_file()
             return result.preview.as_file()
         if fmt == "turntable":
             # Rendered on first request (a few CPU seconds), then kept beside the preview.

@@ -170,11 +170,16 @@ class TaskQueue:
 
     # --- workers -------------------------------------------------------------------
     def claim(self, worker_id: str, backends: list[str]) -> Claim | None:
-        """Take the next task for these backends, or None when there is none."""
-        row = self.db.fetch_one(
-            "claim_task",
-            {"backends": backends, "worker_id": worker_id, "lease_seconds": self.lease_seconds},
-        )
+        """Take the next task for these backends (in the order given), or None when there is
+        none."""
+        row = None
+        for backend in backends:
+            row = self.db.fetch_one(
+                "claim_task",
+                {"backend": backend, "worker_id": worker_id, "lease_seconds": self.lease_seconds},
+            )
+            if row is not None:
+                break
         if row is None:
             return None
         return Claim(
@@ -206,6 +211,14 @@ class TaskQueue:
         """Record the result; False when a newer attempt or a cancel owns the task."""
         row = self.db.fetch_one(
             "finish_succeeded", {"id": claim.id, "attempt": claim.attempt, "result": Jsonb(result)}
+        )
+        return row is not None
+
+    def preview_ready(self, claim: Claim, size: int) -> bool:
+        """Mark the preview of this attempt's result rendered; False when the task has moved on
+        (deleted, or another attempt's result)."""
+        row = self.db.fetch_one(
+            "preview_ready", {"id": claim.id, "attempt": claim.attempt, "bytes": size}
         )
         return row is not None
 
