@@ -53,6 +53,9 @@ class Ingress:
             log.error("artifact store not usable: %s", exc.message)
         self._generators = generators or []  # bound so that Serve deploys them
         self._monitor = monitor
+        if self.services.settings.billing_enabled and self.services.settings.stripe_secret_key:
+            # Metered usage goes to Stripe from the outbox; several replicas share it safely.
+            self.services.billing.start_meter_reporter()
 
     def __serve_build_asgi_app__(self) -> Any:
         from serve_app.api.app import create_app
@@ -60,6 +63,8 @@ class Ingress:
         return create_app(self.services)
 
     def __del__(self) -> None:
+        if "billing" in vars(self.services):
+            self.services.billing.stop_meter_reporter()
         self.services.close()
 
 

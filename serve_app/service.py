@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -29,6 +29,9 @@ from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
 from serve_app.store.db import Database, Row
 from serve_app.store.tasks import TERMINAL, TaskQueue
+
+if TYPE_CHECKING:
+    from serve_app.billing import Billing
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,12 @@ class Services:
         return Batches(BatchStore(self.db))
 
     @cached_property
+    def billing(self) -> Billing:
+        from serve_app.billing import Billing
+
+        return Billing(self.settings, self.db)
+
+    @cached_property
     def downloads(self) -> DownloadSigner:
         """Signs the download links the API hands out (issue #14)."""
         return signer_from_settings(self.settings)
@@ -155,6 +164,13 @@ class Services:
                 return task_by_key, False
         if batch_id is None:  # a bulk job bounds its own items in flight
             self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
+        # Billing (off by default): 402 before anything is stored; the reservation itself is
+        # taken in the task insert's transaction below.
+        quote = (
+            self.billing.quote(account_id, options.model_dump(mode="json"))
+            if self.settings.billing_enabled
+            else None
+        )
         task_id = uuid.uuid4()
         keys = [
             artifact_keys.input_key(task_id, i, stored_suffix(data))
@@ -173,6 +189,8 @@ class Services:
                 priority=priority,
                 idempotency_key=idempotency_key,
                 batch_id=batch_id,
+                credits=quote.credits if quote else 0,
+                meter_event=quote.meter_event if quote else None,
             )
         except BaseException:
             self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))

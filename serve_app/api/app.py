@@ -17,7 +17,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, batches, downloads, files, health, observability, tasks, web
+from serve_app.api import (
+    accounts,
+    batches,
+    billing,
+    downloads,
+    files,
+    health,
+    observability,
+    tasks,
+    web,
+)
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -25,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
     400: "bad_request",
+    402: "payment_required",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -56,7 +67,7 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     app.include_router(health.health_router)
-    for module in (tasks, files, downloads, health, accounts, batches, web):
+    for module in (tasks, files, downloads, health, accounts, batches, billing, web):
         app.include_router(module.router)
 
     @app.exception_handler(Photo3DError)
