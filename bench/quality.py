@@ -261,8 +261,107 @@ def photo(view: Render, style: str, seed: int) -> Image.Image:
     if style == "transparent":
         return Image.fromarray(view.rgba, "RGBA")
     alpha = view.rgba[..., 3:4].astype(np.float32) / 255.0
+    if style in PHOTO_STYLES:
+        return Image.fromarray(photo_scene(view, style, seed), "RGB")
     composite = view.rgba[..., :3] * alpha + backdrop(len(alpha), seed) * (1.0 - alpha)
     return Image.fromarray(np.clip(composite + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+# --------------------------------------------------------------------------- photo-like scenes
+
+# Photo-like scenes: (wall style, table style). "near" walls take a colour close to the
+# object's own (the hard case: a teal drill in front of a green wall).
+PHOTO_STYLES = ("photo-near", "photo-wood", "photo-cloth")
+TABLE_WOOD = (150, 104, 66)
+TABLE_CLOTH = (150, 152, 156)
+
+
+def _object_colour(view: Render) -> np.ndarray:
+    """Median colour of the object in the render."""
+    return np.median(view.rgba[view.mask][:, :3].astype(np.float32), axis=0)
+
+
+def _near_colour(colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A colour a few ΔE from `colour`: slightly lighter/darker and shifted in hue."""
+    lab = cv2.cvtColor(colour.reshape(1, 1, 3).astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    lab = lab.reshape(3)
+    lightness = lab[0] + (12.0 if lab[0] < 55 else -12.0)
+    angle = rng.uniform(0, 2 * np.pi)
+    shifted = np.array([lightness, lab[1] + 8 * np.cos(angle), lab[2] + 8 * np.sin(angle)])
+    rgb = cv2.cvtColor(shifted.reshape(1, 1, 3).astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(rgb.reshape(3) * 255.0, 0, 255)
+
+
+def photo_scene(view: Render, style: str, seed: int) -> np.ndarray:
+    """A photo-like RGB scene around the render: a wall with a gradient and blotches (in a
+    colour near the object's for "photo-near"), a wood or cloth table seen in perspective on
+    which the object stands, a soft contact shadow under it, slight defocus and sensor noise."""
+    rng = np.random.default_rng(seed)
+    size = view.mask.shape[0]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    rows = np.flatnonzero(view.mask.any(axis=1))
+    top, bottom = float(rows[0]), float(rows[-1])
+    obj = _object_colour(view)
+    # The table's far edge crosses behind the object, a little tilted.
+    horizon = top + rng.uniform(0.45, 0.7) * (bottom - top)
+    tilt = rng.uniform(-0.06, 0.06)
+    edge = horizon + tilt * (xs - size / 2)
+
+    if style == "photo-near":
+        wall = _near_colour(obj, rng)
+        blotch_colour = _near_colour(obj, rng)
+    else:
+        wall = np.array(BACKDROPS[seed % len(BACKDROPS)][0], dtype=np.float32)
+        blotch_colour = _near_colour(obj, rng) if rng.random() < 0.5 else wall * 0.8
+    gradient = 1.08 - 0.18 * ys / size - 0.1 * np.abs(xs / size - rng.uniform(0.3, 0.7))
+    picture = wall[None, None] * gradient[..., None]
+    # Large soft blotches, some in the blotch colour.
+    field = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), size / 16)
+    field /= max(float(np.abs(field).max()), 1e-6)
+    weight = np.clip((field - 0.25) * 2.5, 0, 1)[..., None]
+    picture = picture * (1 - 0.7 * weight) + blotch_colour * gradient[..., None] * 0.7 * weight
+
+    # The table in perspective: depth ~ 1 / (row - horizon); texture in table coordinates.
+    below = ys - edge
+    depth = 0.35 * size / np.maximum(below + 0.02 * size, 1.0)
+    u = (xs - size / 2) * depth / size * 8.0
+    v = depth * 8.0
+    if style == "photo-cloth":
+        weave = 0.5 + 0.25 * np.sin(u * 40) * np.sin(v * 40)
+        table = np.array(TABLE_CLOTH, np.float32)[None, None] * (0.9 + 0.15 * weave[..., None])
+    else:
+        wobble = 0.4 * np.sin(v * 3.0 + 2 * np.sin(u * 0.7))
+        grain = 0.5 + 0.5 * np.sin((u + wobble) * 9.0 + rng.uniform(0, 6))
+        planks = (np.floor(u * 0.8) % 2)[..., None]
+        table = np.array(TABLE_WOOD, np.float32)[None, None] * (
+            0.85 + 0.15 * grain[..., None] - 0.08 * planks
+        )
+    # Farther parts of the table are a little lighter (light falls off towards the camera).
+    table = table * (1.05 - 0.15 * np.clip(below / size * 2.5, 0, 1))[..., None]
+    on_table = (below > 0)[..., None]
+    picture = np.where(on_table, table, picture)
+
+    # Contact shadow: the object's footprint, squashed onto the table and blurred, plus a
+    # wider ambient darkening.
+    mask = view.mask.astype(np.float32)
+    height = max(int(bottom - horizon), 4)
+    foot = mask[int(horizon) : int(bottom) + 1]
+    squashed = cv2.resize(foot, (size, max(2, height // 3)), interpolation=cv2.INTER_AREA)
+    footprint = np.zeros((size, size), np.float32)
+    start = int(bottom) + 1 - len(squashed) + max(2, size // 100)
+    start = min(start, size - len(squashed))
+    footprint[start : start + len(squashed)] = squashed
+    footprint = np.maximum(footprint, mask * (ys > horizon))
+    tight = cv2.GaussianBlur(footprint, (0, 0), size / 120)
+    wide = cv2.GaussianBlur(footprint, (0, 0), size / 30)
+    darkening = np.clip(0.45 * tight + 0.35 * wide / max(float(wide.max()), 1e-6), 0, 0.7)
+    picture = picture * (1.0 - darkening[..., None] * (below > -3)[..., None])
+
+    alpha = view.rgba[..., 3:4].astype(np.float32) / 255.0
+    composite = view.rgba[..., :3] * alpha + picture * (1.0 - alpha)
+    composite = cv2.GaussianBlur(composite.astype(np.float32), (0, 0), 0.7)
+    composite = composite + rng.normal(0, 2.5, composite.shape)
+    return np.clip(composite + 0.5, 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- predictions
