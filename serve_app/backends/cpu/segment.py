@@ -545,3 +545,11 @@ def _salient_parts(clear: np.ndarray, distance: np.ndarray) -> np.ndarray:
     keep[best] = True
     keep[0] = False
     return np.asarray(keep[labels] & clear)
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A boolean mask as an 8-bit greyscale PNG (255 = object)."""
+    ok, data = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise ValueError("could not encode the mask")
+    return bytes(data.tobytes())
