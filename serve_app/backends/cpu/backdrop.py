@@ -101,7 +101,11 @@ def fit_backdrop(rgb: np.ndarray, background: np.ndarray | None = None) -> Backd
         cluster_distance = np.min(
             np.linalg.norm(lab[:, :, None, :] - palette[None, None], axis=-1), axis=-1
         )
-        region_distance = np.minimum(field_distance, cluster_distance)
+        # The border palette only seeds the first pass; the refit uses the local estimate.
+        use_palette = background is None
+        region_distance = (
+            np.minimum(field_distance, cluster_distance) if use_palette else field_distance
+        )
         noise = 1.4826 * float(np.median(region_distance[chosen])) + 1e-3
         noises.append(noise)
         predicted[region] = field[region]
