@@ -422,14 +422,6 @@ def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.nd
             "clearly visible against a contrasting background, or upload a PNG with transparency."
         )
     labels = np.full(distance.shape, cv2.GC_PR_BGD, dtype=np.uint8)
-    # Pixels that differ from the smooth backdrop but match a border colour (a blotch of a
-    # colour near the object's) or the local estimate stay open: probable object where they
-    # join the clear parts, for GrabCut's colour models and edges to decide.
-    unsure = _keep_components_touching(
-        (np.where(model.shadow, 0.0, model.smooth_distance) > threshold) & ~model.ring,
-        clearly_object,
-    )
-    labels[unsure] = cv2.GC_PR_FGD
     labels[likely_object] = cv2.GC_PR_FGD
     # The border is background unless it looks like the object (an object cut by the frame).
     labels[model.ring & ~likely_object] = cv2.GC_BGD
