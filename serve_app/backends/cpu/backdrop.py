@@ -247,7 +247,7 @@ def _soft_shadows(candidates: np.ndarray, rgb: np.ndarray, predicted: np.ndarray
     ratio = lightness / np.maximum(predicted[..., 0] / LIGHTNESS_WEIGHT, 1.0)
     # Fine texture (wood grain, a weave) is not an edge: a median filter removes it and
     # keeps real edges sharp.
-    ratio = cv2.medianBlur(np.ascontiguousarray(ratio, dtype=np.float32), 5)
+    ratio = cv2.medianBlur(np.ascontiguousarray(ratio, dtype=np.float32), 3)
     kernel = np.ones((3, 3), np.uint8)
     crisp = (cv2.dilate(ratio, kernel) - cv2.erode(ratio, kernel)) > SHADOW_MAX_JUMP
     # Crisp edges split a dark part from the shadow it casts.

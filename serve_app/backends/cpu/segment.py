@@ -370,7 +370,7 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
         )
 
     model = fit_backdrop(small)
-    mask, salient = _grabcut_pass(small, model)
+    mask, salient, faint = _grabcut_pass(small, model)
     if mask.any():
         # Refine: the backdrop seen between and around the object teaches the colour model
         # more than the border alone (a blotch, the table's far part behind the object).
@@ -378,7 +378,7 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
         background = ~cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
         model = fit_backdrop(small, background)
-        mask, salient = _grabcut_pass(small, model)
+        mask, salient, faint = _grabcut_pass(small, model)
     if debug is not None:
         debug["backdrop_distance"] = np.clip(model.distance * 4.0, 0, 255).astype(np.uint8)
         debug["shadow"] = model.shadow.astype(np.uint8) * 255
@@ -389,7 +389,7 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     mask = _drop_necked_border_parts(mask, salient)
     mask = _keep_components_touching(mask, salient)
     mask = _fill_small_holes(mask, SMALL_HOLE_FRACTION)
-    mask = _fill_holes_unlike_backdrop(mask, (model.distance > 6.0) & ~model.shadow)
+    mask = _fill_holes_unlike_backdrop(mask, (model.distance > faint) & ~model.shadow)
     mask = _edge_aware_upsample(mask, rgb)
     coverage = float(mask.mean())
     if coverage < MIN_COVERAGE:
@@ -406,8 +406,9 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     return mask
 
 
-def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.ndarray]:
-    """One GrabCut on a Lab copy seeded from the backdrop model: (mask, salient seeds)."""
+def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.ndarray, float]:
+    """One GrabCut on a Lab copy seeded from the backdrop model: (mask, salient seeds, the
+    distance above which a pixel probably is not backdrop)."""
     distance = np.where(model.shadow, 0.0, model.distance).astype(np.float32)
     threshold = max(_otsu_threshold(distance), 3.0 * model.noise, 5.0)
     faint_threshold = max(0.5 * threshold, 2.0 * model.noise, 3.0)
@@ -446,7 +447,7 @@ def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.nd
     )
     mask = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    return mask.astype(bool), salient
+    return mask.astype(bool), salient, faint_threshold
 
 
 def _drop_necked_border_parts(mask: np.ndarray, salient: np.ndarray) -> np.ndarray:
