@@ -258,6 +258,18 @@ class Worker:
                 "media_type": "application/octet-stream",
                 "filename": name,
             }
+        # --- issue #17: the object mask the backend used, so a user can see why a model
+        # looks wrong (GET /api/v1/task/{id}/result/mask).
+        if asset.mask_png:
+            key = f"{prefix}/mask.png"
+            self.store.put(key, asset.mask_png)
+            files["mask"] = {
+                "key": key,
+                "bytes": len(asset.mask_png),
+                "media_type": "image/png",
+                "filename": "mask.png",
+            }
+        # --- end issue #17
         attempt.stage = "rendering preview"
         preview_png = asset.preview_png or preview.render_thumbnail(asset.glb)
         preview_key = f"{prefix}/preview.png"

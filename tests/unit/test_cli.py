@@ -46,3 +46,18 @@ def test_generate_other_format_and_clear_errors(tmp_path: Path) -> None:
     refused = run_cli("generate", str(bad), cwd=tmp_path)
     assert refused.returncode == 2
     assert "unsupported_image_type" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_generate_debug_dir_writes_the_mask(tmp_path: Path) -> None:
+    """`--debug-dir` shows why a model looks wrong: the mask and the segmentation steps."""
+    photo = tmp_path / "toy.jpg"
+    photo.write_bytes(object_photo(fmt="JPEG"))
+    debug = tmp_path / "debug"
+    result = run_cli("generate", str(photo), "-q", "--debug-dir", str(debug), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = {p.name for p in debug.iterdir()}
+    assert {"mask.png", "overlay.png", "backdrop_distance.png", "shadow.png"} <= names
+    from PIL import Image
+
+    with Image.open(debug / "mask.png") as mask, Image.open(photo) as original:
+        assert mask.size == original.size and mask.mode == "L"
