@@ -69,17 +69,21 @@ def main() -> int:
     parser.add_argument("--face-limit", type=int, default=GenerationOptions().face_limit)
     parser.add_argument("--texture-size", type=int, default=1024)
     parser.add_argument("--no-pin", action="store_true", help="do not pin to one CPU core")
+    parser.add_argument(
+        "--legacy", action="store_true", help="time the backend as it was before issue #17"
+    )
     args = parser.parse_args()
 
     cv2.setNumThreads(1)
     if not args.no_pin and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    backend = CPUBackend(Settings())
+    backend = CPUBackend(Settings(), legacy=args.legacy)
     backend.load()
     options = GenerationOptions(face_limit=args.face_limit, texture_size=args.texture_size)
 
     print(f"# {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()},")
     print(f"# opencv {cv2.__version__}, 1 thread, median of {args.runs} runs after 1 warm-up")
+    print(f"# backend: cpu{' (legacy, before issue #17)' if args.legacy else ''}")
     header = ["photo", "size", "method", *STAGES, "total", "faces", "glb_kb", "watertight"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

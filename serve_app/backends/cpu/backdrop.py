@@ -59,9 +59,10 @@ def weighted_lab(rgb: np.ndarray, blur: float = 1.0) -> np.ndarray:
     lab = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
     if blur > 0:
         lab = cv2.GaussianBlur(lab, (0, 0), blur)
-    lab = np.asarray(lab, dtype=np.float32)
-    lab[..., 0] *= LIGHTNESS_WEIGHT
-    return lab
+    weighted: np.ndarray = np.asarray(lab, dtype=np.float32) * np.array(
+        [LIGHTNESS_WEIGHT, 1.0, 1.0], dtype=np.float32
+    )
+    return weighted
 
 
 def border_ring(height: int, width: int) -> np.ndarray:
@@ -244,10 +245,10 @@ def _soft_shadows(candidates: np.ndarray, rgb: np.ndarray, predicted: np.ndarray
     """Shadow-like regions bounded by soft edges (a penumbra). A region mostly bounded by
     crisp edges is a dark part of the object instead (a grey blade on a grey table)."""
     lightness = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)[..., 0]
-    ratio = lightness / np.maximum(predicted[..., 0] / LIGHTNESS_WEIGHT, 1.0)
+    raw_ratio = lightness / np.maximum(predicted[..., 0] / LIGHTNESS_WEIGHT, 1.0)
     # Fine texture (wood grain, a weave) is not an edge: a median filter removes it and
     # keeps real edges sharp.
-    ratio = cv2.medianBlur(np.ascontiguousarray(ratio, dtype=np.float32), 3)
+    ratio = cv2.medianBlur(np.ascontiguousarray(raw_ratio, dtype=np.float32), 3)
     kernel = np.ones((3, 3), np.uint8)
     crisp = (cv2.dilate(ratio, kernel) - cv2.erode(ratio, kernel)) > SHADOW_MAX_JUMP
     # Crisp edges split a dark part from the shadow it casts.
