@@ -5,8 +5,9 @@
 
 Each case (scan name, view index, background style of bench/quality.py) is rendered into its
 scene, reconstructed by the backend before issue #17 (cpu-legacy) and as it is (cpu), and
-written as OUT_DIR/<case>.png: the photo, then four turns of each model (top row before,
-bottom row after), plus an animated WebP turntable of each (<case>-legacy.webp, <case>.webp).
+written as OUT_DIR/<case>.webp: the photo, then four turns of each model (top row before,
+bottom row after), plus an animated WebP turntable of each (<case>-turntable-legacy.webp,
+<case>-turntable.webp).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import io
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageSequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,7 +53,7 @@ def main() -> int:
                 [image], GenerationOptions(), lambda f, s: None
             )
             webp = render_turntable(asset.glb, size=SIZE, frames=FRAMES)
-            suffix = "-legacy" if legacy else ""
+            suffix = "-turntable-legacy" if legacy else "-turntable"
             (args.out / f"{name}-{view_index}-{style}{suffix}.webp").write_bytes(webp)
             frames = [
                 f.convert("RGBA") for f in ImageSequence.Iterator(Image.open(io.BytesIO(webp)))
@@ -67,8 +67,8 @@ def main() -> int:
         sheet.paste(image.resize((SIZE * 2, SIZE * 2)), (0, 0))
         for i, row in enumerate(rows):
             sheet.paste(row.convert("RGB"), (SIZE * 2, i * SIZE))
-        sheet.save(args.out / f"{name}-{view_index}-{style}.png", optimize=True)
-        print(f"wrote {name}-{view_index}-{style}.png", np.asarray(sheet).shape)
+        sheet.save(args.out / f"{name}-{view_index}-{style}.webp", quality=85)
+        print(f"wrote {name}-{view_index}-{style}.webp")
     return 0
 
 
