@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from serve_app.formats import FORMATS
 from serve_app.settings import Settings, get_settings
 
 log = logging.getLogger("photo3d")
@@ -84,20 +87,8 @@ def select_backends(
     return config
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
-    settings = get_settings()
-    run_dir = settings.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    url, _server = _database_url(settings)
-    from serve_app.store.migrate import migrate
-
-    migrate(url)
-    settings = get_settings()
-    settings.artifacts_path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PHOTO3D_RUN_DIR", str(run_dir))
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
-
+def serve_deploy_config(settings: Settings) -> dict[str, Any]:
+    """serve_config.yaml with the backends this machine can run and our HTTP host and port."""
     config = yaml.safe_load(settings.serve_config.read_text())
     wanted = os.environ.get("PHOTO3D_BACKENDS")
     config = select_backends(
@@ -110,20 +101,114 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": settings.host,
         "port": settings.port,
     }
+    return config
 
-    import ray
+
+def deploy_config(config: dict[str, Any]) -> None:
+    """Start Serve (public API) and deploy the config's applications without waiting.
+
+    Ray 2.60 has no public call that deploys a config file in-process: `serve deploy` posts it to
+    the dashboard's REST API (which PHOTO3D_DASHBOARD_PORT=0 leaves out), and `serve.run` takes a
+    single Application and drops the config's per-deployment settings (the autoscaling policy,
+    CPUs per replica). So this is the one place that uses Serve's private client, the same call
+    `serve deploy` ends in; check it first on a Ray upgrade."""
     from ray import serve
-    from ray.serve._private import api as serve_private_api
+    from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.model_validate(config)
+    serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client = _get_global_client()
+    if client is None:  # serve.start just made the controller; this would be a Ray bug
+        raise RuntimeError("Ray Serve did not start")
+    client.deploy_apps(schema, _blocking=False)
+
+
+def wait_until_running(deadline: float) -> bool:
+    """Wait for every application to be RUNNING; False (after printing why) when one failed or
+    the deadline passed."""
+    from ray import serve
+
+    while True:
+        statuses = serve.status().applications
+        states = {name: app.status for name, app in statuses.items()}
+        if states and all(str(s).endswith("RUNNING") for s in states.values()):
+            return True
+        failed = [
+            n for n, a in statuses.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))
+        ]
+        if failed or time.monotonic() > deadline:
+            for name, app in statuses.items():
+                print(f"application {name}: {app.status} {app.message}", file=sys.stderr)
+            return False
+        time.sleep(0.5)
+
+
+def ray_temp_dir(run_dir: Path) -> Path:
+    """Ray's temp dir: `<run dir>/ray`, unless that path is too long for the Unix sockets Ray
+    makes below it (107 bytes, reached by e.g. `session_<date>_<pid>/sockets/dash_MetricsHead`
+    when the checkout lives deep in a home folder); then a short one in the system temp dir,
+    named after the run dir so each checkout keeps its own."""
+    preferred = run_dir / "ray"
+    if len(str(preferred)) <= 36:
+        return preferred
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"photo3d-ray-{digest}"
+
+
+def wait_for_job_agent(timeout: float) -> bool:
+    """Wait until Ray's job server can take a job: it needs the head node's dashboard agent,
+    which registers itself some seconds after ray.init on a busy machine, and the job server
+    gives up after 10 s ("No available agent to submit job"). Ray has no public readiness call
+    for this, so this reads the agent's registration where the job server itself looks."""
+    import ray
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    key = (DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX + ray.get_runtime_context().get_node_id()).encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if key in _internal_kv_list(key, namespace=KV_NAMESPACE_DASHBOARD):
+            return True
+        time.sleep(0.5)
+    print("note: Ray's job agent is not up yet; `ray job submit` may ask to retry", file=sys.stderr)
+    return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
+    settings = get_settings()
+    run_dir = settings.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    url, _server = _database_url(settings)
+    from serve_app.store.migrate import migrate
+
+    migrate(url)
+    settings = get_settings()
+    settings.artifacts_path.mkdir(parents=True, exist_ok=True)
+    # Ray workers and Ray Jobs' drivers inherit this environment, and a job runs in its own
+    # working directory: give them absolute paths, and this interpreter as `python`.
+    os.environ["PHOTO3D_RUN_DIR"] = str(run_dir)
+    bin_dir = os.path.dirname(sys.executable)
+    os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
+    config = serve_deploy_config(settings)
+
+    import ray
+    from ray import serve
+
     ray.init(
         # "local": always a new cluster of our own; with no address Ray would join any cluster
         # another `ray start` left on this machine (another checkout's tests, say).
         address="local",
         namespace="serve",
-        _temp_dir=str(run_dir / "ray"),
-        include_dashboard=False,
+        _temp_dir=str(ray_temp_dir(run_dir)),
+        # The dashboard hosts Ray's job server (`ray job submit`, e.g. the bulk conversion
+        # job); on loopback only. PHOTO3D_DASHBOARD_PORT=0 leaves it out.
+        include_dashboard=settings.dashboard_port > 0,
+        dashboard_host="127.0.0.1",
+        dashboard_port=settings.dashboard_port or None,
         num_cpus=args.num_cpus,
         configure_logging=True,
         logging_level=logging.INFO,
@@ -144,25 +229,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    client = serve_private_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-    )
-    client.deploy_apps(schema, _blocking=False)
-    deadline = time.monotonic() + args.wait
-    while True:
-        statuses = serve.status().applications
-        states = {name: app.status for name, app in statuses.items()}
-        if states and all(str(s).endswith("RUNNING") for s in states.values()):
-            break
-        failed = [
-            n for n, a in statuses.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))
-        ]
-        if failed or time.monotonic() > deadline:
-            for name, app in statuses.items():
-                print(f"application {name}: {app.status} {app.message}", file=sys.stderr)
-            _stop(0, None)
-            return 1
-        time.sleep(0.5)
+    deploy_config(config)
+    if not wait_until_running(time.monotonic() + args.wait):
+        _stop(0, None)
+        return 1
+    if settings.dashboard_port:
+        wait_for_job_agent(timeout=30)
+        print(
+            f"Ray job server (ray job submit --address): http://127.0.0.1:{settings.dashboard_port}",
+            flush=True,
+        )
     print(
         f"photo3d is running at http://{settings.host}:{settings.port}  (Ctrl-C to stop)",
         flush=True,
@@ -296,7 +372,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     """Fetch (where the internet is reachable) or verify pinned model weights."""
-    from serve_app import weights
+    from serve_app.backends.gpu import weights
 
     dest = Path(args.dest) if args.dest else get_settings().weights_dir
     try:
@@ -350,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="+", help="photo file(s) of one object")
     p.add_argument("-o", "--output", help="output file (default: <photo>.<format>)")
     p.add_argument("--backend", help="backend name (default: PHOTO3D_DEFAULT_BACKEND or cpu)")
-    p.add_argument("--format", default="glb", choices=["glb", "obj", "stl", "ply", "usdz"])
+    p.add_argument("--format", default="glb", choices=list(FORMATS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--face-limit", type=int)
     p.add_argument("--texture-size", type=int)

@@ -1,19 +1,22 @@
 """The durable task queue on PostgreSQL: submit, claim (SKIP LOCKED), heartbeat, finish with a
-fencing token, retry with backoff, stalled-lease recovery, listing and timeline."""
+fencing token, retry with backoff, stalled-lease recovery, waiting for work (LISTEN/NOTIFY with
+polling behind it), the backlog the autoscaler reads, listing and timeline."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from serve_app.errors import InvalidInput
-from serve_app.store.db import Database, Row
+from serve_app.errors import InvalidInput, ServiceUnavailable
+from serve_app.store.db import Database, Row, query, translate_errors
+from serve_app.store.listen import QUEUED_CHANNEL, Listener
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -31,19 +34,35 @@ class Claim:
     max_attempts: int
 
 
-def encode_cursor(row: Row) -> str:
-    """Opaque cursor for keyset pagination after `row`."""
-    raw = f"{row['created_at'].isoformat()}|{row['id']}"
+def encode_cursor_parts(created_at: dt.datetime, key: object) -> str:
+    """Opaque cursor for keyset pagination after the row (created_at, key)."""
+    raw = f"{created_at.isoformat()}|{key}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor_parts(cursor: str) -> tuple[dt.datetime, str]:
+    """Inverse of encode_cursor_parts; a tampered cursor is a 4xx."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, sep, key = raw.partition("|")
+        if not sep:
+            raise ValueError("no separator")
+        return dt.datetime.fromisoformat(created), key
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("the cursor is not valid", code="invalid_cursor") from exc
+
+
+def encode_cursor(row: Row) -> str:
+    """Opaque cursor for keyset pagination after task `row`."""
+    return encode_cursor_parts(row["created_at"], row["id"])
 
 
 def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
     """Inverse of encode_cursor; a tampered cursor is a 4xx."""
+    created, key = decode_cursor_parts(cursor)
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, _, task_id = raw.partition("|")
-        return dt.datetime.fromisoformat(created), uuid.UUID(task_id)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return created, uuid.UUID(key)
+    except ValueError as exc:
         raise InvalidInput("the cursor is not valid", code="invalid_cursor") from exc
 
 
@@ -54,6 +73,7 @@ class TaskQueue:
         self.db = db
         self.lease_seconds = lease_seconds
         self.backoff_seconds = backoff_seconds
+        self._work_listener: Listener | None = None
 
     # --- producers -----------------------------------------------------------------
     def submit(
@@ -140,9 +160,9 @@ class TaskQueue:
     def events(self, task_id: uuid.UUID, after_id: int = 0) -> list[Row]:
         return self.db.fetch_all("task_events", {"id": task_id, "after_id": after_id})
 
-    def backlog(self, backends: list[str]) -> dict[str, dict[str, int]]:
-        rows = self.db.fetch_all("backlog", {"backends": backends})
-        return {r["backend"]: {"queued": r["queued"], "running": r["running"]} for r in rows}
+    def backlog(self, backends: list[str]) -> dict[str, Backlog]:
+        """Tasks ready to run and running, per backend (what the autoscaler scales on)."""
+        return _backlog(self.db.fetch_all("backlog", {"backends": backends}))
 
     def live_workers(self, alive_seconds: float) -> dict[str, int]:
         rows = self.db.fetch_all("live_workers", {"alive_seconds": alive_seconds})
@@ -226,7 +246,41 @@ class TaskQueue:
     def unregister_worker(self, worker_id: str) -> None:
         self.db.execute("delete_worker", {"id": worker_id})
 
+    def wait_for_work(self, timeout: float) -> bool:
+        """Sleep until a NOTIFY says a task was queued (True), or `timeout` passes (False):
+        the caller polls the queue either way, so a lost notification only costs latency."""
+        if self._work_listener is None:
+            self._work_listener = Listener(self.db.url, [QUEUED_CHANNEL])
+        return bool(self._work_listener.wait(timeout))
 
-def dumps(value: Any) -> str:
-    """JSON for log lines and SSE payloads (datetimes and UUIDs as strings)."""
-    return json.dumps(value, default=str, separators=(",", ":"))
+    def close(self) -> None:
+        """Drop the listening connection, if one was opened."""
+        if self._work_listener is not None:
+            self._work_listener.close()
+            self._work_listener = None
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Tasks of one backend: queued and ready to run (backoff over), and running."""
+
+    queued: int = 0
+    running: int = 0
+
+
+def _backlog(rows: list[Row]) -> dict[str, Backlog]:
+    return {r["backend"]: Backlog(int(r["queued"]), int(r["running"])) for r in rows}
+
+
+async def read_backlog(url: str, backends: list[str]) -> dict[str, Backlog]:
+    """The backlog over a short-lived async connection, for the Serve controller (which runs
+    the autoscaling policy in its event loop and has no pool of ours)."""
+    try:
+        with translate_errors():
+            async with await psycopg.AsyncConnection.connect(
+                url, connect_timeout=5, row_factory=dict_row
+            ) as conn:
+                cur = await conn.execute(query("backlog"), {"backends": backends})
+                return _backlog(await cur.fetchall())
+    except psycopg.Error as exc:  # e.g. the schema is not migrated yet: no backlog to read
+        raise ServiceUnavailable(f"backlog unreadable: {type(exc).__name__}") from exc
