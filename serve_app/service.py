@@ -9,24 +9,27 @@ import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
 from pydantic import ValidationError
 
-from serve_app import artifact_keys, exports, preview
+from serve_app import artifact_keys, exports, metrics, preview
 from serve_app.accounts import Accounts, Principal
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
 from serve_app.errors import Gone, InvalidInput, NotFound, Photo3DError
-from serve_app.images import ImageLimits, load_image, to_png
+from serve_app.images import ImageLimits, load_image, stored_suffix
+from serve_app.packaging import store_preview
 from serve_app.results import StoredFile, TaskResult
 from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
 from serve_app.store.db import Database, Row
 from serve_app.store.tasks import TERMINAL, TaskQueue
+
+if TYPE_CHECKING:
+    from serve_app.billing import Billing
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,12 @@ class Services:
     def batches(self) -> Batches:
         return Batches(BatchStore(self.db))
 
+    @cached_property
+    def billing(self) -> Billing:
+        from serve_app.billing import Billing
+
+        return Billing(self.settings, self.db)
+
     # --- generation ----------------------------------------------------------------
     def submit(
         self,
@@ -138,7 +147,8 @@ class Services:
             )
         options = parse_options(raw_options, self.settings, self.backends)
         limits = ImageLimits.from_settings(self.settings)
-        images: list[Image.Image] = [load_image(data, limits) for data in photos]
+        for data in photos:  # decoded in full to refuse what the worker could not read
+            load_image(data, limits)
         if idempotency_key is not None:
             # A retry must not store its photos again: answer with the original task.
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
@@ -146,11 +156,21 @@ class Services:
                 return task_by_key, False
         if batch_id is None:  # a bulk job bounds its own items in flight
             self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
+        # Billing (off by default): 402 before anything is stored; the reservation itself is
+        # taken in the task insert's transaction below.
+        quote = (
+            self.billing.quote(account_id, options.model_dump(mode="json"))
+            if self.settings.billing_enabled
+            else None
+        )
         task_id = uuid.uuid4()
-        keys = [artifact_keys.input_key(task_id, i) for i in range(len(images))]
+        keys = [
+            artifact_keys.input_key(task_id, i, stored_suffix(data))
+            for i, data in enumerate(photos)
+        ]
         try:
-            for key, image in zip(keys, images, strict=True):
-                self.artifacts.put(key, to_png(image))
+            for key, data in zip(keys, photos, strict=True):
+                self.artifacts.put(key, data)
             row, created = self.queue.submit(
                 task_id=task_id,
                 account_id=account_id,
@@ -161,6 +181,8 @@ class Services:
                 priority=priority,
                 idempotency_key=idempotency_key,
                 batch_id=batch_id,
+                credits=quote.credits if quote else 0,
+                meter_event=quote.meter_event if quote else None,
             )
         except BaseException:
             self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))
@@ -168,6 +190,11 @@ class Services:
         if not created:
             self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))
             return row, False
+        metrics.task_submitted(str(options.backend))
+        log.info(
+            "task queued",
+            extra={"task_id": str(task_id), "account_id": account_id, "backend": options.backend},
+        )
         return self.queue.get(task_id, account_id) or row, True  # with its queue position
 
     # --- reading -------------------------------------------------------------------
@@ -204,6 +231,12 @@ class Services:
                 f"task {task_id} has no result yet (status {row['status']})", code="task_not_ready"
             )
         if fmt == "preview":
+            if not result.preview.ready and not self.artifacts.exists(result.preview.key):
+                # Asked for before the worker rendered it (or the worker died first).
+                glb = self.artifacts.get(result.files["glb"].key)
+                return store_preview(
+                    self.artifacts, result.preview.key, None, glb, str(row["backend"])
+                ).as_file()
             return result.preview.as_file()
         if fmt == "turntable":
             # Rendered on first request (a few CPU seconds), then kept beside the preview.

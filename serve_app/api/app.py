@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, batches, files, health, tasks, web
+from serve_app.api import accounts, batches, billing, files, health, observability, tasks, web
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
     400: "bad_request",
+    402: "payment_required",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -56,7 +57,7 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     app.include_router(health.health_router)
-    for module in (tasks, files, health, accounts, batches, web):
+    for module in (tasks, files, health, accounts, batches, billing, web):
         app.include_router(module.router)
 
     @app.exception_handler(Photo3DError)
@@ -115,6 +116,9 @@ def create_app(services: Services) -> FastAPI:
             expose_headers=["Location", "Retry-After"],
             max_age=600,
         )
+
+    # --- observability (#13): request metrics and request ids; added last = outermost --------
+    observability.observe(app)
 
     page = static_dir()
     if (page / "index.html").is_file():

@@ -32,6 +32,11 @@ class TaskResult(BaseModel):
 
     files: list[FileLink]
     preview_url: str
+    preview_ready: bool = Field(
+        True,
+        description="False for a moment after success while the preview renders (a task "
+        "succeeds as soon as its model is stored); preview_url works either way.",
+    )
     turntable_url: str
     stats: dict[str, Any] = Field(default_factory=dict)
 
@@ -61,6 +66,8 @@ class Task(BaseModel):
     result: TaskResult | None = None
     batch_id: str | None = None
     expired_at: dt.datetime | None = Field(None, description="When the result files were deleted.")
+    credits_reserved: int = Field(0, description="Credits held for this task when accepted.")
+    credits_charged: int = Field(0, description="Credits charged (on success only).")
     links: dict[str, str]
 
 
@@ -119,6 +126,7 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
                 for fmt, info in stored.files.items()
             ],
             preview_url=f"{link}/preview",
+            preview_ready=stored.preview.ready,
             turntable_url=f"{link}/turntable",
             stats=stored.stats,
         )
@@ -148,6 +156,8 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
         result=result,
         batch_id=row.get("batch_id"),
         expired_at=row.get("expired_at"),
+        credits_reserved=row.get("credits_reserved") or 0,
+        credits_charged=row.get("credits_charged") or 0,
         links={
             "self": link,
             "events": f"{link}/events",

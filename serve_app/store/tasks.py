@@ -32,6 +32,8 @@ class Claim:
     options: dict[str, Any]
     inputs: list[str]
     max_attempts: int
+    account_id: str | None = None  # for log lines
+    queue_wait_seconds: float = 0.0  # from "could run" (submit or backoff end) to this claim
 
 
 def encode_cursor_parts(created_at: dt.datetime, key: object) -> str:
@@ -88,9 +90,12 @@ class TaskQueue:
         priority: int = 0,
         idempotency_key: str | None = None,
         batch_id: str | None = None,
+        credits: int = 0,
+        meter_event: str | None = None,
     ) -> tuple[Row, bool]:
         """Insert a queued task; returns (row, created). An idempotency key already used by this
-        account returns the original task and created=False."""
+        account returns the original task and created=False. With billing, `credits` are
+        reserved (or `meter_event` noted) in the insert's own transaction."""
         params = {
             "id": task_id,
             "account_id": account_id,
@@ -102,7 +107,12 @@ class TaskQueue:
             "idempotency_key": idempotency_key,
             "batch_id": batch_id,
         }
-        row = self.db.fetch_one("insert_task", params)
+        if credits or meter_event:
+            from serve_app.store.ledger import insert_task_reserving
+
+            row = insert_task_reserving(self.db, params, credits=credits, meter_event=meter_event)
+        else:
+            row = self.db.fetch_one("insert_task", params)
         if row is not None:
             return row, True
         existing = self.by_idempotency_key(account_id, idempotency_key or "")
@@ -170,11 +180,16 @@ class TaskQueue:
 
     # --- workers -------------------------------------------------------------------
     def claim(self, worker_id: str, backends: list[str]) -> Claim | None:
-        """Take the next task for these backends, or None when there is none."""
-        row = self.db.fetch_one(
-            "claim_task",
-            {"backends": backends, "worker_id": worker_id, "lease_seconds": self.lease_seconds},
-        )
+        """Take the next task for these backends (in the order given), or None when there is
+        none."""
+        row = None
+        for backend in backends:
+            row = self.db.fetch_one(
+                "claim_task",
+                {"backend": backend, "worker_id": worker_id, "lease_seconds": self.lease_seconds},
+            )
+            if row is not None:
+                break
         if row is None:
             return None
         return Claim(
@@ -184,6 +199,8 @@ class TaskQueue:
             options=row["options"],
             inputs=row["inputs"],
             max_attempts=row["max_attempts"],
+            account_id=row.get("account_id"),
+            queue_wait_seconds=queue_wait_seconds(row),
         )
 
     def heartbeat(
@@ -206,6 +223,14 @@ class TaskQueue:
         """Record the result; False when a newer attempt or a cancel owns the task."""
         row = self.db.fetch_one(
             "finish_succeeded", {"id": claim.id, "attempt": claim.attempt, "result": Jsonb(result)}
+        )
+        return row is not None
+
+    def preview_ready(self, claim: Claim, size: int) -> bool:
+        """Mark the preview of this attempt's result rendered; False when the task has moved on
+        (deleted, or another attempt's result)."""
+        row = self.db.fetch_one(
+            "preview_ready", {"id": claim.id, "attempt": claim.attempt, "bytes": size}
         )
         return row is not None
 
@@ -284,3 +309,17 @@ async def read_backlog(url: str, backends: list[str]) -> dict[str, Backlog]:
                 return _backlog(await cur.fetchall())
     except psycopg.Error as exc:  # e.g. the schema is not migrated yet: no backlog to read
         raise ServiceUnavailable(f"backlog unreadable: {type(exc).__name__}") from exc
+
+
+def queue_wait_seconds(row: Row) -> float:
+    """Seconds a claimed attempt waited: from submit (or the end of its retry backoff) to the
+    claim."""
+    started, created, run_after = (
+        row.get("attempt_started_at"),
+        row.get("created_at"),
+        row.get("run_after"),
+    )
+    if started is None or created is None:
+        return 0.0
+    ready = max(created, run_after) if run_after is not None else created
+    return max(0.0, (started - ready).total_seconds())
