@@ -20,8 +20,9 @@ from serve_app.backends.base import GenerationOptions
 from serve_app.errors import Gone, InvalidInput, NotFound
 from serve_app.images import ImageLimits, load_image, to_png
 from serve_app.settings import Settings
+from serve_app.store.changes import TaskChanges
 from serve_app.store.db import Database, Row
-from serve_app.store.tasks import TaskQueue
+from serve_app.store.tasks import ActiveTaskLimitReached, TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,11 @@ class Services:
     def accounts(self) -> Accounts:
         return Accounts(self.db)
 
+    @cached_property
+    def task_changes(self) -> TaskChanges:
+        """This process's one LISTEN connection for event streams (issue 10)."""
+        return TaskChanges(self.db.url)
+
     # --- generation ----------------------------------------------------------------
     def submit(
         self,
@@ -111,6 +117,7 @@ class Services:
             for key, image in zip(keys, images, strict=True):
                 self.store.put(key, to_png(image))
             row, created = self.queue.submit(
+                max_active=self.settings.max_active_tasks,  # checked again, atomically
                 task_id=task_id,
                 account_id=account_id,
                 backend=str(options.backend),
@@ -121,6 +128,9 @@ class Services:
                 idempotency_key=idempotency_key,
                 batch_id=batch_id,
             )
+        except ActiveTaskLimitReached as exc:
+            self.store.delete_prefix(f"inputs/{task_id}")
+            raise self.accounts.too_many_active(exc.limit) from exc
         except BaseException:
             self.store.delete_prefix(f"inputs/{task_id}")
             raise

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
 from serve_app.api import accounts, files, health, tasks
+from serve_app.api.limits import AddressThrottle, EdgeGuard, InFlight
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -27,6 +28,7 @@ _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -55,6 +57,13 @@ def create_app(services: Services) -> FastAPI:
         '`{"error": {"code": "...", "message": "..."}}`.',
     )
     app.state.services = services
+    # Tenant fairness (issue 10): per-account caps on long-held requests in this replica.
+    settings = services.settings
+    app.state.streams = InFlight("streams", settings.max_streams_per_account)
+    app.state.uploads = InFlight("uploads", settings.max_uploads_per_account)
+    app.state.auth_failures = AddressThrottle(
+        settings.auth_failures_per_address, settings.rate_limit_window_seconds
+    )
     app.include_router(health.health_router)
     for module in (tasks, files, health, accounts):
         app.include_router(module.router)
@@ -115,6 +124,14 @@ def create_app(services: Services) -> FastAPI:
             expose_headers=["Location", "Retry-After"],
             max_age=600,
         )
+
+    # Outermost: refuses control characters before routing and bounds every request body.
+    app.add_middleware(
+        EdgeGuard,
+        body_timeout=settings.body_timeout_seconds,
+        min_rate=settings.body_min_rate_bytes_per_s,
+        grace=settings.body_grace_seconds,
+    )
 
     web = static_dir()
     if (web / "index.html").is_file():

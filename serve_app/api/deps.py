@@ -6,7 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from serve_app.accounts import LOCAL_ACCOUNT, Forbidden, Principal
+from serve_app.accounts import LOCAL_ACCOUNT, Forbidden, Principal, Unauthorized
+from serve_app.api.limits import AddressThrottle
 from serve_app.api.schemas import ErrorResponse
 from serve_app.service import Services
 
@@ -30,16 +31,31 @@ def current_principal(
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Principal:
     """Who is calling. A key is required when auth is enforced; without enforcement a request
-    with no key is the single local user. Each key's requests are rate-limited."""
+    with no key is the single local user. Requests are rate-limited per key and per account."""
     settings = services.settings
     if authorization is None and not settings.auth_enforced:
         return Principal(LOCAL_ACCOUNT, None)
-    principal = services.accounts.authenticate(authorization)
-    services.accounts.count_request(
-        principal.key_prefix or principal.account_id,
-        settings.rate_limit_requests,
-        settings.rate_limit_window_seconds,
-    )
+    # Failed authentications are throttled per client address, before the key lookup.
+    throttle: AddressThrottle = request.app.state.auth_failures
+    address = request.client.host if request.client else "unknown"
+    throttle.check(address)
+    try:
+        principal = services.accounts.authenticate(authorization)
+    except Unauthorized:
+        throttle.record_failure(address)
+        raise
+    if principal.key_prefix is None:
+        services.accounts.count_request(
+            principal.account_id, settings.rate_limit_requests, settings.rate_limit_window_seconds
+        )
+    else:  # per key, and per account so that more keys do not mean more requests
+        services.accounts.count_key_and_account(
+            principal.key_prefix,
+            principal.account_id,
+            settings.rate_limit_requests,
+            settings.rate_limit_account_requests,
+            settings.rate_limit_window_seconds,
+        )
     return principal
 
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from serve_app import __version__
-from serve_app.api.deps import ERRORS, ServicesDep
+from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
 from serve_app.api.schemas import BackendInfo, Health
 from serve_app.backends import available_backends
 from serve_app.errors import Photo3DError
@@ -18,7 +18,7 @@ health_router = APIRouter(tags=["health"])
 @router.get(
     "/backends", response_model=list[BackendInfo], summary="Backends served here and their workers"
 )
-def list_backends(services: ServicesDep) -> list[BackendInfo]:
+def list_backends(services: ServicesDep, account: AccountDep) -> list[BackendInfo]:
     workers = services.queue.live_workers(services.settings.worker_alive_seconds)
     return [
         BackendInfo(

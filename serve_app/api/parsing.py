@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from serve_app.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -148,14 +147,12 @@ async def parse_generate(
                 raise InvalidInput(
                     "send either image(s) or image_url, not both", code="conflicting_inputs"
                 )
-            photo = await run_in_threadpool(
-                lambda: fetch_image_url(
-                    image_url,
-                    max_bytes=settings.max_upload_bytes,
-                    timeout=settings.url_fetch_timeout_seconds,
-                    max_redirects=settings.url_max_redirects,
-                    allow_hosts=settings.url_allow_host_set,
-                )
+            photo = await fetch_image_url(
+                image_url,
+                max_bytes=settings.max_upload_bytes,
+                timeout=settings.url_fetch_timeout_seconds,
+                max_redirects=settings.url_max_redirects,
+                allow_hosts=settings.url_allow_host_set,
             )
             return [photo], _json_options(payload)
         if not isinstance(raw_images, list) or not raw_images:

@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from serve_app.errors import ServiceUnavailable
+from serve_app.errors import InvalidInput, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,16 @@ def query(name: str) -> str:
 
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn connection-level driver errors into ServiceUnavailable (the API answers 503)."""
+    """Turn connection-level driver errors into ServiceUnavailable (the API answers 503) and
+    data errors into InvalidInput (422)."""
     try:
         yield
+    except psycopg.DataError as exc:
+        # Text PostgreSQL cannot store (a NUL byte), a number out of range: the caller's input.
+        raise InvalidInput(
+            "the request holds a value the database cannot store (control characters?)",
+            code="invalid_characters",
+        ) from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:
         log.warning("database unavailable: %s", type(exc).__name__)
         raise ServiceUnavailable("the database is unavailable; retry shortly") from exc
@@ -88,6 +95,15 @@ class Database:
         """Run statement `name` that returns no rows; return the number of rows affected."""
         with self.connection() as conn:
             return conn.execute(query(name), params or {}).rowcount
+
+    def fetch_one_locked(
+        self, lock: str, name: str, params: dict[str, Any] | None = None
+    ) -> Row | None:
+        """Run query `name` in a transaction holding the advisory lock `lock`: a check and a
+        write in one query (count, then insert) cannot interleave with another holder's."""
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
+            return conn.execute(query(name), params or {}).fetchone()
 
     def ping(self) -> None:
         """Raise ServiceUnavailable unless the database answers."""
