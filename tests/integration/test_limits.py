@@ -139,7 +139,7 @@ def test_failed_authentication_is_throttled_per_address(
         rate_limit_window_seconds=60,
     )
     bad = {"Authorization": "Bearer p3d_aaaaaaaa_" + "x" * 32}
-    with app_client(settings) as (services, client):
+    with app_client(settings) as (_, client):
         wait_for_fresh_window(60)
         codes = [client.get("/api/v1/tasks", headers=bad).status_code for _ in range(7)]
         assert codes == [401] * 5 + [429] * 2
