@@ -128,9 +128,7 @@ def test_keys_cap_holds_under_concurrency(database_url: str, tmp_path: Path) -> 
         assert len(services.accounts.list_keys("peggy")) == 5
 
 
-def test_failed_authentication_is_throttled_per_address(
-    database_url: str, tmp_path: Path
-) -> None:
+def test_failed_authentication_is_throttled_per_address(database_url: str, tmp_path: Path) -> None:
     settings = Settings(
         database_url=database_url,
         run_dir=tmp_path,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import jsonschema
-import pytest
 import yaml
+
+from tests.support.required import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "k8s" / "crds"
@@ -47,7 +48,7 @@ def test_manifest_follows_kuberay_practice() -> None:
 def test_manifest_is_valid_against_the_kuberay_crd() -> None:
     crd_path = CRDS / "ray.io_rayservices.yaml"
     if not crd_path.exists():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS} (they ship in ../shared/k8s/crds)")
+        missing(f"KubeRay CRDs not found at {CRDS} (they ship in ../shared/k8s/crds)")
     crd = yaml.safe_load(crd_path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     jsonschema.validate(manifest(), version["schema"]["openAPIV3Schema"])
@@ -56,7 +57,7 @@ def test_manifest_is_valid_against_the_kuberay_crd() -> None:
 def test_bulk_convert_rayjob_is_valid_against_the_kuberay_crd() -> None:
     crd_path = CRDS / "ray.io_rayjobs.yaml"
     if not crd_path.exists():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS} (they ship in ../shared/k8s/crds)")
+        missing(f"KubeRay CRDs not found at {CRDS} (they ship in ../shared/k8s/crds)")
     crd = yaml.safe_load(crd_path.read_text())
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     job = yaml.safe_load((ROOT / "k8s" / "rayjob.bulk-convert.yaml").read_text())
