@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +26,7 @@ _HTTP_CODES = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
-    408: "request_timeout",
+    408: "body_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -98,22 +96,6 @@ def create_app(services: Services) -> FastAPI:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "an unexpected error occurred")
 
-    timeout = services.settings.request_timeout_seconds
-
-    @app.middleware("http")
-    async def _time_limit(request: Request, call_next: Any) -> Any:
-        # Bounds the time to the response headers; a stream's body may then run on.
-        try:
-            return await asyncio.wait_for(call_next(request), timeout)
-        except TimeoutError:
-            log.warning("%s %s timed out after %.0fs", request.method, request.url.path, timeout)
-            return error_response(
-                503,
-                "request_timeout",
-                f"the request took longer than {timeout:.0f} s; retry",
-                {"Retry-After": "5"},
-            )
-
     origins = services.settings.cors_origin_list
     if origins:
         app.add_middleware(
@@ -125,9 +107,11 @@ def create_app(services: Services) -> FastAPI:
             max_age=600,
         )
 
-    # Outermost: refuses control characters before routing and bounds every request body.
+    # Outermost: refuses control characters before routing, bounds every request body and the
+    # time to the response headers (a stream's body may then run on).
     app.add_middleware(
         EdgeGuard,
+        request_timeout=settings.request_timeout_seconds,
         body_timeout=settings.body_timeout_seconds,
         min_rate=settings.body_min_rate_bytes_per_s,
         grace=settings.body_grace_seconds,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import urllib.parse
 from collections import Counter
@@ -28,6 +29,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
 def has_control_characters(text: str) -> bool:
     """Whether `text` holds a C0 control character (NUL included) or DEL. PostgreSQL refuses
     NUL in text, and no name, id or filter of this API needs any of them."""
@@ -35,19 +43,23 @@ def has_control_characters(text: str) -> bool:
 
 
 class EdgeGuard:
-    """Pure ASGI middleware: refuses control characters in the path and the query (400), and
-    reads every request body under a deadline for the whole body and, after a grace period, a
-    minimum rate (408 for a client that trickles). Streaming receive is kept: nothing buffers."""
+    """Pure ASGI middleware (so that errors raised while reading the body reach the app's error
+    handlers as they are): refuses control characters in the path and the query (400); reads
+    every request body under a deadline for the whole body and, after a grace period, a
+    minimum rate (408 for a client that trickles); answers 503 when the response headers are
+    not ready within `request_timeout` (a stream's body may then run on)."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
+        request_timeout: float,
         body_timeout: float,
         min_rate: int,
         grace: float,
     ) -> None:
         self.app = app
+        self.request_timeout = request_timeout
         self.body_timeout = body_timeout
         self.min_rate = min_rate
         self.grace = grace
@@ -60,18 +72,44 @@ class EdgeGuard:
         if has_control_characters(scope.get("path", "")) or has_control_characters(
             urllib.parse.unquote_plus(query)
         ):
-            response = JSONResponse(
-                {
-                    "error": {
-                        "code": "invalid_characters",
-                        "message": "the path or query contains control characters",
-                    }
-                },
-                status_code=400,
+            await _error(400, "invalid_characters", "the path or query has control characters")(
+                scope, receive, send
             )
-            await response(scope, receive, send)
             return
-        await self.app(scope, self._timed(receive), send)
+        started = asyncio.Event()
+
+        async def watched_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                started.set()
+            await send(message)
+
+        app = asyncio.ensure_future(self.app(scope, self._timed(receive), watched_send))
+        headers = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait({app, headers}, timeout=self.request_timeout)
+            if not started.is_set() and not app.done():
+                app.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await app
+                log.warning(
+                    "%s %s timed out after %.0fs",
+                    scope.get("method"),
+                    scope.get("path"),
+                    self.request_timeout,
+                )
+                response = _error(
+                    503,
+                    "request_timeout",
+                    f"the request took longer than {self.request_timeout:.0f} s; retry",
+                )
+                response.headers["Retry-After"] = "5"
+                await response(scope, receive, send)
+                return
+            await app
+        finally:
+            headers.cancel()
+            if not app.done():
+                app.cancel()
 
     def _timed(self, receive: Receive) -> Receive:
         start = time.monotonic()
