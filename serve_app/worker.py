@@ -132,7 +132,10 @@ class Worker:
 
     def run_once(self) -> bool:
         """Recover stalled tasks, claim one and run it; False when there was nothing to do."""
-        self.queue.recover_stalled()
+        for stalled in self.queue.recover_stalled():
+            # The stalled attempt's files (written in part before its worker died) are never
+            # served: its task runs again as a new attempt, or has failed.
+            self.store.delete_prefix(f"tasks/{stalled['id']}/attempt-{stalled['attempt']}")
         self.reap_expired()
         claim = self.queue.claim(self.worker_id, [self.backend.name])
         if claim is None:
