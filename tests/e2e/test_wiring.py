@@ -25,7 +25,7 @@ def stack(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
         with run_stack(
             tmp_path_factory.mktemp("wiring"),
             url,
-            ingress_replicas=2,
+            ingress={"num_replicas": 2},
             env={
                 "PHOTO3D_POLL_SECONDS": "60",
                 "PHOTO3D_RESULT_RETENTION_SECONDS": str(RETENTION_S),

@@ -41,7 +41,7 @@ class Stack:
     log_path: Path
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+        return httpx.Client(base_url=self.url, **{"timeout": 30, **kwargs})
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
@@ -76,16 +76,16 @@ class Stack:
 
 
 def write_config(
-    path: Path, extra_backends: dict[str, float], ingress_replicas: int | None = None
+    path: Path, extra_backends: dict[str, float], ingress: dict[str, Any] | None = None
 ) -> Path:
-    """serve_config.yaml plus fake backends (name -> CPUs), with CPUs sized for a 2-core CI."""
+    """serve_config.yaml plus fake backends (name -> CPUs), with CPUs sized for a 2-core CI;
+    `ingress` overrides fields of the Ingress deployment (num_replicas, max_ongoing_requests)."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
-    if ingress_replicas is not None:
-        for deployment in app["deployments"]:
-            if deployment["name"] == "Ingress":
-                deployment["num_replicas"] = ingress_replicas
-                deployment["ray_actor_options"]["num_cpus"] = 0.1
+    for deployment in app["deployments"]:
+        if deployment["name"] == "Ingress" and ingress:
+            deployment.update(ingress)
+            deployment["ray_actor_options"]["num_cpus"] = 0.1
     for name, cpus in extra_backends.items():
         app["args"]["backends"].append(name)
         app["deployments"].append(
@@ -110,14 +110,14 @@ def run_stack(
     extra_backends: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 240,
-    ingress_replicas: int | None = None,
+    ingress: dict[str, Any] | None = None,
 ) -> Iterator[Stack]:
     """Run `photo3d serve` until the block ends; fails with the server log if it never starts.
     A port taken between choosing and binding it is retried with another."""
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = extra_backends or {}
     config = write_config(
-        run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra}, ingress_replicas
+        run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra}, ingress
     )
     for attempt in range(3):
         try:
