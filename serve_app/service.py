@@ -17,9 +17,11 @@ from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
+from serve_app.batches import Batches
 from serve_app.errors import Gone, InvalidInput, NotFound
 from serve_app.images import ImageLimits, load_image, to_png
 from serve_app.settings import Settings
+from serve_app.store.batches import BatchStore
 from serve_app.store.changes import TaskChanges
 from serve_app.store.db import Database, Row
 from serve_app.store.tasks import ActiveTaskLimitReached, TaskQueue
@@ -83,6 +85,10 @@ class Services:
         """This process's one LISTEN connection for event streams (issue 10)."""
         return TaskChanges(self.db.url)
 
+    @cached_property
+    def batches(self) -> Batches:
+        return Batches(BatchStore(self.db))
+
     # --- generation ----------------------------------------------------------------
     def submit(
         self,
@@ -110,7 +116,8 @@ class Services:
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
             if task_by_key is not None:
                 return task_by_key, False
-        self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
+        if batch_id is None:  # a bulk job bounds its own items in flight
+            self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         task_id = uuid.uuid4()
         keys = [f"inputs/{task_id}/photo-{i}.png" for i in range(len(images))]
         try:

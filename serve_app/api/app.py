@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, files, health, tasks
+from serve_app.api import accounts, batches, files, health, tasks
 from serve_app.api.limits import AddressThrottle, EdgeGuard, InFlight
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
@@ -63,7 +63,7 @@ def create_app(services: Services) -> FastAPI:
         settings.auth_failures_per_address, settings.rate_limit_window_seconds
     )
     app.include_router(health.health_router)
-    for module in (tasks, files, health, accounts):
+    for module in (tasks, files, health, accounts, batches):
         app.include_router(module.router)
 
     @app.exception_handler(Photo3DError)

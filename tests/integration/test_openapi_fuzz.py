@@ -57,7 +57,6 @@ def test_api_never_errors_and_keeps_its_schema(app: object) -> None:
 
 def test_schema_file_is_valid_openapi(app: object, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
-
     from openapi_spec_validator import validate
 
     spec = TestClient(app).get("/openapi.json").json()  # type: ignore[arg-type]
