@@ -72,6 +72,7 @@ VALID_PATH = {
     "prefix": "abcd1234",
     "account_id": "local",
     "fmt": "glb",
+    "batch_id": "b1",
 }
 
 
