@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     max_keys_per_account: int = Field(default=20, ge=1, description="active API keys per account")
     # Failed authentications per client address per window, before 429 without a lookup.
     auth_failures_per_address: int = Field(default=20, ge=1)
+    # Behind a reverse proxy every request comes from the proxy's address: name the header it
+    # appends the client's address to (e.g. X-Forwarded-For; its last entry is used).
+    client_address_header: str = ""
     max_streams_per_account: int = Field(
         default=4, ge=1, description="open SSE streams per replica"
     )

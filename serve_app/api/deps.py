@@ -25,6 +25,16 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+def client_address(request: Request, header: str) -> str:
+    """The caller's address: the last entry of `header` when a reverse proxy sets it, else the
+    connection's peer."""
+    if header:
+        forwarded = request.headers.get(header, "").rsplit(",", 1)[-1].strip()
+        if forwarded:
+            return forwarded[:100]
+    return request.client.host if request.client else "unknown"
+
+
 def current_principal(
     request: Request,
     services: ServicesDep,
@@ -37,12 +47,13 @@ def current_principal(
         return Principal(LOCAL_ACCOUNT, None)
     # Failed authentications are throttled per client address, before the key lookup.
     throttle: AddressThrottle = request.app.state.auth_failures
-    address = request.client.host if request.client else "unknown"
+    address = client_address(request, settings.client_address_header)
     throttle.check(address)
     try:
         principal = services.accounts.authenticate(authorization)
-    except Unauthorized:
-        throttle.record_failure(address)
+    except Unauthorized as exc:
+        if exc.code == "invalid_api_key":  # a key that cost a lookup (a missing one costs none)
+            throttle.record_failure(address)
         raise
     if principal.key_prefix is None:
         services.accounts.count_request(

@@ -144,9 +144,35 @@ def test_failed_authentication_is_throttled_per_address(database_url: str, tmp_p
         limited = client.get("/api/v1/tasks", headers=bad)
         assert limited.json()["error"]["code"] == "too_many_auth_failures"
         assert int(limited.headers["retry-after"]) >= 1
-        # Another address is not affected.
+        # Another address is not affected; a request without a key costs no lookup and is
+        # not counted.
         with TestClient(client.app, client=("203.0.113.7", 5000)) as elsewhere:
             assert elsewhere.get("/api/v1/tasks", headers=bad).status_code == 401
+            assert [elsewhere.get("/api/v1/tasks").status_code for _ in range(6)] == [401] * 6
+            assert elsewhere.get("/api/v1/tasks", headers=bad).status_code == 401
+
+
+def test_failed_authentication_behind_a_proxy_counts_the_forwarded_address(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = Settings(
+        database_url=database_url,
+        run_dir=tmp_path,
+        auth_required=True,
+        auth_failures_per_address=2,
+        client_address_header="X-Forwarded-For",
+    )
+    bad = {"Authorization": "Bearer p3d_aaaaaaaa_" + "x" * 32}
+    with app_client(settings) as (_, client):
+        wait_for_fresh_window(60)
+        one = {**bad, "X-Forwarded-For": "198.51.100.1, 203.0.113.1"}
+        other = {**bad, "X-Forwarded-For": "198.51.100.1, 203.0.113.2"}
+        assert [client.get("/api/v1/tasks", headers=one).status_code for _ in range(3)] == [
+            401,
+            401,
+            429,
+        ]
+        assert client.get("/api/v1/tasks", headers=other).status_code == 401
 
 
 def test_nul_and_control_characters_are_a_4xx(database_url: str, tmp_path: Path) -> None:
