@@ -124,7 +124,8 @@ class Services:
             for key, image in zip(keys, images, strict=True):
                 self.store.put(key, to_png(image))
             row, created = self.queue.submit(
-                max_active=self.settings.max_active_tasks,  # checked again, atomically
+                # checked again, atomically; a bulk job bounds its own items in flight
+                max_active=self.settings.max_active_tasks if batch_id is None else None,
                 task_id=task_id,
                 account_id=account_id,
                 backend=str(options.backend),

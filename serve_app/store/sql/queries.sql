@@ -232,13 +232,15 @@ WHERE id = %(id)s AND expired_at IS NULL;
 -- (Database.fetch_one_locked), so the count and the insert cannot interleave with another's.
 
 -- name: insert_task_within_limit
--- The task is inserted only while the account has fewer than max_active tasks queued or running.
+-- The task is inserted only while the account has fewer than max_active interactive tasks
+-- queued or running (as active_task_count counts them: bulk jobs bound their own).
 INSERT INTO tasks (id, account_id, backend, priority, options, inputs, max_attempts,
                    idempotency_key, batch_id)
 SELECT %(id)s, %(account_id)s, %(backend)s, %(priority)s, %(options)s, %(inputs)s,
        %(max_attempts)s, %(idempotency_key)s, %(batch_id)s
 WHERE (SELECT count(*) FROM tasks
-       WHERE account_id = %(account_id)s AND status IN ('queued', 'running')) < %(max_active)s
+       WHERE account_id = %(account_id)s AND status IN ('queued', 'running')
+         AND batch_id IS NULL) < %(max_active)s
 ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *;
 
