@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from serve_app.formats import FORMATS
 from serve_app.settings import Settings, get_settings
 
 log = logging.getLogger("photo3d")
@@ -81,9 +82,66 @@ def select_backends(
                 f"note: not deploying {', '.join(dropped)} (no GPU here or not in PHOTO3D_BACKENDS)"
             )
         app.setdefault("args", {})["backends"] = chosen
-        keep = {generator_name(b) for b in chosen} | {"Ingress"}
+        keep = {generator_name(b) for b in chosen} | {"Ingress", "QueueMonitor"}
         app["deployments"] = [d for d in app.get("deployments", []) if d["name"] in keep]
     return config
+
+
+def serve_deploy_config(settings: Settings) -> dict[str, Any]:
+    """serve_config.yaml with the backends this machine can run and our HTTP host and port."""
+    config = yaml.safe_load(settings.serve_config.read_text())
+    wanted = os.environ.get("PHOTO3D_BACKENDS")
+    config = select_backends(
+        config,
+        [b.strip() for b in wanted.split(",") if b.strip()] if wanted else None,
+        gpu_available(),
+    )
+    config["http_options"] = {
+        **config.get("http_options", {}),
+        "host": settings.host,
+        "port": settings.port,
+    }
+    return config
+
+
+def deploy_config(config: dict[str, Any]) -> None:
+    """Start Serve (public API) and deploy the config's applications without waiting.
+
+    Ray 2.60 has no public call that deploys a config file in-process: `serve deploy` posts it to
+    the dashboard's REST API (which PHOTO3D_DASHBOARD_PORT=0 leaves out), and `serve.run` takes a
+    single Application and drops the config's per-deployment settings (the autoscaling policy,
+    CPUs per replica). So this is the one place that uses Serve's private client, the same call
+    `serve deploy` ends in; check it first on a Ray upgrade."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    serve.start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client = _get_global_client()
+    if client is None:  # serve.start just made the controller; this would be a Ray bug
+        raise RuntimeError("Ray Serve did not start")
+    client.deploy_apps(schema, _blocking=False)
+
+
+def wait_until_running(deadline: float) -> bool:
+    """Wait for every application to be RUNNING; False (after printing why) when one failed or
+    the deadline passed."""
+    from ray import serve
+
+    while True:
+        statuses = serve.status().applications
+        states = {name: app.status for name, app in statuses.items()}
+        if states and all(str(s).endswith("RUNNING") for s in states.values()):
+            return True
+        failed = [
+            n for n, a in statuses.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))
+        ]
+        if failed or time.monotonic() > deadline:
+            for name, app in statuses.items():
+                print(f"application {name}: {app.status} {app.message}", file=sys.stderr)
+            return False
+        time.sleep(0.5)
 
 
 def ray_temp_dir(run_dir: Path) -> Path:
@@ -118,9 +176,60 @@ def wait_for_job_agent(timeout: float) -> bool:
     return False
 
 
+# --- metrics and monitoring (#13) -------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def pin_metrics_export(settings: Settings) -> str:
+    """Prepare Ray to export metrics on metrics_host:metrics_port; returns the scrape URL.
+
+    Ray binds its metrics endpoint to the node's IP, or to loopback when the node IP is
+    loopback (reporter_agent.py). On Linux the node IP is the machine's address unless Ray's
+    single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, what Ray uses on macOS) makes it
+    127.0.0.1; `photo3d serve` runs a one-machine cluster (address="local"), so that mode keeps
+    the metrics endpoint, and every other Ray port, off the network."""
+    if _is_loopback(settings.metrics_host):
+        # Read when Ray is imported (ray_constants): set it before, in this process, and every
+        # Ray process started from it inherits it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if "ray" in sys.modules:
+            log.warning(
+                "Ray was imported before the metrics port was pinned; it may not bind loopback"
+            )
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", settings.metrics_port))
+        except OSError:
+            raise SystemExit(
+                f"port {settings.metrics_port} (Ray's metrics export) is in use: "
+                "set PHOTO3D_METRICS_PORT to a free port"
+            ) from None
+    host = "127.0.0.1" if _is_loopback(settings.metrics_host) else settings.metrics_host
+    return f"http://{host}:{settings.metrics_port}/metrics"
+
+
+def start_monitoring(settings: Settings, run_dir: Path) -> Any:
+    """Prometheus against this stack, or a clear note why not (the stack runs on without)."""
+    from serve_app.monitoring import MonitoringUnavailable, start_prometheus
+
+    try:
+        return start_prometheus(
+            run_dir / "prometheus",
+            f"127.0.0.1:{settings.metrics_port}",
+            port=settings.prometheus_port,
+        )
+    except MonitoringUnavailable as exc:
+        print(f"note: MONITORING=1 but {exc}", file=sys.stderr, flush=True)
+        return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
     settings = get_settings()
+    metrics_url = pin_metrics_export(settings)  # before anything imports Ray
     run_dir = settings.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     url, _server = _database_url(settings)
@@ -135,26 +244,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     bin_dir = os.path.dirname(sys.executable)
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
-
-    config = yaml.safe_load(settings.serve_config.read_text())
-    wanted = os.environ.get("PHOTO3D_BACKENDS")
-    config = select_backends(
-        config,
-        [b.strip() for b in wanted.split(",") if b.strip()] if wanted else None,
-        gpu_available(),
-    )
-    config["http_options"] = {
-        **config.get("http_options", {}),
-        "host": settings.host,
-        "port": settings.port,
-    }
+    config = serve_deploy_config(settings)
 
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_private_api
-    from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(config)
     ray.init(
         # "local": always a new cluster of our own; with no address Ray would join any cluster
         # another `ray start` left on this machine (another checkout's tests, say).
@@ -169,7 +263,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         configure_logging=True,
         logging_level=logging.INFO,
+        _metrics_export_port=settings.metrics_port,
     )
+    prometheus = start_monitoring(settings, run_dir) if args.monitoring else None
     stopping = False
 
     def _stop(signum: int, frame: Any) -> None:
@@ -178,6 +274,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return
         stopping = True
         print("\nstopping photo3d ...", flush=True)
+        if prometheus is not None:
+            prometheus.terminate()
         try:
             serve.shutdown()
         finally:
@@ -186,25 +284,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    client = serve_private_api.serve_start(
-        http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location
-    )
-    client.deploy_apps(schema, _blocking=False)
-    deadline = time.monotonic() + args.wait
-    while True:
-        statuses = serve.status().applications
-        states = {name: app.status for name, app in statuses.items()}
-        if states and all(str(s).endswith("RUNNING") for s in states.values()):
-            break
-        failed = [
-            n for n, a in statuses.items() if str(a.status).endswith(("DEPLOY_FAILED", "UNHEALTHY"))
-        ]
-        if failed or time.monotonic() > deadline:
-            for name, app in statuses.items():
-                print(f"application {name}: {app.status} {app.message}", file=sys.stderr)
-            _stop(0, None)
-            return 1
-        time.sleep(0.5)
+    deploy_config(config)
+    if not wait_until_running(time.monotonic() + args.wait):
+        _stop(0, None)
+        return 1
     if settings.dashboard_port:
         wait_for_job_agent(timeout=30)
         print(
@@ -215,6 +298,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"photo3d is running at http://{settings.host}:{settings.port}  (Ctrl-C to stop)",
         flush=True,
     )
+    print(f"metrics (Prometheus text, photo3d + Serve + Ray): {metrics_url}", flush=True)
+    if prometheus is not None:
+        print(f"Prometheus: http://127.0.0.1:{settings.prometheus_port}", flush=True)
     while True:
         time.sleep(3600)
 
@@ -326,7 +412,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 def cmd_weights(args: argparse.Namespace) -> int:
     """Fetch (where the internet is reachable) or verify pinned model weights."""
-    from serve_app import weights
+    from serve_app.backends.gpu import weights
 
     dest = Path(args.dest) if args.dest else get_settings().weights_dir
     try:
@@ -349,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the whole stack locally (what `make run` calls)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the deploy")
+    p.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also start Prometheus on 127.0.0.1:PHOTO3D_PROMETHEUS_PORT (make run MONITORING=1)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="apply database migrations")
@@ -380,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("photos", nargs="+", help="photo file(s) of one object")
     p.add_argument("-o", "--output", help="output file (default: <photo>.<format>)")
     p.add_argument("--backend", help="backend name (default: PHOTO3D_DEFAULT_BACKEND or cpu)")
-    p.add_argument("--format", default="glb", choices=["glb", "obj", "stl", "ply", "usdz"])
+    p.add_argument("--format", default="glb", choices=list(FORMATS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--face-limit", type=int)
     p.add_argument("--texture-size", type=int)
@@ -390,10 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serve_app import logs
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logs.configure(
+        get_settings().log_format, logging.DEBUG if args.verbose else logging.INFO, root=True
     )
     result: int = args.func(args)
     return result

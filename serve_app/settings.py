@@ -81,7 +81,6 @@ class Settings(BaseSettings):
     max_image_side: int = Field(default=8192, ge=16)
     min_image_side: int = Field(default=16, ge=1)
     max_images_per_task: int = Field(default=8, ge=1)
-    max_page_size: int = Field(default=100, ge=1)
 
     # --- queue ----------------------------------------------------------------------
     default_backend: str = "cpu"
@@ -106,6 +105,14 @@ class Settings(BaseSettings):
     trellis2_rembg_dir: Path | None = None  # default: <weights_dir>/BiRefNet
     trellis2_low_vram: bool = True  # upstream default; False is faster on big dedicated GPUs
     gpu_warmup: bool = True
+
+    # --- observability (metrics, logs) -----------------------------------------------------
+    # `photo3d serve` pins Ray's metrics export (Prometheus text) to metrics_host:metrics_port.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=8080, ge=1, le=65535)
+    queue_metrics_seconds: float = Field(default=5.0, gt=0, description="queue gauge refresh")
+    log_format: Literal["json", "text"] = "json"
+    prometheus_port: int = Field(default=9090, ge=1, le=65535)  # `make run MONITORING=1`
 
     @field_validator("database_url")
     @classmethod

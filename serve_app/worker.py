@@ -1,10 +1,10 @@
-"""The worker engine: pull tasks from the queue, run a backend, store artifacts, finish with
-the fencing token. The generator deployment is a thin shim around it; tests drive it directly."""
+"""The worker engine: the claim loop. Claim a task, run a backend, package what it made, finish
+with the fencing token; a heartbeat keeps the lease and a timer runs the housekeeping. The
+generator deployment is a thin shim around it; tests drive it directly."""
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -15,13 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from PIL import Image
 
-from serve_app import exports, preview
+from serve_app import artifact_keys, logs, metrics
+from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import Backend, GenerationOptions
 from serve_app.errors import InvalidInput, Photo3DError, ServiceUnavailable
+from serve_app.housekeeping import Housekeeping
+from serve_app.images import load_stored_input
+from serve_app.packaging import package_asset, store_preview
+from serve_app.results import ResultTimings, TaskResult
 from serve_app.store.tasks import Claim, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -54,40 +58,54 @@ class Worker:
         self,
         *,
         queue: TaskQueue,
-        store: ArtifactStore,
+        artifacts: ArtifactStore,
         backend: Backend,
-        database_url: str,
         heartbeat_seconds: float,
         poll_seconds: float,
         task_timeout_seconds: float,
         worker_id: str | None = None,
         exit_process: Callable[[int], None] = os._exit,
         retention_seconds: float = 0,
+        accounts: Accounts | None = None,
+        rate_window_seconds: int = 60,
     ) -> None:
         self.queue = queue
-        self.store = store
+        self.artifacts = artifacts
         self.backend = backend
-        self.database_url = database_url
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
         self.task_timeout_seconds = task_timeout_seconds
         self.worker_id = worker_id or new_worker_id(backend.name)
         self.exit_process = exit_process
-        self.retention_seconds = retention_seconds
-        self._next_reap = 0.0
+        # Only a real replica exit needs to wait for the metrics reporter; tests inject theirs.
+        self.flush_metrics = exit_process is os._exit
+        self.housekeeping = Housekeeping(
+            queue=queue,
+            artifacts=artifacts,
+            accounts=accounts,
+            recover_every=poll_seconds,
+            retention_seconds=retention_seconds,
+            rate_window_seconds=rate_window_seconds,
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._current: _Attempt | None = None
-        self._listen_conn: psycopg.Connection[Any] | None = None
         self.tasks_done = 0
         self.last_error: str | None = None
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        """Run the claim loop, and the presence beat that /health reads, in background threads."""
+        """Run the claim loop, the presence beat that /health reads and the housekeeping timer,
+        each in a background thread."""
         self._thread = threading.Thread(target=self.run_forever, name="photo3d-worker", daemon=True)
         self._thread.start()
         threading.Thread(target=self._presence, name="photo3d-presence", daemon=True).start()
+        threading.Thread(
+            target=self.housekeeping.run_until,
+            args=(self._stop,),
+            name="photo3d-housekeeping",
+            daemon=True,
+        ).start()
 
     def _presence(self) -> None:
         """Say 'alive' every heartbeat, also while a long generation holds the claim loop."""
@@ -107,6 +125,7 @@ class Worker:
             self._thread.join(timeout)
         with contextlib.suppress(Photo3DError):
             self.queue.unregister_worker(self.worker_id)
+        self.queue.close()
 
     @property
     def alive(self) -> bool:
@@ -121,7 +140,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if not self.run_once():
-                    self._wait_for_work()
+                    self.queue.wait_for_work(self.poll_seconds)
             except Photo3DError as exc:
                 self.last_error = exc.message
                 log.warning("worker %s: %s", self.worker_id, exc.message)
@@ -131,45 +150,67 @@ class Worker:
                 self._stop.wait(min(self.poll_seconds, 2.0))
 
     def run_once(self) -> bool:
-        """Recover stalled tasks, claim one and run it; False when there was nothing to do."""
-        for stalled in self.queue.recover_stalled():
-            # The stalled attempt's files (written in part before its worker died) are never
-            # served: its task runs again as a new attempt, or has failed.
-            self.store.delete_prefix(f"tasks/{stalled['id']}/attempt-{stalled['attempt']}")
-        self.reap_expired()
+        """Claim one task and run it; False when there was nothing to do."""
         claim = self.queue.claim(self.worker_id, [self.backend.name])
         if claim is None:
             return False
+        metrics.task_claimed(self.backend.name, claim.attempt, claim.queue_wait_seconds)
         self.process(claim)
         return True
 
     # --- one task ----------------------------------------------------------------------
     def process(self, claim: Claim) -> None:
         """Run one claimed attempt to its end: success, failure or lost ownership."""
+        with logs.context(
+            task_id=str(claim.id),
+            attempt=claim.attempt,
+            account_id=claim.account_id,
+            backend=self.backend.name,
+        ):
+            self._process(claim)
+
+    def _process(self, claim: Claim) -> None:
+        log.info("task %s attempt %s started", claim.id, claim.attempt)
         attempt = _Attempt(claim)
         self._current = attempt
-        beat = threading.Thread(target=self._heartbeat, args=(attempt,), daemon=True)
+        beat = threading.Thread(target=self._heartbeat, args=(attempt, logs.current()), daemon=True)
         beat.start()
-        prefix = f"tasks/{claim.id}/attempt-{claim.attempt}"
+        prefix = artifact_keys.attempt_prefix(claim.id, claim.attempt)
         try:
-            result = self._generate(attempt, prefix)
+            result = self._generate(attempt)
             if attempt.owned and self._while_db_returns(lambda: self.queue.succeed(claim, result)):
                 self.tasks_done += 1
+                metrics.task_finished(self.backend.name, "succeeded")
                 log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
+                self._render_preview(claim, result)
             else:
+                metrics.task_finished(self.backend.name, "lost", "lease_lost")
                 # A newer attempt, a cancel or a stall recovery owns the task: our files go.
                 log.warning(
                     "task %s attempt %s lost its lease; result dropped", claim.id, claim.attempt
                 )
-                self.store.delete_prefix(prefix)
+                self.artifacts.delete_prefix(prefix)
         except Exception as exc:
             self._record_failure(attempt, exc)
-            self.store.delete_prefix(prefix)
+            self.artifacts.delete_prefix(prefix)
         finally:
             attempt.owned = False
             attempt.done.set()
             self._current = None
             beat.join(timeout=self.heartbeat_seconds + 5)
+
+    def _render_preview(self, claim: Claim, result: dict[str, Any]) -> None:
+        """Render the preview after the task has succeeded, so it never delays the result; if
+        this fails or the process dies first, the preview is rendered when first asked for."""
+        shown = result["preview"]
+        if shown.get("ready", True):
+            return
+        try:
+            glb = self.artifacts.get(result["files"]["glb"]["key"])
+            stored = store_preview(self.artifacts, shown["key"], None, glb, self.backend.name)
+            self.queue.preview_ready(claim, stored.bytes or 0)
+        except Exception:
+            log.warning("task %s: preview not rendered; it renders on request", claim.id)
 
     def _while_db_returns(self, finish: Callable[[], bool]) -> bool:
         """Run a finishing statement, retrying through a short database outage: the lease may
@@ -194,10 +235,11 @@ class Worker:
             claim.attempt,
             seconds,
         )
+        metrics.watchdog_kill(self.backend.name)
         if attempt.owned:
             attempt.owned = False
             with contextlib.suppress(Photo3DError):
-                self.queue.fail(
+                row = self.queue.fail(
                     claim,
                     code="generation_timeout",
                     permanent=False,
@@ -205,76 +247,65 @@ class Worker:
                     f"(attempt {claim.attempt} of {claim.max_attempts}); the worker "
                     "was restarted",
                 )
+                self._count_failure(row, "generation_timeout")
+        # Give Ray's metrics reporter one round to ship the kill before the process goes (the
+        # generation is already hung; a few more seconds change nothing for the user).
+        time.sleep(min(metrics.report_interval_seconds() * 1.5, 20.0) if self.flush_metrics else 0)
         self.exit_process(70)
 
-    def reap_expired(self) -> int:
-        """Delete the files of tasks finished longer ago than the retention; returns how many."""
-        if self.retention_seconds <= 0 or time.monotonic() < self._next_reap:
-            return 0
-        self._next_reap = time.monotonic() + min(300.0, self.retention_seconds / 2)
-        count = 0
-        for task_id in self.queue.expired(self.retention_seconds, limit=100):
-            self.store.delete_prefix(f"tasks/{task_id}")
-            self.store.delete_prefix(f"inputs/{task_id}")
-            if self.queue.mark_expired(task_id):
-                count += 1
-        return count
+    def _count_failure(self, row: dict[str, Any] | None, code: str) -> None:
+        """Count a failed attempt as final (`failed`) or to be retried (`retrying`)."""
+        if row is None:
+            metrics.task_finished(self.backend.name, "lost", "lease_lost")
+        else:
+            status = "failed" if row["status"] == "failed" else "retrying"
+            metrics.task_finished(self.backend.name, status, code)
 
-    def _generate(self, attempt: _Attempt, prefix: str) -> dict[str, Any]:
+    def _generate(self, attempt: _Attempt) -> dict[str, Any]:
+        """Run the backend on the claim's photos and package what it made; returns the result
+        JSON to store."""
         claim = attempt.claim
         options = GenerationOptions.model_validate(claim.options)
-        images: list[Image.Image] = [
-            Image.open(io.BytesIO(self.store.get(key))) for key in claim.inputs
-        ]
-        for image in images:
-            image.load()
+        images: list[Image.Image] = [load_stored_input(self.artifacts.get(k)) for k in claim.inputs]
+
+        backend = self.backend.name
+        stage_started = [time.monotonic()]
 
         def progress(fraction: float, stage: str) -> None:
             # Generation is 90% of the bar; exports take the rest.
             attempt.progress = max(0.0, min(1.0, fraction)) * 0.9
+            if stage != attempt.stage:  # time spent in each stage the backend reports
+                now = time.monotonic()
+                metrics.generation_seconds(backend, attempt.stage, now - stage_started[0])
+                stage_started[0] = now
+            attempt.stage = stage
+
+        def on_stage(stage: str) -> None:
             attempt.stage = stage
 
         progress(0.0, "loading")
         t0 = time.monotonic()
         asset = self.backend.generate(images, options, progress)
         t_generate = time.monotonic() - t0
+        metrics.generation_seconds(backend, attempt.stage, time.monotonic() - stage_started[0])
+        metrics.generation_seconds(backend, "total", t_generate)
 
         attempt.progress, attempt.stage = 0.9, "exporting"
-        files: dict[str, dict[str, Any]] = {}
-        converted = exports.convert_many(asset.glb, list(dict.fromkeys(["glb", *options.formats])))
-        for fmt, data in converted.items():
-            info = exports.FORMATS[fmt]
-            key = f"{prefix}/{info.filename}"
-            self.store.put(key, data)
-            files[fmt] = {
-                "key": key,
-                "bytes": len(data),
-                "media_type": info.media_type,
-                "filename": info.filename,
-            }
-        for name, data in asset.extra_files.items():
-            key = f"{prefix}/{name}"
-            self.store.put(key, data)
-            files[name] = {
-                "key": key,
-                "bytes": len(data),
-                "media_type": "application/octet-stream",
-                "filename": name,
-            }
-        attempt.stage = "rendering preview"
-        preview_png = asset.preview_png or preview.render_thumbnail(asset.glb)
-        preview_key = f"{prefix}/preview.png"
-        self.store.put(preview_key, preview_png)
-        return {
-            "files": files,
-            "preview": {"key": preview_key, "bytes": len(preview_png), "media_type": "image/png"},
-            "stats": asset.stats,
-            "timings": {
-                "generate_s": round(t_generate, 3),
-                "total_s": round(time.monotonic() - attempt.started, 3),
-            },
-            "worker_id": self.worker_id,
-        }
+        result: TaskResult = package_asset(
+            asset,
+            options,
+            self.artifacts,
+            claim.id,
+            claim.attempt,
+            on_stage=on_stage,
+            render_preview=False,
+        )
+        result.timings = ResultTimings(
+            generate_s=round(t_generate, 3),
+            total_s=round(time.monotonic() - attempt.started, 3),
+        )
+        result.worker_id = self.worker_id
+        return result.to_json()
 
     def _record_failure(self, attempt: _Attempt, exc: Exception) -> None:
         claim = attempt.claim
@@ -292,12 +323,19 @@ class Worker:
             exc_info=not isinstance(exc, Photo3DError),
         )
         if attempt.owned:
-            self.queue.fail(claim, code=code, message=message, permanent=permanent)
+            row = self.queue.fail(claim, code=code, message=message, permanent=permanent)
+            self._count_failure(row, code)
+        else:
+            metrics.task_finished(self.backend.name, "lost", "lease_lost")
 
-    def _heartbeat(self, attempt: _Attempt) -> None:
+    def _heartbeat(self, attempt: _Attempt, context: dict[str, Any] | None = None) -> None:
         """Keep the lease while the attempt runs; push progress; notice cancels, lost leases
         and hangs. Progress goes out within a second; the lease is renewed at least every
         heartbeat_seconds."""
+        with logs.context(**(context or {})):
+            self._beat(attempt)
+
+    def _beat(self, attempt: _Attempt) -> None:
         tick = min(1.0, self.heartbeat_seconds)
         sent: tuple[float, str] | None = None
         sent_at = 0.0
@@ -318,20 +356,3 @@ class Worker:
             if now - attempt.started > self.task_timeout_seconds:
                 self._handle_hang(attempt, now - attempt.started)
                 return
-
-    # --- waiting --------------------------------------------------------------------
-    def _wait_for_work(self) -> None:
-        """Sleep until NOTIFY says work appeared, or poll_seconds pass (the safety net)."""
-        try:
-            if self._listen_conn is None or self._listen_conn.closed:
-                self._listen_conn = psycopg.connect(
-                    self.database_url, autocommit=True, connect_timeout=5
-                )
-                self._listen_conn.execute("LISTEN photo3d_queued")
-            for _ in self._listen_conn.notifies(timeout=self.poll_seconds, stop_after=1):
-                break
-        except psycopg.Error:
-            if self._listen_conn is not None:
-                self._listen_conn.close()
-            self._listen_conn = None
-            self._stop.wait(self.poll_seconds)

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, batches, files, health, tasks
+from serve_app.api import accounts, batches, files, health, observability, tasks, web
 from serve_app.api.limits import AddressThrottle, EdgeGuard, InFlight
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
@@ -63,7 +63,7 @@ def create_app(services: Services) -> FastAPI:
         settings.auth_failures_per_address, settings.rate_limit_window_seconds
     )
     app.include_router(health.health_router)
-    for module in (tasks, files, health, accounts, batches):
+    for module in (tasks, files, health, accounts, batches, web):
         app.include_router(module.router)
 
     @app.exception_handler(Photo3DError)
@@ -107,7 +107,7 @@ def create_app(services: Services) -> FastAPI:
             max_age=600,
         )
 
-    # Outermost: refuses control characters before routing, bounds every request body and the
+    # Refuses control characters before routing, bounds every request body and the
     # time to the response headers (a stream's body may then run on).
     app.add_middleware(
         EdgeGuard,
@@ -117,7 +117,10 @@ def create_app(services: Services) -> FastAPI:
         grace=settings.body_grace_seconds,
     )
 
-    web = static_dir()
-    if (web / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=web, html=True), name="web")
+    # --- observability (#13): request metrics and request ids; added last = outermost --------
+    observability.observe(app)
+
+    page = static_dir()
+    if (page / "index.html").is_file():
+        app.mount("/", StaticFiles(directory=page, html=True), name="web")
     return app

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from serve_app import results
 from serve_app.store.db import Row
 
 
@@ -27,8 +28,15 @@ class FileLink(BaseModel):
 
 
 class TaskResult(BaseModel):
+    """A result as the API shows it: download links (the stored form is results.TaskResult)."""
+
     files: list[FileLink]
     preview_url: str
+    preview_ready: bool = Field(
+        True,
+        description="False for a moment after success while the preview renders (a task "
+        "succeeds as soon as its model is stored); preview_url works either way.",
+    )
     turntable_url: str
     stats: dict[str, Any] = Field(default_factory=dict)
 
@@ -103,21 +111,22 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
     link = f"{base}/task/{task_id}"
     now = dt.datetime.now(dt.UTC)
     result = None
-    raw = row.get("result")
-    if row["status"] == "succeeded" and raw:
+    stored = results.TaskResult.of_row(row)
+    if stored is not None:
         result = TaskResult(
             files=[
                 FileLink(
                     format=fmt,
                     url=f"{link}/result/{fmt}",
-                    bytes=info.get("bytes"),
-                    media_type=info["media_type"],
+                    bytes=info.bytes,
+                    media_type=info.media_type,
                 )
-                for fmt, info in raw["files"].items()
+                for fmt, info in stored.files.items()
             ],
             preview_url=f"{link}/preview",
+            preview_ready=stored.preview.ready,
             turntable_url=f"{link}/turntable",
-            stats=raw.get("stats", {}),
+            stats=stored.stats,
         )
     error = None
     if row.get("error_code") and row["status"] in ("failed", "queued"):
@@ -138,7 +147,7 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
             queued_s=_seconds(row["created_at"], row.get("started_at")),
             running_s=_seconds(row.get("started_at"), row.get("finished_at")),
             total_s=_seconds(row["created_at"], row.get("finished_at") or now),
-            generate_s=(raw or {}).get("timings", {}).get("generate_s"),
+            generate_s=stored.timings.generate_s if stored else None,
         ),
         options=row["options"],
         error=error,

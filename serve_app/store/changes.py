@@ -1,7 +1,8 @@
 """Task-change notifications for event streams: one PostgreSQL LISTEN connection per process
 (an ingress replica), fanned out to that process's subscribers with asyncio.
 
-The `tasks` trigger sends `pg_notify('photo3d_task', <task id>)` on every insert and update. A
+The `tasks` trigger sends `pg_notify('photo3d_task', {"task_id", "account_id"})` (migration
+0004) on every insert and update. A
 subscriber to a task id is woken on each of its changes and then reads the task itself; nothing
 polls the database per client. After the listening connection is (re)established every
 subscriber is woken once, so a change made while it was down is not missed."""
@@ -10,14 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 
 import psycopg
 
+from serve_app.store.listen import TASK_CHANNEL as CHANNEL
+
 log = logging.getLogger(__name__)
 
-CHANNEL = "photo3d_task"
+
+def task_id_of(payload: str) -> str:
+    """The task id a notification names (JSON since migration 0004; a bare id before)."""
+    if payload.startswith("{"):
+        with contextlib.suppress(ValueError, AttributeError):
+            return str(json.loads(payload).get("task_id", ""))
+        return ""
+    return payload
 
 
 class Subscription:
@@ -94,7 +105,7 @@ class TaskChanges:
                     self.listening, delay = True, self.retry_seconds
                     self._wake()  # whatever changed while nobody listened
                     async for note in conn.notifies():
-                        self._wake([note.payload])
+                        self._wake([task_id_of(note.payload)])
             except psycopg.Error as exc:
                 log.warning("task-change listener lost its connection: %s", type(exc).__name__)
             finally:

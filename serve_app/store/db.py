@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from serve_app.errors import InvalidInput, ServiceUnavailable
+from serve_app.errors import Conflict, InvalidInput, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,18 @@ def query(name: str) -> str:
 
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn connection-level driver errors into ServiceUnavailable (the API answers 503) and
-    data errors into InvalidInput (422)."""
+    """The one place where driver errors become the project's own: a lost or refused connection
+    is ServiceUnavailable (503, retry), a unique-key clash is Conflict (409), a value the
+    database cannot hold is InvalidInput (422)."""
     try:
         yield
-    except psycopg.DataError as exc:
-        # Text PostgreSQL cannot store (a NUL byte), a number out of range: the caller's input.
+    except psycopg.errors.UniqueViolation as exc:
+        constraint = exc.diag.constraint_name or "a unique key"
+        raise Conflict(f"that already exists ({constraint})", code="conflict") from exc
+    except psycopg.DataError as exc:  # a value PostgreSQL cannot store (e.g. text with NUL)
         raise InvalidInput(
-            "the request holds a value the database cannot store (control characters?)",
-            code="invalid_characters",
+            "a value in the request cannot be stored (NUL byte or out of range)",
+            code="invalid_value",
         ) from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:
         log.warning("database unavailable: %s", type(exc).__name__)
@@ -72,7 +75,15 @@ class Database:
             timeout=timeout,
             open=False,
             check=ConnectionPool.check_connection,
-            kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": int(timeout)},
+            kwargs={
+                "row_factory": dict_row,
+                "autocommit": True,
+                "connect_timeout": int(timeout),
+                # psycopg prepares a statement after 5 runs, and PostgreSQL may then switch to a
+                # generic plan that cannot see which optional filters (`%(x)s IS NULL OR …`) are
+                # off: the deep-cursor listing became a 405k-row filter (411 ms). Plan per call.
+                "options": "-c plan_cache_mode=force_custom_plan",
+            },
             name="photo3d",
         )
 

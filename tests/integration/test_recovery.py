@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from serve_app.backends import create_backend
+from serve_app.housekeeping import Housekeeping
 from serve_app.settings import Settings
 from serve_app.store.migrate import migrate, migrations
 from serve_app.worker import Worker
@@ -37,20 +38,19 @@ from serve_app.worker import Worker
 settings = Settings()
 services = Services.from_settings(settings)
 services.db.open(wait=True)
-store_put = services.store.put
+store_put = services.artifacts.put
 
 def put(key, data):
     store_put(key, data[: max(1, len(data) // 2)])
     time.sleep(3600)
 
-services.store.put = put
+services.artifacts.put = put
 backend = create_backend("cpu", settings)
 backend.load()
 Worker(
     queue=services.queue,
-    store=services.store,
+    artifacts=services.artifacts,
     backend=backend,
-    database_url=str(settings.database_url),
     heartbeat_seconds=settings.heartbeat_seconds,
     poll_seconds=settings.poll_seconds,
     task_timeout_seconds=600,
@@ -88,17 +88,19 @@ def test_stalled_attempts_partial_files_are_removed_on_recovery(settings: Settin
         backend.load()
         worker = Worker(
             queue=services.queue,
-            store=services.store,
+            artifacts=services.artifacts,
             backend=backend,
-            database_url=str(settings.database_url),
             heartbeat_seconds=settings.heartbeat_seconds,
             poll_seconds=settings.poll_seconds,
             task_timeout_seconds=600,
         )
+        housekeeping = Housekeeping(queue=services.queue, artifacts=services.artifacts)
         deadline = time.monotonic() + 30
-        while not worker.run_once():  # the lease runs out, then the task is recovered
+        while not housekeeping.recover_stalled():  # the lease runs out, then it is recovered
             assert time.monotonic() < deadline, "the stalled task was never recovered"
             time.sleep(0.2)
+        assert [p.name for p in task_dir.iterdir()] == []  # the partial files went with it
+        assert worker.run_once()
         task = services.get_task("local", str(row["id"]))
         assert task["status"] == "succeeded" and task["attempt"] == 2
         assert sorted(p.name for p in task_dir.iterdir()) == ["attempt-2"]

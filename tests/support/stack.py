@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +40,7 @@ class Stack:
     run_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    metrics_port: int = 0  # Ray's metrics export (Prometheus text) on 127.0.0.1
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, **{"timeout": 30, **kwargs})
@@ -46,16 +48,16 @@ class Stack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
 
-    def processes(self, name: str) -> list[Any]:
-        """This stack's own processes (descendants of its `photo3d serve`) whose command line
-        contains `name`, e.g. "ServeReplica:photo3d:Ingress"; never another stack's."""
-        import psutil
-
+    def processes(self, name: str) -> list[psutil.Process]:
+        """Processes of THIS stack (the `photo3d serve` process tree: its Ray head and workers)
+        whose command line mentions `name`, e.g. "ServeReplica:photo3d:generator-cpu". Never
+        machine-wide: other stacks on the machine are not ours to count or kill."""
         found = []
-        for proc in psutil.Process(self.process.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if any(name in part for part in proc.cmdline()):
-                    found.append(proc)
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if any(name in part for part in proc.cmdline()):
+                        found.append(proc)
         return found
 
     def wait_for_task(
@@ -146,11 +148,13 @@ def _start(
     timeout: float,
 ) -> Stack:
     port = free_port()
+    metrics_port = free_port()
     full_env = {
         **os.environ,
         "DATABASE_URL": database_url,
         "PHOTO3D_RUN_DIR": str(run_dir),
         "PHOTO3D_PORT": str(port),
+        "PHOTO3D_METRICS_PORT": str(metrics_port),
         "PHOTO3D_SERVE_CONFIG": str(config),
         "PHOTO3D_EXTRA_BACKENDS": ",".join(f"{k}={v}" for k, v in extra.items()),
         # The same deployments on every host: a GPU host would add the TRELLIS backends.
@@ -175,7 +179,9 @@ def _start(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stack = Stack(f"http://127.0.0.1:{port}", database_url, run_dir, process, log_path)
+    stack = Stack(
+        f"http://127.0.0.1:{port}", database_url, run_dir, process, log_path, metrics_port
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

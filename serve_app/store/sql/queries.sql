@@ -12,11 +12,13 @@ RETURNING *;
 SELECT * FROM tasks WHERE account_id = %(account_id)s AND idempotency_key = %(idempotency_key)s;
 
 -- name: claim_task
--- Oldest task of the highest priority for one of our backends; SKIP LOCKED lets many workers
--- claim at once without waiting on each other. The attempt bump is the fencing token.
+-- Oldest task of the highest priority for one backend; SKIP LOCKED lets many workers claim at
+-- once without waiting on each other. The attempt bump is the fencing token. One backend per
+-- statement (not `backend = ANY(…)`), so the planner walks tasks_queued_idx in order and stops at
+-- the first row instead of sorting the whole backlog (0.3 ms instead of 20 ms at 20k queued).
 WITH next AS (
     SELECT id FROM tasks
-    WHERE status = 'queued' AND backend = ANY(%(backends)s) AND run_after <= now()
+    WHERE status = 'queued' AND backend = %(backend)s AND run_after <= now()
     ORDER BY priority DESC, created_at, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
@@ -53,6 +55,15 @@ SET status = 'succeeded', result = %(result)s, progress = 1, stage = 'done',
     lease_expires_at = NULL, finished_at = clock_timestamp(), updated_at = clock_timestamp()
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 RETURNING *;
+
+-- name: preview_ready
+-- The worker renders the preview after marking the task succeeded; fenced like the result.
+UPDATE tasks
+SET result = jsonb_set(jsonb_set(result, '{preview,ready}', 'true'),
+                       '{preview,bytes}', to_jsonb(%(bytes)s::bigint)),
+    updated_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'succeeded' AND result IS NOT NULL
+RETURNING id;
 
 -- name: finish_failed
 -- A failure ends the task when it is permanent or the attempts are used up; otherwise the task
@@ -151,15 +162,19 @@ WHERE last_seen_at > clock_timestamp() - make_interval(secs => %(alive_seconds)s
 GROUP BY backend;
 
 -- name: backlog
--- What the autoscaler needs: tasks waiting or running per backend.
+-- What the autoscaler scales on, per backend: tasks ready to run (a task waiting out its retry
+-- backoff needs no replica yet) and tasks running.
 SELECT backend,
-       count(*) FILTER (WHERE status = 'queued') AS queued,
+       count(*) FILTER (WHERE status = 'queued' AND run_after <= now()) AS queued,
        count(*) FILTER (WHERE status = 'running') AS running
 FROM tasks WHERE status IN ('queued', 'running') AND backend = ANY(%(backends)s)
 GROUP BY backend;
 
 -- name: create_account
+-- No row back means the id is taken: two concurrent creations of one id get one row, never an
+-- error, and no check-then-insert race.
 INSERT INTO accounts (id, name, is_admin) VALUES (%(id)s, %(name)s, %(is_admin)s)
+ON CONFLICT (id) DO NOTHING
 RETURNING *;
 
 -- name: get_account
@@ -207,7 +222,9 @@ RETURNING requests,
               AS reset_s;
 
 -- name: prune_rate_windows
-DELETE FROM rate_windows WHERE window_start < clock_timestamp() - interval '1 hour';
+-- Counters of windows that have ended count nothing any more.
+DELETE FROM rate_windows
+WHERE window_start + make_interval(secs => %(window)s) < clock_timestamp();
 
 -- name: active_task_count
 -- Interactive tasks only: a bulk job bounds its own items in flight (PHOTO3D_MAX_BATCH_IN_FLIGHT),
