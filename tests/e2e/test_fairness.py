@@ -177,7 +177,13 @@ def slow_upload(stack: Stack, headers: dict[str, str], started: list[bool]) -> i
             f"Authorization: {headers['Authorization']}\r\n"
             "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000\r\n\r\n"
         )
-        sock.sendall(head.encode())
+        # A well-formed start of a photo part, so the streaming multipart parser waits for
+        # more instead of refusing the body at once; then the photo's bytes, one a second.
+        part = (
+            b'--x\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n\x89"
+        )
+        sock.sendall(head.encode() + part)
         started.append(True)
         sock.settimeout(1.0)
         for _ in range(60):
@@ -185,7 +191,7 @@ def slow_upload(stack: Stack, headers: dict[str, str], started: list[bool]) -> i
                 answer = sock.recv(4096)
             except TimeoutError:
                 with contextlib.suppress(OSError):
-                    sock.sendall(b"-")
+                    sock.sendall(b"P")
                 continue
             return int(answer.split(b" ", 2)[1]) if answer else 0
     return 0
