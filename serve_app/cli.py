@@ -87,6 +87,54 @@ def select_backends(
     return config
 
 
+def _artifacts_ready(settings: Settings) -> bool:
+    """The artifact store works and a URL signing key exists (one is made in the run folder for
+    local use when PHOTO3D_URL_SIGNING_KEY is unset); else say why, before Ray starts."""
+    from serve_app.artifacts import open_artifact_store
+    from serve_app.downloads import load_signing_key
+    from serve_app.errors import Photo3DError
+
+    try:
+        if not settings.artifact_url:
+            settings.artifacts_path.mkdir(parents=True, exist_ok=True)
+        open_artifact_store(settings).check()
+        load_signing_key(settings, create=True)
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return False
+    return True
+
+
+FORWARDED_ENV = (
+    "PHOTO3D_",
+    "AUTH_REQUIRED",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+# Never sent with the app: the deployed config (runtime_env included) is readable by anyone who
+# can read the cluster's Serve status or dashboard. Each node's own environment provides these.
+SECRET_MARKERS = ("DATABASE_URL", "KEY", "SECRET", "TOKEN", "PASSWORD")
+
+
+def forward_settings(config: dict[str, Any]) -> list[str]:
+    """Add this process's non-secret settings (PHOTO3D_*, the S3 endpoint and region) to every
+    application's runtime_env, keeping what the config already sets; returns the secrets left
+    out (names only), which the cluster's nodes must have in their own environment."""
+    env, secrets = {}, []
+    for name, value in os.environ.items():
+        if not name.startswith(FORWARDED_ENV):
+            continue
+        if any(marker in name for marker in SECRET_MARKERS):
+            secrets.append(name)
+        else:
+            env[name] = value
+    for app in config["applications"]:
+        runtime_env = app.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    return sorted(secrets)
+
+
 def serve_deploy_config(settings: Settings) -> dict[str, Any]:
     """serve_config.yaml with the backends this machine can run and our HTTP host and port."""
     config = yaml.safe_load(settings.serve_config.read_text())
@@ -237,34 +285,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     migrate(url)
     settings = get_settings()
-    settings.artifacts_path.mkdir(parents=True, exist_ok=True)
     # Ray workers and Ray Jobs' drivers inherit this environment, and a job runs in its own
     # working directory: give them absolute paths, and this interpreter as `python`.
     os.environ["PHOTO3D_RUN_DIR"] = str(run_dir)
     bin_dir = os.path.dirname(sys.executable)
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    if not _artifacts_ready(settings):
+        return 2
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
     config = serve_deploy_config(settings)
 
     import ray
     from ray import serve
 
-    ray.init(
-        # "local": always a new cluster of our own; with no address Ray would join any cluster
-        # another `ray start` left on this machine (another checkout's tests, say).
-        address="local",
-        namespace="serve",
-        _temp_dir=str(ray_temp_dir(run_dir)),
-        # The dashboard hosts Ray's job server (`ray job submit`, e.g. the bulk conversion
-        # job); on loopback only. PHOTO3D_DASHBOARD_PORT=0 leaves it out.
-        include_dashboard=settings.dashboard_port > 0,
-        dashboard_host="127.0.0.1",
-        dashboard_port=settings.dashboard_port or None,
-        num_cpus=args.num_cpus,
-        configure_logging=True,
-        logging_level=logging.INFO,
-        _metrics_export_port=settings.metrics_port,
-    )
+    if args.address:
+        # Replicas on other nodes inherit their raylet's environment, not ours: pass the
+        # service's (non-secret) settings along with the application (a VM cluster).
+        forward_settings(config)
+        print(
+            "note: on a cluster, every node's environment must hold DATABASE_URL, the S3 "
+            "credentials and PHOTO3D_URL_SIGNING_KEY (the same key everywhere); "
+            "secrets are not sent with the application",
+            flush=True,
+        )
+    if args.address:
+        ray.init(
+            address=args.address,
+            namespace="serve",
+            configure_logging=True,
+            logging_level=logging.INFO,
+        )
+    else:
+        ray.init(
+            # "local": always a new cluster of our own; with no address Ray would join any
+            # cluster another `ray start` left on this machine (another checkout's tests, say).
+            address="local",
+            namespace="serve",
+            _temp_dir=str(ray_temp_dir(run_dir)),
+            # The dashboard hosts Ray's job server (`ray job submit`, e.g. the bulk conversion
+            # job); on loopback only. PHOTO3D_DASHBOARD_PORT=0 leaves it out.
+            include_dashboard=settings.dashboard_port > 0,
+            dashboard_host="127.0.0.1",
+            dashboard_port=settings.dashboard_port or None,
+            num_cpus=args.num_cpus,
+            configure_logging=True,
+            logging_level=logging.INFO,
+            _metrics_export_port=settings.metrics_port,
+        )
     prometheus = start_monitoring(settings, run_dir) if args.monitoring else None
     stopping = False
 
@@ -288,7 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not wait_until_running(time.monotonic() + args.wait):
         _stop(0, None)
         return 1
-    if settings.dashboard_port:
+    if settings.dashboard_port and not args.address:  # a cluster has its own job server
         wait_for_job_agent(timeout=30)
         print(
             f"Ray job server (ray job submit --address): http://127.0.0.1:{settings.dashboard_port}",
@@ -343,8 +410,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.output or Path(args.photos[0]).with_suffix(f".{args.format}").name)
     out.write_bytes(data)
+    if args.debug_dir:
+        _write_debug(Path(args.debug_dir), asset, images, options)
     print(f"wrote {out} ({len(data)} bytes, {time.monotonic() - t0:.2f} s)")
     return 0
+
+
+def _write_debug(folder: Path, asset: Any, images: list[Any], options: Any) -> None:
+    """`generate --debug-dir`: the object mask the backend used and, for the cpu backend,
+    the segmentation's intermediate images."""
+    from serve_app.backends.cpu.backend import debug_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if asset.mask_png:
+        (folder / "mask.png").write_bytes(asset.mask_png)
+        written.append("mask.png")
+    if options.backend == "cpu":
+        for name, data in debug_images(images[0], options).items():
+            if name != "mask.png":
+                (folder / name).write_bytes(data)
+                written.append(name)
+    print(f"debug images in {folder}: {', '.join(written) or 'none'}")
 
 
 def _accounts() -> Any:
@@ -410,6 +497,79 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _billing() -> Any:
+    from serve_app.billing import Billing
+    from serve_app.store.db import Database
+    from serve_app.store.migrate import migrate
+
+    settings = get_settings()
+    url, server = _database_url(settings)
+    migrate(url)
+    db = Database(url)
+    db.open(wait=True)
+    return Billing(get_settings(), db), server
+
+
+def cmd_billing(args: argparse.Namespace) -> int:
+    """`photo3d billing setup`: the configured products and prices in Stripe, idempotently."""
+    from serve_app.billing import Billing, load_config
+    from serve_app.errors import Photo3DError
+
+    settings = get_settings()
+    try:
+        if args.action == "check":
+            config = load_config(settings.billing_config)
+            print(
+                f"billing {'on' if settings.billing_enabled else 'off'}; "
+                f"{len(config.packs)} packs, {len(config.plans)} plans, currency {config.currency}"
+            )
+            return 0
+        billing = Billing(settings, db=None)  # type: ignore[arg-type]  # setup needs no database
+        for line in billing.setup():
+            print(line)
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_credits(args: argparse.Namespace) -> int:
+    """Operators: grant credits, or show an account's balance and recent ledger."""
+    from serve_app.errors import Photo3DError
+
+    billing, _server = _billing()
+    try:
+        if args.action == "grant":
+            if args.credits is None or not args.reason:
+                print("usage: photo3d credits grant ACCOUNT N --reason TEXT", file=sys.stderr)
+                return 2
+            row = billing.grant(args.account, args.credits, args.reason)
+            print(
+                f"{row['kind']} {row['amount']:+d} credits to {args.account}; "
+                f"balance {row['balance_after']}"
+            )
+        else:
+            account = billing.ledger.account(args.account)
+            if account is None:
+                print(f"error (account_not_found): account {args.account} not found")
+                return 2
+            plan = f", plan {account['plan']} ({account['plan_status']})" if account["plan"] else ""
+            print(f"{args.account}: balance {account['balance']} credits{plan}")
+            for entry in billing.entries(args.account, limit=args.limit):
+                when = entry["created_at"].isoformat(timespec="seconds")
+                what = entry["reason"] or entry["task_id"] or ""
+                print(
+                    f"  {when}  {entry['kind']:<10} {entry['amount']:>+8d} "
+                    f"-> {entry['balance_after']:>8d}  {what}"
+                )
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        billing.ledger.db.close()
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     """Fetch (where the internet is reachable) or verify pinned model weights."""
     from serve_app.backends.gpu import weights
@@ -436,6 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the deploy")
     p.add_argument(
+        "--address",
+        default=os.environ.get("PHOTO3D_RAY_ADDRESS") or None,
+        help="deploy on this running Ray cluster (host:port of its head; default "
+        "PHOTO3D_RAY_ADDRESS) instead of starting a local one",
+    )
+    p.add_argument(
         "--monitoring",
         action="store_true",
         help="also start Prometheus on 127.0.0.1:PHOTO3D_PROMETHEUS_PORT (make run MONITORING=1)",
@@ -459,6 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix", nargs="?", help="key prefix (revoke)")
     p.set_defaults(func=cmd_keys)
 
+    p = sub.add_parser("billing", help="Stripe products and prices from the billing config")
+    p.add_argument("action", choices=["setup", "check"])
+    p.set_defaults(func=cmd_billing)
+
+    p = sub.add_parser("credits", help="grant credits or show an account's balance and ledger")
+    p.add_argument("action", choices=["grant", "show"])
+    p.add_argument("account")
+    p.add_argument("credits", nargs="?", type=int, help="grant: credits (negative: adjust down)")
+    p.add_argument("--reason", help="grant: why (kept in the ledger)")
+    p.add_argument("--limit", type=int, default=20, help="show: ledger entries")
+    p.set_defaults(func=cmd_credits)
+
     p = sub.add_parser("weights", help="fetch or verify TRELLIS weights (pinned revisions)")
     p.add_argument("action", choices=["fetch", "verify"])
     p.add_argument("model", choices=["trellis", "trellis2"])
@@ -476,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-limit", type=int)
     p.add_argument("--texture-size", type=int)
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument(
+        "--debug-dir", help="also write the object mask and segmentation intermediates here"
+    )
     p.set_defaults(func=cmd_generate)
     return parser
 

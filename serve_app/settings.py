@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -106,6 +106,17 @@ class Settings(BaseSettings):
     trellis2_low_vram: bool = True  # upstream default; False is faster on big dedicated GPUs
     gpu_warmup: bool = True
 
+    # --- artifacts and downloads (issue #14) ------------------------------------------
+    # s3://bucket/prefix puts every artifact in an S3-compatible bucket (endpoint and credentials
+    # from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION); unset: the
+    # local artifact_dir.
+    artifact_url: str | None = None
+    # The S3 endpoint browsers reach, when the service's own (AWS_ENDPOINT_URL) is internal.
+    s3_public_endpoint: str | None = None
+    download_url_ttl_seconds: int = Field(default=900, ge=10, le=7 * 24 * 3600)
+    # HMAC key of signed download links. Unset: `photo3d serve` keeps one in the run folder.
+    url_signing_key: SecretStr | None = None
+
     # --- observability (metrics, logs) -----------------------------------------------------
     # `photo3d serve` pins Ray's metrics export (Prometheus text) to metrics_host:metrics_port.
     metrics_host: str = "127.0.0.1"
@@ -114,7 +125,33 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     prometheus_port: int = Field(default=9090, ge=1, le=65535)  # `make run MONITORING=1`
 
-    @field_validator("database_url")
+    # --- billing (Stripe) -----------------------------------------------------------
+    # Off unless PHOTO3D_BILLING=true or STRIPE_SECRET_KEY is set: then every generation is
+    # priced in credits. The Stripe settings carry Stripe's own names (no PHOTO3D_ prefix).
+    billing: bool | None = None
+    signup_credits: int = Field(default=0, ge=0, description="granted once per account")
+    billing_config: Path | None = None  # prices, packs, plans; default: the packaged billing.yaml
+    # Where Checkout and the portal send people back (the web page); unset: the address the
+    # request came to (set it behind a proxy that rewrites the host).
+    billing_return_url: str | None = None
+    meter_poll_seconds: float = Field(default=10.0, gt=0)
+    stripe_secret_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("STRIPE_SECRET_KEY", "stripe_secret_key")
+    )
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret"),
+    )
+    # A local stand-in server for tests and demos (e.g. localstripe); unset = api.stripe.com.
+    stripe_api_base: str | None = Field(
+        default=None, validation_alias=AliasChoices("STRIPE_API_BASE", "stripe_api_base")
+    )
+
+    @property
+    def billing_enabled(self) -> bool:
+        return self.billing if self.billing is not None else self.stripe_secret_key is not None
+
+    @field_validator("database_url", "artifact_url", "s3_public_endpoint")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None

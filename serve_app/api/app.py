@@ -15,7 +15,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, batches, files, health, observability, tasks, web
+from serve_app.api import (
+    accounts,
+    batches,
+    billing,
+    downloads,
+    files,
+    health,
+    observability,
+    tasks,
+    web,
+)
 from serve_app.api.limits import AddressThrottle, EdgeGuard, InFlight
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
@@ -24,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
     400: "bad_request",
+    402: "payment_required",
     404: "not_found",
     405: "method_not_allowed",
     408: "body_timeout",
@@ -63,7 +74,7 @@ def create_app(services: Services) -> FastAPI:
         settings.auth_failures_per_address, settings.rate_limit_window_seconds
     )
     app.include_router(health.health_router)
-    for module in (tasks, files, health, accounts, batches, web):
+    for module in (tasks, files, downloads, health, accounts, batches, billing, web):
         app.include_router(module.router)
 
     @app.exception_handler(Photo3DError)

@@ -6,13 +6,12 @@ import {
   apiFetch,
   apiJson,
   apiUpload,
-  apiUrl,
-  downloadFile,
+  downloadSigned,
   getApiKey,
   handleUnauthorized,
   readEventStream,
-  resourceUrl,
   setApiKey,
+  signedUrl,
 } from "./api.js";
 import {
   FORMATS,
@@ -383,11 +382,13 @@ $("#create-form").addEventListener("submit", async (event) => {
       },
     });
     pendingTasks.set(task.id, task);
+    if ((task.credits_reserved ?? 0) > 0) refreshAccount(); // the price is now held
     for (const photo of photos.splice(0)) URL.revokeObjectURL(photo.url);
     renderPhotos();
     location.hash = `#/task/${task.id}`;
   } catch (error) {
     showAlert(createError, error);
+    if (error.status === 402) addBuyLink(createError);
     createError.scrollIntoView({ block: "nearest" });
   } finally {
     generateButton.disabled = false;
@@ -519,6 +520,8 @@ class TaskView {
         delay = Math.min(delay * 2, 10_000);
       }
     }
+    // Charged on success, given back on failure or cancel: show the new balance.
+    if (!this.closed && (this.task.credits_reserved ?? 0) > 0) refreshAccount();
   }
 
   onEvent({ event, data }) {
@@ -710,25 +713,28 @@ class TaskView {
     viewer.addEventListener("error", () => {
       status.textContent = "The viewer couldn’t show this model. You can still download it below.";
     });
-    try {
-      const signal = this.abort.signal;
-      const [poster, glb] = await Promise.all([
-        resourceUrl(`task/${task.id}/preview`, { signal }).catch(() => null),
-        resourceUrl(`task/${task.id}/result/glb`, { signal }),
-      ]);
-      for (const r of [poster, glb]) if (r) this.resources.push(r);
-      if (this.closed) return;
-      if (poster) viewer.poster = poster.url;
-      // Quick Look fetches the USDZ itself, which only works without a key header.
-      if (!getApiKey()) viewer.iosSrc = apiUrl(`task/${task.id}/result/usdz`);
-      viewer.src = glb.url;
-      status.textContent = "Loading the model…";
-      $("#viewer-host").replaceChildren(viewer);
-    } catch (error) {
-      if (error.name === "AbortError") return;
-      const { title, advice } = explainError(error.code, error.message, error.status);
-      status.textContent = `${title}. ${advice}`;
+    // Signed links: the viewer, the poster and AR Quick Look (which fetches the USDZ itself)
+    // load them without a key header, so all of them work when the server requires keys.
+    const result = task.result || {};
+    const links = result.format_urls || {};
+    const glb = links.glb || (result.files || []).find((f) => f.format === "glb")?.url;
+    if (!glb) {
+      status.textContent = "The viewer couldn’t show this model. You can still download it below.";
+      return;
     }
+    if (result.preview_url) viewer.poster = signedUrl(result.preview_url);
+    if (links.usdz) viewer.iosSrc = signedUrl(links.usdz);
+    viewer.src = signedUrl(glb);
+    status.textContent = "Loading the model…";
+    $("#viewer-host").replaceChildren(viewer);
+  }
+
+  /** A fresh signed link to one format of a task (links expire; the task hands out new ones). */
+  static async freshLink(id, format) {
+    const task = await apiJson(`task/${id}`);
+    const link = task.result?.format_urls?.[format];
+    if (!link) throw new ApiError(404, "not_found", "This model has no such file.");
+    return link;
   }
 
   renderDownloads(task) {
@@ -766,11 +772,9 @@ class TaskView {
     button.classList.add("busy");
     status.textContent = convert ? `Making the ${fmt.label} file…` : `Downloading ${fmt.label}…`;
     try {
-      await downloadFile(
-        `task/${task.id}/result/${fmt.id}`,
-        null,
-        `photo3d-${task.id.slice(0, 8)}-`,
-      );
+      const prefix = `photo3d-${task.id.slice(0, 8)}-`;
+      const link = await TaskView.freshLink(task.id, fmt.id);
+      await downloadSigned(link, null, prefix, `${prefix}model.${fmt.id}`);
       status.textContent = `${fmt.label} downloaded.`;
     } catch (error) {
       const { title, advice } = explainError(error.code, error.message, error.status);
@@ -908,7 +912,9 @@ const gallery = {
     download.addEventListener("click", async () => {
       download.disabled = true;
       try {
-        await downloadFile(`task/${task.id}/result/glb`, null, `photo3d-${task.id.slice(0, 8)}-`);
+        const prefix = `photo3d-${task.id.slice(0, 8)}-`;
+        const link = await TaskView.freshLink(task.id, "glb");
+        await downloadSigned(link, null, prefix, `${prefix}model.glb`);
       } catch (error) {
         showAlert($("#models-error"), error);
       } finally {
@@ -944,16 +950,13 @@ const gallery = {
   },
 
   async thumbnail(card) {
-    try {
-      card.thumb = await resourceUrl(`task/${card.task.id}/preview`);
-    } catch {
-      return; // the placeholder stays
-    }
+    const preview = card.task.result?.preview_url;
+    if (!preview) return; // the placeholder stays
     const img = document.createElement("img");
     img.alt = "";
     img.loading = "lazy";
     img.decoding = "async";
-    img.src = card.thumb.url;
+    img.src = signedUrl(preview); // signed: no key header needed
     img.addEventListener("error", () => img.remove());
     $(".card-thumb", card.item).replaceChildren(img);
   },
@@ -1089,6 +1092,158 @@ async function refreshAccount() {
   const url = billing.buy_url ?? account?.buy_url;
   buy.hidden = !url;
   if (url) buy.href = url;
+  $("#billing-plan").textContent = billing.plan
+    ? `Plan: ${billing.plan}${billing.period_end ? `, renews ${formatDay(billing.period_end)}` : ""}`
+    : "";
+  $("#billing-portal").hidden = !billing.plan && !billing.customer;
+  renderLedger(billing.recent_ledger ?? []);
+  loadPricing();
+}
+
+function formatDay(value) {
+  const date = new Date(value);
+  return Number.isNaN(date.getTime()) ? "" : date.toLocaleDateString();
+}
+
+function formatMoney(amount, currency) {
+  try {
+    return new Intl.NumberFormat(undefined, { style: "currency", currency }).format(amount / 100);
+  } catch {
+    return `${(amount / 100).toFixed(2)} ${String(currency).toUpperCase()}`;
+  }
+}
+
+/** A "Buy credits" button under a 402 message: it opens the pricing panel. */
+function addBuyLink(box) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "button primary buy-link";
+  button.textContent = "Buy credits";
+  button.addEventListener("click", () => openAccount());
+  box.append(button);
+}
+
+const LEDGER_TEXT = {
+  grant: "Granted",
+  purchase: "Bought",
+  allowance: "Plan allowance",
+  reserve: "Held for a model",
+  capture: "Charged for a model",
+  release: "Returned (model not made)",
+  refund: "Refunded payment",
+  expiry: "Expired allowance",
+  adjustment: "Adjustment",
+};
+
+function renderLedger(entries) {
+  const list = $("#billing-ledger");
+  list.replaceChildren();
+  for (const entry of entries) {
+    const item = document.createElement("li");
+    const amount = document.createElement("span");
+    amount.className = "amount";
+    amount.textContent = entry.kind === "capture" ? "" : `${entry.amount > 0 ? "+" : ""}${entry.amount} `;
+    item.append(amount, `${LEDGER_TEXT[entry.kind] ?? entry.kind} · ${formatDay(entry.created_at)}`);
+    list.append(item);
+  }
+  if (!entries.length) list.textContent = "No entries yet.";
+}
+
+let pricingLoaded = false;
+
+async function loadPricing() {
+  if (pricingLoaded) return;
+  let pricing;
+  try {
+    pricing = await apiJson("pricing");
+  } catch {
+    return;
+  }
+  pricingLoaded = true;
+  const packs = $("#pricing-packs");
+  const plans = $("#pricing-plans");
+  packs.replaceChildren();
+  plans.replaceChildren();
+  for (const pack of pricing.packs ?? []) {
+    packs.append(
+      pricingItem(
+        `${pack.credits} credits · ${formatMoney(pack.amount, pack.currency)}`,
+        "Buy",
+        { pack: pack.name },
+      ),
+    );
+  }
+  for (const plan of pricing.plans ?? []) {
+    const what = plan.metered
+      ? `${plan.name}: pay per model, ${formatMoney(plan.unit_amount, plan.currency)} each`
+      : `${plan.name}: ${plan.allowance} credits a ${plan.interval}, ${formatMoney(plan.amount, plan.currency)}`;
+    plans.append(pricingItem(what, "Subscribe", { plan: plan.name }));
+  }
+  const backends = Object.entries(pricing.prices?.backends ?? {})
+    .map(([name, credits]) => `${name} ${credits}`)
+    .join(", ");
+  $("#pricing-prices").textContent = backends ? `Credits per model: ${backends}.` : "";
+  $("#pricing").hidden = !(pricing.packs?.length || pricing.plans?.length);
+}
+
+function pricingItem(text, action, body) {
+  const item = document.createElement("li");
+  const label = document.createElement("span");
+  label.textContent = text;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "button small";
+  button.textContent = action;
+  button.addEventListener("click", () => startCheckout(body, button));
+  item.append(label, button);
+  return item;
+}
+
+/** Off to Stripe Checkout; Stripe sends the person back to this page with ?checkout=… */
+async function startCheckout(body, button) {
+  const box = $("#billing-error");
+  box.hidden = true;
+  button.disabled = true;
+  try {
+    const session = await apiJson("billing/checkout", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    location.assign(session.url);
+  } catch (error) {
+    showAlert(box, error);
+    button.disabled = false;
+  }
+}
+
+$("#billing-portal").addEventListener("click", async () => {
+  const box = $("#billing-error");
+  box.hidden = true;
+  try {
+    const session = await apiJson("billing/portal", { method: "POST" });
+    location.assign(session.url);
+  } catch (error) {
+    showAlert(box, error);
+  }
+});
+
+/** Back from Checkout: say what happened, then drop the query from the address bar. */
+function checkoutResult() {
+  const params = new URLSearchParams(location.search);
+  const result = params.get("checkout");
+  if (!result) return;
+  toast(
+    result === "success"
+      ? "Payment received. Your credits appear as soon as Stripe confirms it."
+      : "Checkout canceled: nothing was charged.",
+  );
+  history.replaceState(null, "", location.pathname + location.hash);
+  if (result === "success") {
+    // The webhook may land a moment after the redirect: look again shortly.
+    setTimeout(refreshAccount, 2000);
+    setTimeout(refreshAccount, 6000);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1101,3 +1256,4 @@ window.addEventListener("hashchange", route);
 route();
 loadBackends();
 refreshAccount();
+checkoutResult();

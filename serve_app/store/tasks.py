@@ -99,11 +99,15 @@ class TaskQueue:
         idempotency_key: str | None = None,
         batch_id: str | None = None,
         max_active: int | None = None,
+        credits: int = 0,
+        meter_event: str | None = None,
     ) -> tuple[Row, bool]:
         """Insert a queued task; returns (row, created). An idempotency key already used by this
-        account returns the original task and created=False. With `max_active`, the account's
-        queued and running tasks are counted and the task inserted under one per-account lock,
-        so concurrent submissions cannot pass the limit together (ActiveTaskLimitReached)."""
+        account returns the original task and created=False. With billing, `credits` are
+        reserved (or `meter_event` noted) in the insert's own transaction. Without billing and
+        with `max_active`, the account's queued and running tasks are counted and the task
+        inserted under one per-account lock, so concurrent submissions cannot pass the limit
+        together (ActiveTaskLimitReached)."""
         params = {
             "id": task_id,
             "account_id": account_id,
@@ -115,7 +119,12 @@ class TaskQueue:
             "idempotency_key": idempotency_key,
             "batch_id": batch_id,
         }
-        if max_active is None:
+        if credits or meter_event:
+            from serve_app.store.ledger import insert_task_reserving
+
+            row = insert_task_reserving(self.db, params, credits=credits, meter_event=meter_event)
+            max_active = None  # the reserving path has no atomic count (see the report of #10)
+        elif max_active is None:
             row = self.db.fetch_one("insert_task", params)
         else:
             row = self.db.fetch_one_locked(

@@ -113,17 +113,21 @@ def run_stack(
     env: dict[str, str] | None = None,
     timeout: float = 240,
     ingress: dict[str, Any] | None = None,
+    serve_args: list[str] | None = None,
+    config_path: Path | None = None,
 ) -> Iterator[Stack]:
     """Run `photo3d serve` until the block ends; fails with the server log if it never starts.
-    A port taken between choosing and binding it is retried with another."""
+    `serve_args` replace the default `--num-cpus 2`; `config_path` the written test config
+    (`ingress` overrides fields of its Ingress deployment). A port taken between choosing and
+    binding it is retried with another."""
     run_dir.mkdir(parents=True, exist_ok=True)
     extra = extra_backends or {}
-    config = write_config(
+    config = config_path or write_config(
         run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra}, ingress
     )
     for attempt in range(3):
         try:
-            stack = _start(run_dir, database_url, config, extra, env, timeout)
+            stack = _start(run_dir, database_url, config, extra, env, timeout, serve_args)
         except _PortTaken:
             if attempt == 2:
                 raise
@@ -146,6 +150,7 @@ def _start(
     extra: dict[str, str],
     env: dict[str, str] | None,
     timeout: float,
+    serve_args: list[str] | None = None,
 ) -> Stack:
     port = free_port()
     metrics_port = free_port()
@@ -172,7 +177,7 @@ def _start(
     log_path = run_dir / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "serve_app.cli", "serve", "--num-cpus", "2"],
+            [sys.executable, "-m", "serve_app.cli", "serve", *(serve_args or ["--num-cpus", "2"])],
             cwd=ROOT,
             env=full_env,
             stdout=log,
