@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +26,7 @@ from serve_app.api import (
     tasks,
     web,
 )
+from serve_app.api.limits import AddressThrottle, EdgeGuard, InFlight
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -38,6 +37,7 @@ _HTTP_CODES = {
     402: "payment_required",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -66,6 +66,13 @@ def create_app(services: Services) -> FastAPI:
         '`{"error": {"code": "...", "message": "..."}}`.',
     )
     app.state.services = services
+    # Tenant fairness (issue 10): per-account caps on long-held requests in this replica.
+    settings = services.settings
+    app.state.streams = InFlight("streams", settings.max_streams_per_account)
+    app.state.uploads = InFlight("uploads", settings.max_uploads_per_account)
+    app.state.auth_failures = AddressThrottle(
+        settings.auth_failures_per_address, settings.rate_limit_window_seconds
+    )
     app.include_router(health.health_router)
     for module in (tasks, files, downloads, health, accounts, batches, billing, web):
         app.include_router(module.router)
@@ -100,22 +107,6 @@ def create_app(services: Services) -> FastAPI:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "an unexpected error occurred")
 
-    timeout = services.settings.request_timeout_seconds
-
-    @app.middleware("http")
-    async def _time_limit(request: Request, call_next: Any) -> Any:
-        # Bounds the time to the response headers; a stream's body may then run on.
-        try:
-            return await asyncio.wait_for(call_next(request), timeout)
-        except TimeoutError:
-            log.warning("%s %s timed out after %.0fs", request.method, request.url.path, timeout)
-            return error_response(
-                503,
-                "request_timeout",
-                f"the request took longer than {timeout:.0f} s; retry",
-                {"Retry-After": "5"},
-            )
-
     origins = services.settings.cors_origin_list
     if origins:
         app.add_middleware(
@@ -126,6 +117,16 @@ def create_app(services: Services) -> FastAPI:
             expose_headers=["Location", "Retry-After"],
             max_age=600,
         )
+
+    # Refuses control characters before routing, bounds every request body and the
+    # time to the response headers (a stream's body may then run on).
+    app.add_middleware(
+        EdgeGuard,
+        request_timeout=settings.request_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        min_rate=settings.body_min_rate_bytes_per_s,
+        grace=settings.body_grace_seconds,
+    )
 
     # --- observability (#13): request metrics and request ids; added last = outermost --------
     observability.observe(app)
