@@ -126,7 +126,7 @@ def run_both(label: str, urls: dict[str, str], make_args, concurrencies, n) -> l
         row: dict = {"what": label, "c": c}
         for name, url in urls.items():
             target, body = make_args(name, url)
-            hey(target, n=max(20, n // 10), c=c, body=body)  # warm-up
+            hey(target, n=max(c, n // 10), c=c, body=body)  # warm-up
             row[name] = hey(target, n=n, c=c, body=body)
         rows.append(row)
         p, b = row["photo3d"], row["bare"]
@@ -170,6 +170,7 @@ def main() -> int:
         env = {
             "PHOTO3D_SERVE_CONFIG": str(bench_config(work)),
             "PHOTO3D_EXTRA_BACKENDS": f"{PAUSED}=tests.support.fake_backends:SlowFakeBackend",
+            "PHOTO3D_BACKENDS": f"cpu,{PAUSED}",
             "PHOTO3D_MAX_ACTIVE_TASKS": "100000000",
             "PHOTO3D_RATE_LIMIT_REQUESTS": "1000000000",
             **dict(item.split("=", 1) for item in args.env),
