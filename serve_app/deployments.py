@@ -40,6 +40,7 @@ class Ingress:
         self.services.db.open(wait=False)
         self.services.store.check()
         self._generators = generators or []  # bound so that Serve deploys them
+        self.webhook_dispatcher = start_webhook_dispatcher(self.services)
 
     def __serve_build_asgi_app__(self) -> Any:
         from serve_app.api.app import create_app
@@ -47,7 +48,27 @@ class Ingress:
         return create_app(self.services)
 
     def __del__(self) -> None:
+        if self.webhook_dispatcher is not None:
+            self.webhook_dispatcher.stop(timeout=5)
         self.services.db.close()
+
+
+def start_webhook_dispatcher(services: Any) -> Any:
+    """The webhook delivery loop of this ingress replica (#15), unless turned off.
+
+    It runs here, not in a deployment of its own: every installation has an ingress, replicas
+    share the outbox through SKIP LOCKED (more replicas, more delivery slots), and its threads
+    are its own, so neither requests nor generation wait on a slow endpoint."""
+    if not services.settings.webhook_dispatcher:
+        return None
+    from functools import partial
+
+    from serve_app.api.webhooks import task_payload
+    from serve_app.webhooks import WebhookDispatcher
+
+    return WebhookDispatcher(
+        services.webhooks.store, services.settings, partial(task_payload, services)
+    ).start()
 
 
 @serve.deployment(

@@ -7,7 +7,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from pydantic import ValidationError
@@ -22,6 +22,9 @@ from serve_app.images import ImageLimits, load_image, to_png
 from serve_app.settings import Settings
 from serve_app.store.db import Database, Row
 from serve_app.store.tasks import TaskQueue
+
+if TYPE_CHECKING:
+    from serve_app.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,15 @@ class Services:
     @cached_property
     def accounts(self) -> Accounts:
         return Accounts(self.db)
+
+    # --- #15 integrators -----------------------------------------------------------------
+    @cached_property
+    def webhooks(self) -> Webhooks:
+        """Webhook endpoints of accounts (the dispatcher is started by the ingress)."""
+        from serve_app.store.webhooks import WebhookStore
+        from serve_app.webhooks import Webhooks
+
+        return Webhooks(WebhookStore(self.db), self.settings)
 
     # --- generation ----------------------------------------------------------------
     def submit(

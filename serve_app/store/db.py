@@ -24,10 +24,18 @@ Row = dict[str, Any]
 
 @lru_cache(maxsize=1)
 def queries() -> dict[str, str]:
-    """All named queries of `sql/queries.sql`."""
-    text = resources.files("serve_app.store").joinpath("sql/queries.sql").read_text()
-    parts = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    """All named queries of every `sql/*.sql` file (queries.sql, plus one file per feature)."""
+    found: dict[str, str] = {}
+    folder = resources.files("serve_app.store").joinpath("sql")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        parts = re.split(r"^-- name: (\w+)\s*$", entry.read_text(), flags=re.MULTILINE)
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise RuntimeError(f"query {name} is defined twice ({entry.name})")
+            found[name] = body.strip()
+    return found
 
 
 def query(name: str) -> str:
