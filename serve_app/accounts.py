@@ -49,6 +49,15 @@ def _rebuild_rate_limited(message: str, code: str, retry_after: int) -> RateLimi
 
 
 @dataclass(frozen=True)
+class RateWindow:
+    """The caller's request budget: the RateLimit-Limit/Remaining/Reset headers (#15)."""
+
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who is calling: an account, and the key used (None in local single-user mode)."""
 
@@ -135,15 +144,19 @@ class Accounts:
             raise Unauthorized("the API key is not valid or was revoked", code="invalid_api_key")
         return Principal(row["account_id"], row["prefix"], bool(row["is_admin"]))
 
-    def count_request(self, bucket: str, limit: int, window_seconds: int) -> None:
-        """Count one request in the bucket's window; RateLimited past `limit`."""
+    def count_request(self, bucket: str, limit: int, window_seconds: int) -> RateWindow:
+        """Count one request in the bucket's window; RateLimited past `limit`. Returns what the
+        RateLimit-* response headers say."""
         row = self.db.fetch_one("count_request", {"key": bucket, "window": window_seconds})
-        if row is not None and row["requests"] > limit:
-            retry = max(1, int(float(row["reset_s"]) + 0.999))
+        if row is None:  # pragma: no cover - the upsert always returns its row
+            return RateWindow(limit, limit, window_seconds)
+        retry = max(1, int(float(row["reset_s"]) + 0.999))
+        if row["requests"] > limit:
             raise RateLimited(
                 f"more than {limit} requests in {window_seconds} s; retry in {retry} s",
                 retry_after=retry,
             )
+        return RateWindow(limit, max(0, limit - int(row["requests"])), retry)
 
     def check_concurrency(self, account_id: str, limit: int) -> None:
         """RateLimited when the account already has `limit` tasks queued or running."""

@@ -3,6 +3,8 @@ photo and option, store the photos, queue the task), read tasks back, cancel, de
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -111,11 +113,12 @@ class Services:
         options = parse_options(raw_options, self.settings, self.backends)
         limits = ImageLimits.from_settings(self.settings)
         images: list[Image.Image] = [load_image(data, limits) for data in photos]
+        digest = request_hash(photos, options.model_dump(mode="json"))
         if idempotency_key is not None:
             # A retry must not store its photos again: answer with the original task.
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
             if task_by_key is not None:
-                return task_by_key, False
+                return check_same_request(task_by_key, digest, idempotency_key), False
         self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         task_id = uuid.uuid4()
         keys = [f"inputs/{task_id}/photo-{i}.png" for i in range(len(images))]
@@ -132,13 +135,14 @@ class Services:
                 priority=priority,
                 idempotency_key=idempotency_key,
                 batch_id=batch_id,
+                request_hash=digest,
             )
         except BaseException:
             self.store.delete_prefix(f"inputs/{task_id}")
             raise
         if not created:
             self.store.delete_prefix(f"inputs/{task_id}")
-            return row, False
+            return check_same_request(row, digest, idempotency_key or ""), False
         return self.queue.get(task_id, account_id) or row, True  # with its queue position
 
     # --- reading -------------------------------------------------------------------
@@ -194,6 +198,26 @@ class Services:
             raise NotFound(f"task {task_id} not found", code="task_not_found")
         self.store.delete_prefix(f"tasks/{tid}")
         self.store.delete_prefix(f"inputs/{tid}")
+
+
+def request_hash(photos: list[bytes], options: dict[str, Any]) -> str:
+    """sha256 of what a generation request asks for: its photos and its (validated) options."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for photo in photos:
+        digest.update(hashlib.sha256(photo).digest())
+    return digest.hexdigest()
+
+
+def check_same_request(task: Row, digest: str, idempotency_key: str) -> Row:
+    """The task a reused Idempotency-Key names, unless the request differs from the first one
+    (then 422: answering with the first task would silently drop this one)."""
+    if task.get("request_hash") not in (None, digest):
+        raise InvalidInput(
+            f"Idempotency-Key {idempotency_key[:64]!r} was already used with a different "
+            "request; use a new key for a new request",
+            code="idempotency_key_reused",
+        )
+    return task
 
 
 def parse_task_id(value: str) -> uuid.UUID:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, files, health, tasks, webhooks
+from serve_app.api import accounts, files, health, openapi, tasks, webhooks
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -58,6 +58,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(health.health_router)
     for module in (tasks, files, health, accounts, webhooks):
         app.include_router(module.router)
+    app.webhooks.include_router(webhooks.events_router)
+    openapi.install(app)
 
     @app.exception_handler(Photo3DError)
     async def _domain_error(request: Request, exc: Photo3DError) -> JSONResponse:
@@ -105,6 +107,17 @@ def create_app(services: Services) -> FastAPI:
                 {"Retry-After": "5"},
             )
 
+    @app.middleware("http")
+    async def _rate_limit_headers(request: Request, call_next: Any) -> Any:
+        # Authenticated callers see their budget on every answer (including the 429).
+        response = await call_next(request)
+        window = getattr(request.state, "rate_window", None)
+        if window is not None:
+            response.headers["RateLimit-Limit"] = str(window.limit)
+            response.headers["RateLimit-Remaining"] = str(window.remaining)
+            response.headers["RateLimit-Reset"] = str(window.reset_seconds)
+        return response
+
     origins = services.settings.cors_origin_list
     if origins:
         app.add_middleware(
@@ -112,7 +125,13 @@ def create_app(services: Services) -> FastAPI:
             allow_origins=origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
-            expose_headers=["Location", "Retry-After"],
+            expose_headers=[
+                "Location",
+                "Retry-After",
+                "RateLimit-Limit",
+                "RateLimit-Remaining",
+                "RateLimit-Reset",
+            ],
             max_age=600,
         )
 

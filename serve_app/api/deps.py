@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
-from serve_app.accounts import LOCAL_ACCOUNT, Forbidden, Principal
+from serve_app.accounts import LOCAL_ACCOUNT, Forbidden, Principal, RateLimited, RateWindow
 from serve_app.api.schemas import ErrorResponse
 from serve_app.service import Services
 
@@ -35,11 +35,16 @@ def current_principal(
     if authorization is None and not settings.auth_enforced:
         return Principal(LOCAL_ACCOUNT, None)
     principal = services.accounts.authenticate(authorization)
-    services.accounts.count_request(
-        principal.key_prefix or principal.account_id,
-        settings.rate_limit_requests,
-        settings.rate_limit_window_seconds,
-    )
+    try:
+        window = services.accounts.count_request(
+            principal.key_prefix or principal.account_id,
+            settings.rate_limit_requests,
+            settings.rate_limit_window_seconds,
+        )
+    except RateLimited as exc:
+        request.state.rate_window = RateWindow(settings.rate_limit_requests, 0, exc.retry_after)
+        raise
+    request.state.rate_window = window  # app.py turns it into RateLimit-* headers
     return principal
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
@@ -179,6 +179,36 @@ def list_deliveries(
 ) -> WebhookDeliveries:
     rows = services.webhooks.deliveries(account, webhook_id, limit)
     return WebhookDeliveries(deliveries=[_delivery(r) for r in rows])
+
+
+# What endpoints receive, for the OpenAPI document's `webhooks` section (never routed).
+events_router = APIRouter()
+
+
+def _document_event(event: str) -> None:
+    def receive(
+        body: WebhookEventPayload,
+        webhook_id: Annotated[str, Header(alias="webhook-id")],
+        webhook_timestamp: Annotated[str, Header(alias="webhook-timestamp")],
+        webhook_signature: Annotated[str, Header(alias="webhook-signature")],
+    ) -> None:
+        """Signed per Standard Webhooks: verify `webhook-signature` (`v1,<base64 HMAC-SHA256 of
+        "{webhook-id}.{webhook-timestamp}.{body}">`, space-separated while a rotated secret
+        still signs) with the endpoint's `whsec_` secret, e.g. with the `standardwebhooks`
+        package. Answer 2xx within 10 s; anything else is retried with backoff for a day, with
+        the same `webhook-id` (deduplicate on it)."""
+
+    events_router.post(
+        event,
+        summary=f"{event}: a task ended",
+        status_code=204,
+        response_class=Response,
+        responses={204: {"description": "Any 2xx acknowledges the event."}},
+    )(receive)
+
+
+for _event in ALL_EVENTS:
+    _document_event(_event)
 
 
 def task_payload(services: Services, message: Message) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class TaskQueue:
         priority: int = 0,
         idempotency_key: str | None = None,
         batch_id: str | None = None,
+        request_hash: str | None = None,
     ) -> tuple[Row, bool]:
         """Insert a queued task; returns (row, created). An idempotency key already used by this
         account returns the original task and created=False."""
@@ -81,6 +82,7 @@ class TaskQueue:
             "max_attempts": max_attempts,
             "idempotency_key": idempotency_key,
             "batch_id": batch_id,
+            "request_hash": request_hash,
         }
         row = self.db.fetch_one("insert_task", params)
         if row is not None:

@@ -20,8 +20,9 @@ from serve_app.settings import Settings
 from serve_app.webhooks import WebhookDispatcher
 from tests.support.images import object_photo
 from tests.support.receiver import Received, Receiver, run_receiver
+from tests.support.requires import require
 
-standardwebhooks = pytest.importorskip("standardwebhooks")
+standardwebhooks = require("standardwebhooks", "pip install -e .[dev]")
 
 
 @pytest.fixture

@@ -2,9 +2,9 @@
 
 -- name: insert_task
 INSERT INTO tasks (id, account_id, backend, priority, options, inputs, max_attempts,
-                   idempotency_key, batch_id)
+                   idempotency_key, batch_id, request_hash)
 VALUES (%(id)s, %(account_id)s, %(backend)s, %(priority)s, %(options)s, %(inputs)s,
-        %(max_attempts)s, %(idempotency_key)s, %(batch_id)s)
+        %(max_attempts)s, %(idempotency_key)s, %(batch_id)s, %(request_hash)s)
 ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *;
 
