@@ -48,8 +48,9 @@ class Ingress:
         return create_app(self.services)
 
     def __del__(self) -> None:
-        if self.webhook_dispatcher is not None:
-            self.webhook_dispatcher.stop(timeout=5)
+        dispatcher = getattr(self, "webhook_dispatcher", None)
+        if dispatcher is not None:
+            dispatcher.stop(timeout=5)
         self.services.db.close()
 
 
