@@ -5,6 +5,7 @@ server-sent events of a task's stream, the webhook payloads, and examples."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -274,21 +275,49 @@ def enrich(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _binary_responses(doc: dict[str, Any]) -> None:
+    """File downloads (image/png, model/gltf-binary, …) as binary strings, so generators
+    produce a download function instead of skipping the route."""
+    for operations in doc["paths"].values():
+        for operation in operations.values():
+            for response in operation.get("responses", {}).values():
+                for media_type, content in response.get("content", {}).items():
+                    if "json" not in media_type and not content.get("schema"):
+                        content["schema"] = {"type": "string", "format": "binary"}
+
+
+def _short_operation_ids(doc: dict[str, Any]) -> None:
+    """operationId = the handler's name (get_task, create_webhook) where that name is unique:
+    generated clients then read like the API, not like its URL paths. FastAPI's own ids are
+    `<name><path with non-word characters as _>_<method>`."""
+    found: list[tuple[dict[str, Any], str]] = []
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            suffix = re.sub(r"\W", "_", path) + "_" + method
+            if operation.get("operationId", "").endswith(suffix):
+                found.append((operation, operation["operationId"][: -len(suffix)]))
+    counts = Counter(name for _, name in found)
+    for operation, name in found:
+        if name and counts[name] == 1:
+            operation["operationId"] = name
+
+
 def install(app: FastAPI) -> None:
     """Serve the enriched document at /openapi.json (and so at /docs)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = enrich(
-                get_openapi(
-                    title=app.title,
-                    version=app.version,
-                    description=app.description,
-                    routes=app.routes,
-                    webhooks=app.webhooks.routes,
-                    tags=app.openapi_tags,
-                )
+            doc = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+                webhooks=app.webhooks.routes,
+                tags=app.openapi_tags,
             )
+            _short_operation_ids(doc)
+            _binary_responses(doc)
+            app.openapi_schema = enrich(doc)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -5,6 +5,7 @@ GET /api/v1/task/{id} shows it."""
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
@@ -18,8 +19,16 @@ from serve_app.store.webhooks import Message
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["webhooks"])
 
-WebhookEvent = Literal["task.succeeded", "task.failed", "task.canceled"]
-ALL_EVENTS: tuple[WebhookEvent, ...] = ("task.succeeded", "task.failed", "task.canceled")
+
+class WebhookEvent(StrEnum):
+    """What happened: a task ended."""
+
+    task_succeeded = "task.succeeded"
+    task_failed = "task.failed"
+    task_canceled = "task.canceled"
+
+
+ALL_EVENTS: tuple[WebhookEvent, ...] = tuple(WebhookEvent)
 
 
 class WebhookCreate(BaseModel):
@@ -208,7 +217,7 @@ def _document_event(event: str) -> None:
 
 
 for _event in ALL_EVENTS:
-    _document_event(_event)
+    _document_event(_event.value)
 
 
 def task_payload(services: Services, message: Message) -> dict[str, Any]:

@@ -165,3 +165,57 @@ def test_heic_photo_is_accepted_through_the_api(client: TestClient, services: Se
     assert answer.status_code == 202, answer.text
     stored = services.store.get(f"inputs/{answer.json()['id']}/photo-0.png")
     assert Image.open(io.BytesIO(stored)).size == (128, 128)
+
+
+def test_openapi_python_client_generates_a_working_client(
+    client: TestClient, services: Services, tmp_path: Path
+) -> None:
+    require("openapi_python_client", "pip install -e .[dev]")
+    spec = tmp_path / "openapi.json"
+    spec.write_text(client.get("/openapi.json").text)
+    generated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openapi_python_client",
+            "generate",
+            "--path",
+            str(spec),
+            "--output-path",
+            str(tmp_path / "photo3d_api"),
+            "--meta",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert generated.returncode == 0, generated.stdout + generated.stderr
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from photo3d_api import Client as GeneratedClient  # type: ignore[import-not-found]
+        from photo3d_api.api.tasks import get_task, list_tasks  # type: ignore[import-not-found]
+        from photo3d_api.api.webhooks import create_webhook  # type: ignore[import-not-found]
+        from photo3d_api.models import (  # type: ignore[import-not-found]
+            WebhookCreate,
+            WebhookEvent,
+        )
+
+        # The generated functions, sent through the real app (TestClient is an httpx.Client).
+        client.headers.update(key_for(services, "generated"))
+        api = GeneratedClient(base_url="http://testserver")
+        api.set_httpx_client(client)
+        answer = client.post(
+            "/api/v1/generate", files={"image": ("p.png", object_photo(96), "image/png")}
+        )
+        task = get_task.sync(task_id=answer.json()["id"], client=api)
+        assert task.status.value == "queued" and task.id == answer.json()["id"]
+        listed = list_tasks.sync(client=api)
+        assert [t.id for t in listed.tasks] == [task.id]
+        body = WebhookCreate(url="http://10.1.2.3/hook", events=[WebhookEvent.TASK_FAILED])
+        hook = create_webhook.sync(client=api, body=body)
+        assert hook.error.code == "forbidden_webhook_url"  # the typed error body
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m.startswith("photo3d_api")]:
+            del sys.modules[name]
