@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_max_response_bytes: int = Field(default=64 * 1024, ge=0)  # read, then hang up
     webhook_concurrency: int = Field(default=8, ge=1, le=64)  # deliveries at once per replica
+    webhook_endpoint_concurrency: int = Field(default=2, ge=1)  # in flight per endpoint
     webhook_poll_seconds: float = Field(default=1.0, gt=0)
     webhook_retry_base_seconds: float = Field(default=5.0, ge=0)  # first retry; x4 each time
     webhook_retry_max_seconds: float = Field(default=5 * 3600, gt=0)

@@ -247,7 +247,7 @@ class WebhookDispatcher:
             return 0
         try:
             lease = self.settings.webhook_timeout_seconds * 2 + 30
-            messages = self.store.claim(free, lease)
+            messages = self.store.claim(free, lease, self.settings.webhook_endpoint_concurrency)
         except BaseException:
             for _ in range(free):
                 self._slots.release()

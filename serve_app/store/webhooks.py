@@ -88,9 +88,13 @@ class WebhookStore:
         return self.db.fetch_all("webhook_deliveries", {"endpoint_id": endpoint_id, "limit": limit})
 
     # --- the dispatcher --------------------------------------------------------------
-    def claim(self, limit: int, lease_seconds: float) -> list[Message]:
-        """Up to `limit` due messages, leased to the caller for `lease_seconds`."""
-        rows = self.db.fetch_all("webhook_claim", {"limit": limit, "lease_seconds": lease_seconds})
+    def claim(self, limit: int, lease_seconds: float, per_endpoint: int) -> list[Message]:
+        """Up to `limit` due messages (at most `per_endpoint` in flight per endpoint), leased to
+        the caller for `lease_seconds`."""
+        rows = self.db.fetch_all(
+            "webhook_claim",
+            {"limit": limit, "lease_seconds": lease_seconds, "per_endpoint": per_endpoint},
+        )
         return [
             Message(
                 id=r["id"],

@@ -242,3 +242,22 @@ def test_list_get_delete_and_isolation(client: TestClient, services: Services) -
     over = client.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/a"})
     assert over.status_code == 409 and over.json()["error"]["code"] == "too_many_webhooks"
     json.dumps(listed)  # plain JSON
+
+
+def test_a_slow_endpoint_cannot_take_every_delivery_slot(
+    client: TestClient, services: Services
+) -> None:
+    with run_receiver(delay_s=0.5) as slow, run_receiver() as fast:
+        register(client, slow.url, ["task.canceled"])
+        for _ in range(4):
+            finished_task(services, "canceled")
+        register(client, fast.url, ["task.canceled"])
+        finished_task(services, "canceled")
+        # Five messages wait for the slow endpoint, the oldest first, and one for the fast one.
+        sender = dispatcher(services, webhook_concurrency=4, webhook_endpoint_concurrency=2)
+        assert sender.dispatch_due(wait=True) == 3
+        assert len(fast.wait_for(1)) == 1
+        assert len(slow.received) == 2  # two in flight at most; the rest wait their turn
+        while sender.dispatch_due(wait=True):
+            pass
+        assert len(slow.wait_for(5)) == 5

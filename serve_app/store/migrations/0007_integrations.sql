@@ -30,6 +30,7 @@ CREATE TABLE webhook_outbox (
     created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
     attempts         integer NOT NULL DEFAULT 0,        -- bumped by every claim: fencing token
     next_attempt_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    leased_until     timestamptz,                       -- set while a dispatcher delivers it
     delivered_at     timestamptz,
     failed_at        timestamptz,                       -- gave up: retry window is over
     last_status      integer,
@@ -38,6 +39,7 @@ CREATE TABLE webhook_outbox (
 CREATE INDEX webhook_outbox_due_idx ON webhook_outbox (next_attempt_at)
     WHERE delivered_at IS NULL AND failed_at IS NULL;
 CREATE INDEX webhook_outbox_endpoint_idx ON webhook_outbox (endpoint_id, created_at DESC);
+CREATE INDEX webhook_outbox_leased_idx ON webhook_outbox (endpoint_id) WHERE leased_until IS NOT NULL;
 
 -- Every attempt, as the deliveries listing shows it.
 CREATE TABLE webhook_deliveries (

@@ -33,19 +33,34 @@ ORDER BY d.id DESC
 LIMIT %(limit)s;
 
 -- name: webhook_claim
--- Due messages for this dispatcher; SKIP LOCKED lets every ingress replica run one. Pushing
--- next_attempt_at past the delivery timeout is the lease: a replica that dies mid-delivery
--- leaves the message to be claimed again then. The attempts bump is the fencing token.
-WITH due AS (
+-- Due messages for this dispatcher; SKIP LOCKED lets every ingress replica run one. No endpoint
+-- gets more than per_endpoint deliveries in flight, so one slow endpoint cannot take every slot
+-- from the others. Pushing next_attempt_at past the delivery timeout is the lease: a replica
+-- that dies mid-delivery leaves the message to be claimed again then. The attempts bump is the
+-- fencing token.
+WITH busy AS (
+    SELECT endpoint_id, count(*) AS in_flight FROM webhook_outbox
+    WHERE leased_until > clock_timestamp()
+    GROUP BY endpoint_id
+), ranked AS (
+    SELECT o.id,
+           coalesce(b.in_flight, 0)
+               + row_number() OVER (PARTITION BY o.endpoint_id ORDER BY o.next_attempt_at, o.id)
+               AS slot
+    FROM webhook_outbox o LEFT JOIN busy b USING (endpoint_id)
+    WHERE o.delivered_at IS NULL AND o.failed_at IS NULL AND o.next_attempt_at <= clock_timestamp()
+), due AS (
     SELECT id FROM webhook_outbox
-    WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= clock_timestamp()
+    WHERE id IN (SELECT id FROM ranked WHERE slot <= %(per_endpoint)s)
+      AND delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= clock_timestamp()
     ORDER BY next_attempt_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
 UPDATE webhook_outbox o
 SET attempts = o.attempts + 1,
-    next_attempt_at = clock_timestamp() + make_interval(secs => %(lease_seconds)s)
+    next_attempt_at = clock_timestamp() + make_interval(secs => %(lease_seconds)s),
+    leased_until = clock_timestamp() + make_interval(secs => %(lease_seconds)s)
 FROM due, webhook_endpoints e
 WHERE o.id = due.id AND e.id = o.endpoint_id
 RETURNING o.id, o.endpoint_id, o.event, o.task_id, o.snapshot, o.created_at, o.attempts,
@@ -64,6 +79,7 @@ WITH settled AS (
                               < clock_timestamp() + make_interval(secs => %(retry_in)s)
                          THEN clock_timestamp() END,
         next_attempt_at = clock_timestamp() + make_interval(secs => %(retry_in)s),
+        leased_until = NULL,
         last_status = %(status_code)s,
         last_error = %(error)s
     WHERE id = %(id)s AND attempts = %(attempt)s AND delivered_at IS NULL AND failed_at IS NULL
