@@ -31,11 +31,19 @@ standardwebhooks = require("standardwebhooks", "pip install -e .[dev]")
 
 
 @pytest.fixture(scope="module")
-def stack(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def hook_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    pg_admin: str, tmp_path_factory: pytest.TempPathFactory, hook_port: int
+) -> Iterator[Stack]:
     env = {
         "PHOTO3D_AUTH_REQUIRED": "true",
-        # The test's webhook receiver listens on loopback: allowed by name, as an operator would.
-        "PHOTO3D_URL_ALLOW_HOSTS": "127.0.0.1",
+        # The test's webhook receiver listens on loopback: allowed by name (and port), as an
+        # operator would allow an internal host.
+        "PHOTO3D_URL_ALLOW_HOSTS": f"127.0.0.1,127.0.0.1:{hook_port}",
         "PHOTO3D_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
         "PHOTO3D_FAKE_SLOW_SECONDS": "30",
     }
@@ -59,11 +67,14 @@ def api_key(stack: Stack) -> str:
 
 
 def test_client_submits_waits_downloads_and_gets_a_signed_webhook(
-    stack: Stack, api_key: str, tmp_path: Path
+    stack: Stack, api_key: str, tmp_path: Path, hook_port: int
 ) -> None:
     photo = tmp_path / "toy.jpg"
     photo.write_bytes(object_photo(256, fmt="JPEG"))
-    with run_receiver(statuses=[500, 204]) as receiver, Client(stack.url, api_key) as client:
+    with (
+        run_receiver(statuses=[500, 204], port=hook_port) as receiver,
+        Client(stack.url, api_key) as client,
+    ):
         hook = client.create_webhook(receiver.url, ["task.succeeded"])
         task = client.submit(photo, options={"formats": ["glb"]}, seed=2, idempotency_key="t-1")
         assert (

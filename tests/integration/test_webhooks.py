@@ -21,16 +21,24 @@ from serve_app.webhooks import WebhookDispatcher
 from tests.support.images import object_photo
 from tests.support.receiver import Received, Receiver, run_receiver
 from tests.support.requires import require
+from tests.support.stack import free_port
 
 standardwebhooks = require("standardwebhooks", "pip install -e .[dev]")
 
 
 @pytest.fixture
-def settings(settings: Settings) -> Settings:
-    # The receiver runs on loopback: allowed by name, as an operator would allow an internal host.
+def ports() -> list[int]:
+    """Ports for the receivers of one test, known before the settings are made."""
+    return [free_port(), free_port()]
+
+
+@pytest.fixture
+def settings(settings: Settings, ports: list[int]) -> Settings:
+    # The receivers run on loopback: allowed by name (and port), as an operator would allow an
+    # internal host.
     return settings.model_copy(
         update={
-            "url_allow_hosts": "127.0.0.1",
+            "url_allow_hosts": ",".join(["127.0.0.1", *(f"127.0.0.1:{p}" for p in ports)]),
             "webhook_retry_base_seconds": 0.0,
             "webhook_timeout_seconds": 2.0,
         }
@@ -87,9 +95,9 @@ def deliver_until(receiver: Receiver, services: Services, count: int) -> list[Re
 
 
 def test_failed_task_is_retried_with_the_same_webhook_id_and_verifies(
-    client: TestClient, services: Services
+    client: TestClient, services: Services, ports: list[int]
 ) -> None:
-    with run_receiver(statuses=[500, 204]) as receiver:
+    with run_receiver(statuses=[500, 204], port=ports[0]) as receiver:
         hook = register(client, receiver.url)
         assert hook["secret"].startswith("whsec_")
         assert hook["events"] == ["task.canceled", "task.failed", "task.succeeded"]
@@ -123,8 +131,10 @@ def test_failed_task_is_retried_with_the_same_webhook_id_and_verifies(
     assert dispatcher(services).dispatch_due(wait=True) == 0
 
 
-def test_succeeded_task_payload_has_result_links(client: TestClient, services: Services) -> None:
-    with run_receiver() as receiver:
+def test_succeeded_task_payload_has_result_links(
+    client: TestClient, services: Services, ports: list[int]
+) -> None:
+    with run_receiver(port=ports[0]) as receiver:
         hook = register(client, receiver.url, ["task.succeeded"])
         task_id = finished_task(services, "succeeded")
         (request,) = deliver_until(receiver, services, 1)
@@ -134,8 +144,10 @@ def test_succeeded_task_payload_has_result_links(client: TestClient, services: S
     assert formats["glb"].endswith(f"/task/{task_id}/result/glb")
 
 
-def test_only_subscribed_events_are_sent(client: TestClient, services: Services) -> None:
-    with run_receiver() as receiver:
+def test_only_subscribed_events_are_sent(
+    client: TestClient, services: Services, ports: list[int]
+) -> None:
+    with run_receiver(port=ports[0]) as receiver:
         register(client, receiver.url, ["task.succeeded"])
         finished_task(services, "canceled")
         assert dispatcher(services).dispatch_due(wait=True) == 0
@@ -148,9 +160,9 @@ def test_only_subscribed_events_are_sent(client: TestClient, services: Services)
 
 
 def test_outbox_row_commits_or_rolls_back_with_the_status_change(
-    client: TestClient, services: Services
+    client: TestClient, services: Services, ports: list[int]
 ) -> None:
-    register(client, "http://127.0.0.1:9/hooks")
+    register(client, f"http://127.0.0.1:{ports[0]}/hooks")
     row, _ = services.submit("local", [object_photo(96)], {})
     count = "SELECT count(*) FROM webhook_outbox WHERE task_id = %s"
     with psycopg.connect(str(services.settings.database_url)) as conn:
@@ -162,8 +174,10 @@ def test_outbox_row_commits_or_rolls_back_with_the_status_change(
         assert conn.execute(count, (row["id"],)).fetchone() == (1,)
 
 
-def test_a_deleted_task_still_gets_its_event(client: TestClient, services: Services) -> None:
-    with run_receiver() as receiver:
+def test_a_deleted_task_still_gets_its_event(
+    client: TestClient, services: Services, ports: list[int]
+) -> None:
+    with run_receiver(port=ports[0]) as receiver:
         hook = register(client, receiver.url)
         task_id = finished_task(services, "failed")
         assert client.delete(f"/api/v1/task/{task_id}").status_code == 204
@@ -172,8 +186,10 @@ def test_a_deleted_task_still_gets_its_event(client: TestClient, services: Servi
     assert data["id"] == task_id and data["status"] == "failed"
 
 
-def test_rotated_secret_signs_alongside_the_old_one(client: TestClient, services: Services) -> None:
-    with run_receiver() as receiver:
+def test_rotated_secret_signs_alongside_the_old_one(
+    client: TestClient, services: Services, ports: list[int]
+) -> None:
+    with run_receiver(port=ports[0]) as receiver:
         hook = register(client, receiver.url)
         rotated = client.post(f"/api/v1/webhooks/{hook['id']}/rotate")
         assert rotated.status_code == 200
@@ -187,9 +203,9 @@ def test_rotated_secret_signs_alongside_the_old_one(client: TestClient, services
 
 
 def test_unanswered_endpoint_is_recorded_and_given_up_after_the_window(
-    client: TestClient, services: Services
+    client: TestClient, services: Services, ports: list[int]
 ) -> None:
-    with run_receiver(delay_s=1.5) as receiver:
+    with run_receiver(delay_s=1.5, port=ports[0]) as receiver:
         hook = register(client, receiver.url)
         finished_task(services, "canceled")
         sender = dispatcher(
@@ -203,7 +219,7 @@ def test_unanswered_endpoint_is_recorded_and_given_up_after_the_window(
     assert dispatcher(services).dispatch_due(wait=True) == 0
 
 
-def test_destinations_follow_the_image_url_rules(client: TestClient) -> None:
+def test_destinations_follow_the_image_url_rules(client: TestClient, ports: list[int]) -> None:
     for url, code in [
         ("http://169.254.169.254/latest/meta-data", "forbidden_webhook_url"),
         ("http://10.0.0.1/hook", "forbidden_webhook_url"),
@@ -214,14 +230,17 @@ def test_destinations_follow_the_image_url_rules(client: TestClient) -> None:
         assert response.status_code == 422, url
         assert response.json()["error"]["code"] == code, url
     response = client.post(
-        "/api/v1/webhooks", json={"url": "http://127.0.0.1/h", "events": ["task.exploded"]}
+        "/api/v1/webhooks",
+        json={"url": f"http://127.0.0.1:{ports[0]}/h", "events": ["task.exploded"]},
     )
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_request"
 
 
-def test_list_get_delete_and_isolation(client: TestClient, services: Services) -> None:
-    hook = register(client, "http://127.0.0.1:9/a")
+def test_list_get_delete_and_isolation(
+    client: TestClient, services: Services, ports: list[int]
+) -> None:
+    hook = register(client, f"http://127.0.0.1:{ports[0]}/a")
     listed = client.get("/api/v1/webhooks").json()["webhooks"]
     assert [h["id"] for h in listed] == [hook["id"]]
     assert (
@@ -238,16 +257,16 @@ def test_list_get_delete_and_isolation(client: TestClient, services: Services) -
     )
     limit = services.settings.webhook_max_endpoints
     for _ in range(limit):
-        register(client, "http://127.0.0.1:9/a")
-    over = client.post("/api/v1/webhooks", json={"url": "http://127.0.0.1:9/a"})
+        register(client, f"http://127.0.0.1:{ports[0]}/a")
+    over = client.post("/api/v1/webhooks", json={"url": f"http://127.0.0.1:{ports[0]}/a"})
     assert over.status_code == 409 and over.json()["error"]["code"] == "too_many_webhooks"
     json.dumps(listed)  # plain JSON
 
 
 def test_a_slow_endpoint_cannot_take_every_delivery_slot(
-    client: TestClient, services: Services
+    client: TestClient, services: Services, ports: list[int]
 ) -> None:
-    with run_receiver(delay_s=0.5) as slow, run_receiver() as fast:
+    with run_receiver(delay_s=0.5, port=ports[0]) as slow, run_receiver(port=ports[1]) as fast:
         register(client, slow.url, ["task.canceled"])
         for _ in range(4):
             finished_task(services, "canceled")

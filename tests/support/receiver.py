@@ -40,8 +40,10 @@ class Receiver:
 
 
 @contextlib.contextmanager
-def run_receiver(statuses: list[int] | None = None, delay_s: float = 0.0) -> Iterator[Receiver]:
-    """A receiver on 127.0.0.1 and a free port until the block ends."""
+def run_receiver(
+    statuses: list[int] | None = None, delay_s: float = 0.0, port: int = 0
+) -> Iterator[Receiver]:
+    """A receiver on 127.0.0.1 and `port` (0: a free one) until the block ends."""
     state: dict[str, Receiver] = {}
 
     class Handler(BaseHTTPRequestHandler):
@@ -65,7 +67,7 @@ def run_receiver(statuses: list[int] | None = None, delay_s: float = 0.0) -> Ite
         def log_message(self, *args: object) -> None:  # quiet test output
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     state["r"] = Receiver(
         f"http://127.0.0.1:{server.server_address[1]}/hooks", statuses or [204], delay_s
