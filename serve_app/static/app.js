@@ -218,6 +218,8 @@ function renderPhotos() {
   photos.forEach((photo, index) => {
     const item = template.content.firstElementChild.cloneNode(true);
     const img = $("img", item);
+    // A HEIC photo the browser cannot show (the server reads it): no broken-image icon.
+    img.addEventListener("error", () => (img.hidden = true), { once: true });
     img.src = photo.url;
     img.alt = `Photo ${index + 1}: ${photo.file.name}`;
     $(".photo-name", item).textContent = photo.file.name;
