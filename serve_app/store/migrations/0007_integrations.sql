@@ -71,9 +71,6 @@ BEGIN
                               'finished_at', NEW.finished_at, 'batch_id', NEW.batch_id)
     FROM webhook_endpoints e
     WHERE e.account_id = NEW.account_id AND event_name = ANY (e.events);
-    IF FOUND THEN
-        PERFORM pg_notify('photo3d_webhook', '');
-    END IF;
     RETURN NEW;
 END;
 $$;
