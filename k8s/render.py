@@ -1,6 +1,7 @@
-"""Write k8s/rayservice.photo3d.yaml from its template, embedding serve_config.yaml verbatim.
+"""Write k8s/base/rayservice.photo3d.yaml from its template, embedding serve_config.yaml verbatim.
 
-Run `python k8s/render.py` after changing serve_config.yaml; a test fails until you do."""
+serve_config.yaml stays the single source of the Serve deploy config: run `python k8s/render.py`
+after changing it; tests/unit/test_k8s.py fails until you do."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = ROOT / "k8s" / "rayservice.photo3d.template.yaml"
-OUTPUT = ROOT / "k8s" / "rayservice.photo3d.yaml"
+TEMPLATE = ROOT / "k8s" / "base" / "rayservice.photo3d.template.yaml"
+OUTPUT = ROOT / "k8s" / "base" / "rayservice.photo3d.yaml"
 MARKER = "  serveConfigV2: |\n"
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,38 @@ def select_backends(
     return config
 
 
+def ray_temp_dir(run_dir: Path) -> Path:
+    """Ray's temp dir: `<run dir>/ray`, unless that path is too long for the Unix sockets Ray
+    makes below it (107 bytes, reached by e.g. `session_<date>_<pid>/sockets/dash_MetricsHead`
+    when the checkout lives deep in a home folder); then a short one in the system temp dir,
+    named after the run dir so each checkout keeps its own."""
+    preferred = run_dir / "ray"
+    if len(str(preferred)) <= 36:
+        return preferred
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"photo3d-ray-{digest}"
+
+
+def wait_for_job_agent(timeout: float) -> bool:
+    """Wait until Ray's job server can take a job: it needs the head node's dashboard agent,
+    which registers itself some seconds after ray.init on a busy machine, and the job server
+    gives up after 10 s ("No available agent to submit job"). Ray has no public readiness call
+    for this, so this reads the agent's registration where the job server itself looks."""
+    import ray
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    key = (DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX + ray.get_runtime_context().get_node_id()).encode()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if key in _internal_kv_list(key, namespace=KV_NAMESPACE_DASHBOARD):
+            return True
+        time.sleep(0.5)
+    print("note: Ray's job agent is not up yet; `ray job submit` may ask to retry", file=sys.stderr)
+    return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
     settings = get_settings()
@@ -95,7 +129,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     migrate(url)
     settings = get_settings()
     settings.artifacts_path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PHOTO3D_RUN_DIR", str(run_dir))
+    # Ray workers and Ray Jobs' drivers inherit this environment, and a job runs in its own
+    # working directory: give them absolute paths, and this interpreter as `python`.
+    os.environ["PHOTO3D_RUN_DIR"] = str(run_dir)
+    bin_dir = os.path.dirname(sys.executable)
+    os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
 
     config = yaml.safe_load(settings.serve_config.read_text())
@@ -122,8 +160,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # another `ray start` left on this machine (another checkout's tests, say).
         address="local",
         namespace="serve",
-        _temp_dir=str(run_dir / "ray"),
-        include_dashboard=False,
+        _temp_dir=str(ray_temp_dir(run_dir)),
+        # The dashboard hosts Ray's job server (`ray job submit`, e.g. the bulk conversion
+        # job); on loopback only. PHOTO3D_DASHBOARD_PORT=0 leaves it out.
+        include_dashboard=settings.dashboard_port > 0,
+        dashboard_host="127.0.0.1",
+        dashboard_port=settings.dashboard_port or None,
         num_cpus=args.num_cpus,
         configure_logging=True,
         logging_level=logging.INFO,
@@ -163,6 +205,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _stop(0, None)
             return 1
         time.sleep(0.5)
+    if settings.dashboard_port:
+        wait_for_job_agent(timeout=30)
+        print(
+            f"Ray job server (ray job submit --address): http://127.0.0.1:{settings.dashboard_port}",
+            flush=True,
+        )
     print(
         f"photo3d is running at http://{settings.host}:{settings.port}  (Ctrl-C to stop)",
         flush=True,

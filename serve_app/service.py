@@ -19,9 +19,11 @@ from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
+from serve_app.batches import Batches
 from serve_app.errors import Gone, InvalidInput, NotFound
 from serve_app.images import ImageLimits, load_image, to_png
 from serve_app.settings import Settings
+from serve_app.store.batches import BatchStore
 from serve_app.store.db import Database, Row
 from serve_app.store.tasks import TaskQueue
 
@@ -82,6 +84,10 @@ class Services:
     def accounts(self) -> Accounts:
         return Accounts(self.db)
 
+    @cached_property
+    def batches(self) -> Batches:
+        return Batches(BatchStore(self.db))
+
     # --- #15 integrators -----------------------------------------------------------------
     @cached_property
     def webhooks(self) -> Webhooks:
@@ -119,7 +125,8 @@ class Services:
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
             if task_by_key is not None:
                 return check_same_request(task_by_key, digest, idempotency_key), False
-        self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
+        if batch_id is None:  # a bulk job bounds its own items in flight
+            self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         task_id = uuid.uuid4()
         keys = [f"inputs/{task_id}/photo-{i}.png" for i in range(len(images))]
         try:

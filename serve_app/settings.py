@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = None  # default: <run_dir>/artifacts
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    dashboard_port: int = Field(default=8265, ge=0, le=65535)  # Ray's job server; 0 = off
     serve_config: Path = Path("serve_config.yaml")
 
     # --- access -------------------------------------------------------------------
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     rate_limit_requests: int = Field(default=120, ge=1, description="requests per key per window")
     rate_limit_window_seconds: int = Field(default=60, ge=1)
     max_active_tasks: int = Field(default=20, ge=1, description="queued+running per account")
+    max_batch_in_flight: int = Field(
+        default=16, ge=1, description="a bulk job's queued+running items (not max_active_tasks)"
+    )
     cors_origins: str = ""  # comma separated; empty = no cross-origin access
     request_timeout_seconds: float = Field(default=60.0, gt=0)
     result_retention_seconds: float = Field(default=7 * 24 * 3600, ge=0)  # 0 = keep forever

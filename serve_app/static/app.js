@@ -812,7 +812,59 @@ $("#cancel-button").addEventListener("click", async () => {
 });
 
 // ---------------------------------------------------------------------------------------
-// My models
+// My models: bulk conversion batches (shown only when the account has some), then the models
+
+const BATCH_STATUS_TEXT = {
+  running: "Converting",
+  completed: "Done",
+  failed: "Job failed",
+  stopped: "Stopped",
+};
+
+const batches = {
+  running: false,
+
+  async load() {
+    const box = $("#batches");
+    let page;
+    try {
+      page = await apiJson("batches", { params: { limit: 10 } });
+    } catch {
+      box.hidden = true; // the models below still load; their errors are shown there
+      return;
+    }
+    $("#batch-list").replaceChildren(...page.batches.map((batch) => this.item(batch)));
+    box.hidden = page.batches.length === 0;
+    this.running = page.batches.some((batch) => batch.status === "running");
+  },
+
+  item(batch) {
+    const li = document.createElement("li");
+    li.className = "batch";
+    li.dataset.batchId = batch.id;
+    const title = document.createElement("strong");
+    title.textContent = batch.id;
+    const badge = document.createElement("span");
+    badge.className = `badge ${batch.status === "completed" ? "succeeded" : batch.status}`;
+    badge.textContent = BATCH_STATUS_TEXT[batch.status] || batch.status;
+    const bar = document.createElement("progress");
+    bar.max = 1;
+    bar.value = batch.progress;
+    bar.setAttribute("aria-label", `${batch.id}: ${Math.round(batch.progress * 100)}% done`);
+    const counts = batch.counts;
+    const parts = [`${counts.succeeded} done`];
+    if (counts.queued + counts.running) parts.push(`${counts.queued + counts.running} in progress`);
+    if (counts.failed + batch.rejected) parts.push(`${counts.failed + batch.rejected} failed`);
+    if (batch.total != null) parts.push(`of ${batch.total}`);
+    if (batch.photos_per_minute) parts.push(`${batch.photos_per_minute} photos/min`);
+    if (batch.eta_seconds != null) parts.push(`about ${Math.ceil(batch.eta_seconds / 60)} min left`);
+    const meta = document.createElement("span");
+    meta.className = "batch-meta";
+    meta.textContent = parts.join(" · ");
+    li.append(title, badge, bar, meta);
+    return li;
+  },
+};
 
 const gallery = {
   cursor: null,
@@ -832,6 +884,7 @@ const gallery = {
       grid.replaceChildren();
       this.cursor = null;
       $("#models-empty").hidden = true;
+      batches.load();
     }
     more.disabled = true;
     try {
@@ -944,6 +997,7 @@ const gallery = {
     // Cards of unfinished models refresh every few seconds while the gallery is shown.
     this.pollTimer = setInterval(async () => {
       if (currentView !== "models" || document.hidden) return;
+      if (batches.running) batches.load();
       for (const card of this.cards.values()) {
         if (TERMINAL.has(card.task.status)) continue;
         try {

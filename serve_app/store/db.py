@@ -24,7 +24,7 @@ Row = dict[str, Any]
 
 @lru_cache(maxsize=1)
 def queries() -> dict[str, str]:
-    """All named queries of every `sql/*.sql` file (queries.sql, plus one file per feature)."""
+    """All named queries of every `sql/*.sql` file (one file per feature); names are unique."""
     found: dict[str, str] = {}
     folder = resources.files("serve_app.store").joinpath("sql")
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
@@ -33,7 +33,7 @@ def queries() -> dict[str, str]:
         parts = re.split(r"^-- name: (\w+)\s*$", entry.read_text(), flags=re.MULTILINE)
         for name, body in zip(parts[1::2], parts[2::2], strict=True):
             if name in found:
-                raise RuntimeError(f"query {name} is defined twice ({entry.name})")
+                raise RuntimeError(f"query {name!r} is defined twice (in {entry.name})")
             found[name] = body.strip()
     return found
 

@@ -31,19 +31,35 @@ class Claim:
     max_attempts: int
 
 
-def encode_cursor(row: Row) -> str:
-    """Opaque cursor for keyset pagination after `row`."""
-    raw = f"{row['created_at'].isoformat()}|{row['id']}"
+def encode_cursor_parts(created_at: dt.datetime, key: object) -> str:
+    """Opaque cursor for keyset pagination after the row (created_at, key)."""
+    raw = f"{created_at.isoformat()}|{key}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor_parts(cursor: str) -> tuple[dt.datetime, str]:
+    """Inverse of encode_cursor_parts; a tampered cursor is a 4xx."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, sep, key = raw.partition("|")
+        if not sep:
+            raise ValueError("no separator")
+        return dt.datetime.fromisoformat(created), key
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("the cursor is not valid", code="invalid_cursor") from exc
+
+
+def encode_cursor(row: Row) -> str:
+    """Opaque cursor for keyset pagination after task `row`."""
+    return encode_cursor_parts(row["created_at"], row["id"])
 
 
 def decode_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
     """Inverse of encode_cursor; a tampered cursor is a 4xx."""
+    created, key = decode_cursor_parts(cursor)
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, _, task_id = raw.partition("|")
-        return dt.datetime.fromisoformat(created), uuid.UUID(task_id)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return created, uuid.UUID(key)
+    except ValueError as exc:
         raise InvalidInput("the cursor is not valid", code="invalid_cursor") from exc
 
 

@@ -16,7 +16,7 @@ import trimesh
 from PIL import Image
 
 from tests.support.images import object_photo
-from tests.support.stack import Stack
+from tests.support.stack import ROOT, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -360,3 +360,37 @@ def test_api_key_panel_and_billing(page: Any, stack: Stack) -> None:
     page.reload()
     page.wait_for_selector("#credits:not([hidden])")
     assert page.inner_text("#credits") == "42 credits"
+
+
+def test_bulk_batches_are_listed_with_their_progress(
+    page: Any, stack: Stack, tmp_path: Path, screenshots: Path
+) -> None:
+    """A bulk job run beside the stack (as a plain script): "My models" shows its batch."""
+    import os
+    import subprocess
+    import sys
+
+    photos = tmp_path / "shelf"
+    photos.mkdir()
+    for i in range(2):
+        (photos / f"vase{i}.png").write_bytes(object_photo(96, seed=60 + i))
+    (photos / "torn.jpg").write_bytes(b"not a photo")
+    env = {
+        **os.environ,
+        "DATABASE_URL": stack.database_url,
+        "PHOTO3D_RUN_DIR": str(stack.run_dir),
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "jobs.bulk_convert", "--input", str(photos)]
+    command += ["--output", str(tmp_path / "out"), "--batch-id", "shelf-photos"]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    page.goto("/#/models")
+    batch = page.locator('.batch[data-batch-id="shelf-photos"]')
+    batch.wait_for()
+    assert batch.locator(".badge").inner_text() == "Done"
+    assert batch.locator("progress").evaluate("bar => bar.value") == 1
+    meta = batch.locator(".batch-meta").inner_text()
+    assert "2 done" in meta and "1 failed" in meta and "of 3" in meta
+    page.screenshot(path=str(screenshots / "batches.png"))

@@ -106,6 +106,7 @@ def run_stack(
         "PHOTO3D_WORKER_ALIVE_SECONDS": "5",
         "PYTHONPATH": str(ROOT),
         "RAY_AUTH_MODE": "disabled",
+        "PHOTO3D_DASHBOARD_PORT": "0",  # Ray's job server only where a test submits jobs
         **(env or {}),
     }
     log_path = run_dir / "serve.log"

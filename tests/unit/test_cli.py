@@ -46,3 +46,16 @@ def test_generate_other_format_and_clear_errors(tmp_path: Path) -> None:
     refused = run_cli("generate", str(bad), cwd=tmp_path)
     assert refused.returncode == 2
     assert "unsupported_image_type" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_ray_temp_dir_stays_short_enough_for_rays_unix_sockets(tmp_path: Path) -> None:
+    """Ray's dashboard modules bind Unix sockets under its temp dir (at most 107 bytes): a deep
+    checkout gets a short temp dir of its own instead of `<run dir>/ray`."""
+    from serve_app.cli import ray_temp_dir
+
+    assert ray_temp_dir(Path("/srv/p3d/.run")) == Path("/srv/p3d/.run/ray")
+    deep = Path("/home/someone/src/github.com/example/photo3d/.run")
+    chosen = ray_temp_dir(deep)
+    longest_socket = chosen / "session_2026-11-28_08-30-08_380288_3710/sockets/dash_UsageStatsHead"
+    assert len(str(longest_socket)) <= 107
+    assert chosen == ray_temp_dir(deep) != ray_temp_dir(deep / "other")

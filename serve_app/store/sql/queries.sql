@@ -210,8 +210,10 @@ RETURNING requests,
 DELETE FROM rate_windows WHERE window_start < clock_timestamp() - interval '1 hour';
 
 -- name: active_task_count
+-- Interactive tasks only: a bulk job bounds its own items in flight (PHOTO3D_MAX_BATCH_IN_FLIGHT),
+-- so a catalogue never locks its account's people out of the API.
 SELECT count(*) AS active FROM tasks
-WHERE account_id = %(account_id)s AND status IN ('queued', 'running');
+WHERE account_id = %(account_id)s AND status IN ('queued', 'running') AND batch_id IS NULL;
 
 -- name: expired_tasks
 -- Finished tasks past their retention whose files are still kept, oldest first.
