@@ -39,7 +39,7 @@ from serve_app.store.webhooks import Message, WebhookStore
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("task.succeeded", "task.failed", "task.canceled")
+EVENTS = ("task.succeeded", "task.failed", "task.canceled", "batch.completed")
 _PORTS = {"http": 80, "https": 443}
 USER_AGENT = "photo3d-webhooks/1"
 

@@ -11,8 +11,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.api.batches import _batch as batch_view
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
 from serve_app.api.schemas import task_from_row
+from serve_app.errors import NotFound
 from serve_app.service import Services
 from serve_app.store.db import Row
 from serve_app.store.webhooks import Message
@@ -21,11 +23,13 @@ router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["webhooks"])
 
 
 class WebhookEvent(StrEnum):
-    """What happened: a task ended."""
+    """What happened: a task ended, or a bulk conversion batch ended (any way; its `status`
+    says completed, failed or stopped)."""
 
     task_succeeded = "task.succeeded"
     task_failed = "task.failed"
     task_canceled = "task.canceled"
+    batch_completed = "batch.completed"
 
 
 ALL_EVENTS: tuple[WebhookEvent, ...] = tuple(WebhookEvent)
@@ -80,6 +84,7 @@ class WebhookDelivery(BaseModel):
     webhook_id: str = Field(description="The `webhook-id` header; the same on every retry.")
     event: WebhookEvent
     task_id: str | None
+    batch_id: str | None = None
     attempt: int
     at: dt.datetime
     status_code: int | None = Field(None, description="The endpoint's HTTP status, if any.")
@@ -100,7 +105,10 @@ class WebhookEventPayload(BaseModel):
 
     type: WebhookEvent
     timestamp: dt.datetime
-    data: dict[str, Any] = Field(description="The task, as GET /api/v1/task/{id} returns it.")
+    data: dict[str, Any] = Field(
+        description="task.*: the task as GET /api/v1/task/{id} returns it; batch.completed: "
+        "the batch as GET /api/v1/batches/{id} returns it."
+    )
 
 
 def _webhook(row: Row) -> Webhook:
@@ -124,6 +132,7 @@ def _delivery(row: Row) -> WebhookDelivery:
         webhook_id=f"msg_{row['message_id'].hex}",
         event=row["event"],
         task_id=str(row["task_id"]) if row["task_id"] else None,
+        batch_id=row["batch_id"],
         attempt=row["attempt"],
         at=row["at"],
         status_code=row["status_code"],
@@ -209,7 +218,7 @@ def _document_event(event: str) -> None:
 
     events_router.post(
         event,
-        summary=f"{event}: a task ended",
+        summary=f"{event}: a {event.split('.')[0]} ended",
         status_code=204,
         response_class=Response,
         responses={204: {"description": "Any 2xx acknowledges the event."}},
@@ -221,8 +230,14 @@ for _event in ALL_EVENTS:
 
 
 def task_payload(services: Services, message: Message) -> dict[str, Any]:
-    """An event's `data`: the task as GET /api/v1/task/{id} shows it now, or what the outbox
-    recorded at the status change if the task was deleted since."""
+    """An event's `data`: the task (or batch) as the API shows it now, or what the outbox
+    recorded at the status change if it was deleted since."""
+    if message.batch_id is not None:
+        try:
+            batch = services.batches.get(message.account_id, message.batch_id)
+        except NotFound:
+            return dict(message.snapshot)
+        return batch_view(batch).model_dump(mode="json")
     row = services.queue.get(message.task_id, message.account_id) if message.task_id else None
     if row is None:
         return dict(message.snapshot)

@@ -1,5 +1,6 @@
 """Webhook endpoints and their outbox on PostgreSQL. The outbox rows themselves are written by a
-trigger on `tasks` (migration 0007), in the transaction that ends the task."""
+trigger on `tasks` (migration 0007) and by `update_batch`, with the change that ends the task or
+the batch."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Message:
     account_id: str
     event: str
     task_id: uuid.UUID | None
+    batch_id: str | None
     snapshot: dict[str, Any]
     attempt: int
     url: str
@@ -102,6 +104,7 @@ class WebhookStore:
                 account_id=r["account_id"],
                 event=r["event"],
                 task_id=r["task_id"],
+                batch_id=r["batch_id"],
                 snapshot=r["snapshot"],
                 attempt=r["attempts"],
                 url=r["url"],

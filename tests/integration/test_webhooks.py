@@ -100,7 +100,12 @@ def test_failed_task_is_retried_with_the_same_webhook_id_and_verifies(
     with run_receiver(statuses=[500, 204], port=ports[0]) as receiver:
         hook = register(client, receiver.url)
         assert hook["secret"].startswith("whsec_")
-        assert hook["events"] == ["task.canceled", "task.failed", "task.succeeded"]
+        assert hook["events"] == [
+            "batch.completed",
+            "task.canceled",
+            "task.failed",
+            "task.succeeded",
+        ]
         task_id = finished_task(services, "failed")
         first, second = deliver_until(receiver, services, 2)
 
@@ -280,3 +285,28 @@ def test_a_slow_endpoint_cannot_take_every_delivery_slot(
         while sender.dispatch_due(wait=True):
             pass
         assert len(slow.wait_for(5)) == 5
+
+
+def test_an_ended_batch_sends_batch_completed_once(
+    client: TestClient, services: Services, ports: list[int]
+) -> None:
+    with run_receiver(port=ports[0]) as receiver:
+        hook = register(client, receiver.url, ["batch.completed"])
+        services.batches.start("local", "spring-catalog", "/photos/spring", {})
+        row, _ = services.submit("local", [object_photo(96)], {}, batch_id="spring-catalog")
+        services.queue.cancel(row["id"], "local")  # a task event, not subscribed here
+        services.batches.update("local", "spring-catalog", total=1)  # still running: no event
+        services.batches.update("local", "spring-catalog", status="completed")
+        services.batches.update("local", "spring-catalog", status="completed")  # no second
+        (request,) = deliver_until(receiver, services, 1)
+        assert dispatcher(services).dispatch_due(wait=True) == 0
+    payload = verify(hook["secret"], request)
+    assert payload["type"] == "batch.completed"
+    data = payload["data"]
+    assert data["id"] == "spring-catalog" and data["status"] == "completed"
+    assert data["counts"]["canceled"] == 1 and data["total"] == 1
+    assert data == client.get("/api/v1/batches/spring-catalog").json() | {
+        k: data[k] for k in ("photos_per_minute", "eta_seconds")
+    }
+    (delivery,) = client.get(f"/api/v1/webhooks/{hook['id']}/deliveries").json()["deliveries"]
+    assert delivery["batch_id"] == "spring-catalog" and delivery["task_id"] is None

@@ -18,12 +18,14 @@ CREATE TABLE webhook_endpoints (
 CREATE INDEX webhook_endpoints_account_idx ON webhook_endpoints (account_id, created_at);
 
 -- One row per (event, endpoint): the message. Its id is the `webhook-id` of every attempt.
--- task_id has no foreign key: deleting a task must not un-send the event about it.
+-- task_id has no foreign key: deleting a task must not un-send the event about it. Batch events
+-- are written by the statement that ends the batch (update_batch in sql/batches.sql).
 CREATE TABLE webhook_outbox (
     id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     endpoint_id      uuid NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
     event            text NOT NULL,
     task_id          uuid,
+    batch_id         text,                              -- batch.completed: the batch's id
     -- What the trigger knew at the status change; the payload sent is rebuilt from the task row
     -- at delivery time (fresh signed links) and falls back to this if the task was deleted.
     snapshot         jsonb NOT NULL,

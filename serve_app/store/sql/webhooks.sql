@@ -26,7 +26,7 @@ RETURNING *;
 
 -- name: webhook_deliveries
 SELECT d.id, d.message_id, d.attempt, d.at, d.status_code, d.error, d.duration_ms,
-       o.event, o.task_id, o.delivered_at, o.failed_at, o.next_attempt_at
+       o.event, o.task_id, o.batch_id, o.delivered_at, o.failed_at, o.next_attempt_at
 FROM webhook_deliveries d JOIN webhook_outbox o ON o.id = d.message_id
 WHERE d.endpoint_id = %(endpoint_id)s
 ORDER BY d.id DESC
@@ -63,7 +63,8 @@ SET attempts = o.attempts + 1,
     leased_until = clock_timestamp() + make_interval(secs => %(lease_seconds)s)
 FROM due, webhook_endpoints e
 WHERE o.id = due.id AND e.id = o.endpoint_id
-RETURNING o.id, o.endpoint_id, o.event, o.task_id, o.snapshot, o.created_at, o.attempts,
+RETURNING o.id, o.endpoint_id, o.event, o.task_id, o.batch_id, o.snapshot, o.created_at,
+          o.attempts,
           e.account_id, e.url, e.secret,
           CASE WHEN e.previous_expires_at > clock_timestamp() THEN e.previous_secret END
               AS previous_secret;
