@@ -63,7 +63,12 @@ def test_openapi_validates_and_generates_a_typed_client(
     assert form["seed"]["type"] == "integer" and form["image"]["type"] == "array"
     stream = doc["paths"]["/api/v1/task/{task_id}/stream"]["get"]["responses"]["200"]
     assert "text/event-stream" in stream["content"]
-    assert set(doc["webhooks"]) == {"task.succeeded", "task.failed", "task.canceled"}
+    assert set(doc["webhooks"]) == {
+        "task.succeeded",
+        "task.failed",
+        "task.canceled",
+        "batch.completed",
+    }
 
     spec = tmp_path / "openapi.json"
     spec.write_text(json.dumps(doc))
