@@ -39,6 +39,7 @@ from typing import Any
 
 from serve_app.batches import BATCH_PRIORITY
 from serve_app.errors import Photo3DError
+from serve_app.results import TaskResult
 from serve_app.service import Services
 from serve_app.settings import Settings, get_settings
 from serve_app.store.tasks import TERMINAL
@@ -262,27 +263,23 @@ class BulkJob:
         item: dict[str, Any] = {**entry, "status": status}
         if row.get("error_code"):
             item["error"] = {"code": row["error_code"], "message": row.get("error_message") or ""}
-        result = row.get("result")
-        if row["status"] == "succeeded" and result and row.get("expired_at") is None:
+        result = TaskResult.of_row(row) if row.get("expired_at") is None else None
+        if result is not None:
             item.update(self._copy_outputs(entry["name"], result))
         self._count(status)
         self.items.append(item)
 
-    def _copy_outputs(self, name: str, result: dict[str, Any]) -> dict[str, Any]:
+    def _copy_outputs(self, name: str, result: TaskResult) -> dict[str, Any]:
         """Copy each format and the preview to the output folder: <name>.glb, <name>_obj.zip…"""
-        artifacts = self.services.store
+        artifacts = self.services.artifacts
         files = {}
-        for fmt, info in result["files"].items():
-            target = self.output / f"{name}{info['filename'].removeprefix('model')}"
-            target.write_bytes(artifacts.get(info["key"]))
+        for fmt, info in result.files.items():
+            target = self.output / f"{name}{info.filename.removeprefix('model')}"
+            target.write_bytes(artifacts.get(info.key))
             files[fmt] = target.name
         preview = self.output / f"{name}.preview.png"
-        preview.write_bytes(artifacts.get(result["preview"]["key"]))
-        return {
-            "files": files,
-            "preview": preview.name,
-            "seconds": (result.get("timings") or {}).get("total_s"),
-        }
+        preview.write_bytes(artifacts.get(result.preview.key))
+        return {"files": files, "preview": preview.name, "seconds": result.timings.total_s}
 
 
 def write_report(report: dict[str, Any], output: Path) -> None:
@@ -364,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         services.batches.update(args.account, batch_id, status="failed")
         raise
     finally:
-        services.db.close()
+        services.close()
     write_report(report, args.output)
     counts = report["counts"]
     if not report["items"]:

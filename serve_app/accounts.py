@@ -88,21 +88,23 @@ class Accounts:
                 "account id: 1-63 of a-z, 0-9, '-', '_', starting with a letter or digit",
                 code="invalid_account_id",
             )
-        if self.db.fetch_one("get_account", {"id": account_id}) is not None:
-            raise Conflict(f"account {account_id} already exists", code="account_exists")
         row = self.db.fetch_one(
             "create_account", {"id": account_id, "name": name or account_id, "is_admin": is_admin}
         )
-        if row is None:  # pragma: no cover - INSERT ... RETURNING always returns
-            raise Conflict(f"account {account_id} could not be created")
+        if row is None:  # ON CONFLICT DO NOTHING: the id is taken
+            raise Conflict(f"account {account_id} already exists", code="account_exists")
         return row
+
+    def get_account(self, account_id: str) -> Row | None:
+        """The account row, or None."""
+        return self.db.fetch_one("get_account", {"id": account_id})
 
     def list_accounts(self) -> list[Row]:
         return self.db.fetch_all("list_accounts")
 
     def create_key(self, account_id: str, name: str = "") -> tuple[str, Row]:
         """Make a key for the account; returns (the key — shown once, its listing row)."""
-        if self.db.fetch_one("get_account", {"id": account_id}) is None:
+        if self.get_account(account_id) is None:
             raise NotFound(f"account {account_id} not found", code="account_not_found")
         prefix, key = new_key()
         row = self.db.fetch_one(
@@ -157,6 +159,10 @@ class Accounts:
                 retry_after=retry,
             )
         return RateWindow(limit, max(0, limit - int(row["requests"])), retry)
+
+    def prune_rate_windows(self, window_seconds: int) -> int:
+        """Drop the request counters of windows that have ended; returns how many went."""
+        return self.db.execute("prune_rate_windows", {"window": window_seconds})
 
     def check_concurrency(self, account_id: str, limit: int) -> None:
         """RateLimited when the account already has `limit` tasks queued or running."""

@@ -28,15 +28,10 @@ import os
 import time
 from typing import Any
 
-import psycopg
+from serve_app.errors import Photo3DError
+from serve_app.store.tasks import read_backlog
 
 log = logging.getLogger("ray.serve")
-
-BACKLOG_SQL = (
-    "SELECT count(*) FILTER (WHERE status = 'queued' AND run_after <= now()) AS queued, "
-    "count(*) FILTER (WHERE status = 'running') AS running "
-    "FROM tasks WHERE status IN ('queued', 'running') AND backend = %s"
-)
 
 
 def desired_replicas(
@@ -74,16 +69,13 @@ class QueueBacklogPolicy:
             )
             return
         try:
-            async with await psycopg.AsyncConnection.connect(url, connect_timeout=5) as conn:
-                cur = await conn.execute(BACKLOG_SQL, (self.backend,))
-                row = await cur.fetchone()
-            if row is not None:
-                self.queued, self.running = int(row[0]), int(row[1])
-        except psycopg.Error as exc:
+            backlog = (await read_backlog(url, [self.backend])).get(self.backend)
+        except Photo3DError as exc:
             # Keep the last known backlog: scaling to zero on a DB blip would kill running work.
-            log.warning(
-                "QueueBacklogPolicy(%s): backlog query failed: %s", self.backend, type(exc).__name__
-            )
+            log.warning("QueueBacklogPolicy(%s): backlog query failed: %s", self.backend, exc.code)
+            return
+        self.queued = backlog.queued if backlog else 0
+        self.running = backlog.running if backlog else 0
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         """Called by the Serve controller on every autoscaling tick."""

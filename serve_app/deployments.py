@@ -38,7 +38,7 @@ class Ingress:
         self.services = Services.from_settings(get_settings(), backends=backends)
         # Don't wait for the database: while it is down the API answers 503, it doesn't crash.
         self.services.db.open(wait=False)
-        self.services.store.check()
+        self.services.artifacts.check()
         self._generators = generators or []  # bound so that Serve deploys them
         self.webhook_dispatcher = start_webhook_dispatcher(self.services)
 
@@ -51,7 +51,7 @@ class Ingress:
         dispatcher = getattr(self, "webhook_dispatcher", None)
         if dispatcher is not None:
             dispatcher.stop(timeout=5)
-        self.services.db.close()
+        self.services.close()
 
 
 def start_webhook_dispatcher(services: Any) -> Any:
@@ -95,13 +95,14 @@ class Generator:
         self.backend.load()  # weights and warm-up once per replica
         self.worker = Worker(
             queue=self.services.queue,
-            store=self.services.store,
+            artifacts=self.services.artifacts,
             backend=self.backend,
-            database_url=str(settings.database_url),
             heartbeat_seconds=settings.heartbeat_seconds,
             poll_seconds=settings.poll_seconds,
             task_timeout_seconds=settings.task_timeout_seconds,
             retention_seconds=settings.result_retention_seconds,
+            accounts=self.services.accounts,
+            rate_window_seconds=settings.rate_limit_window_seconds,
         )
         self.worker.start()
         log.info("generator %s started as worker %s", backend, self.worker.worker_id)
@@ -127,7 +128,7 @@ class Generator:
         worker = getattr(self, "worker", None)
         if worker is not None:
             worker.stop(timeout=55)
-            self.services.db.close()
+            self.services.close()
 
 
 def generator_name(backend: str) -> str:

@@ -26,6 +26,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from serve_app.errors import GenerationFailed, InvalidInput, Photo3DError
+from serve_app.formats import FORMATS, FormatInfo
 
 __all__ = [
     "FORMATS",
@@ -37,33 +38,6 @@ __all__ = [
     "sample_texture",
 ]
 
-
-@dataclass(frozen=True)
-class FormatInfo:
-    """How one output format is served: its media type and download file name."""
-
-    name: str
-    media_type: str
-    filename: str
-    description: str
-
-
-FORMATS: dict[str, FormatInfo] = {
-    "glb": FormatInfo("glb", "model/gltf-binary", "model.glb", "glTF binary, PBR textured"),
-    "obj": FormatInfo(
-        "obj", "application/zip", "model_obj.zip", "Wavefront OBJ + MTL + PNG texture, zipped"
-    ),
-    "stl": FormatInfo("stl", "model/stl", "model.stl", "binary STL, Z up, for 3D printing"),
-    # PLY has no media type registered with IANA (`model/ply` is not one, and neither browsers
-    # nor Python's mimetypes know it); octet-stream is what servers send for .ply, and it makes
-    # browsers download the file rather than guess.
-    "ply": FormatInfo(
-        "ply", "application/octet-stream", "model.ply", "binary PLY with vertex colours"
-    ),
-    "usdz": FormatInfo(
-        "usdz", "model/vnd.usdz+zip", "model.usdz", "USDZ for AR Quick Look (iOS, visionOS)"
-    ),
-}
 
 # A mesh with no colour at all: glTF's default material is white, but a light grey reads as
 # "untextured" in previews and keeps shading visible.

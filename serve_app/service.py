@@ -1,5 +1,6 @@
 """Service logic between the HTTP surface and the store: accept a generation (validate every
-photo and option, store the photos, queue the task), read tasks back, cancel, delete."""
+photo and option, store the photos, queue the task), read tasks back, cancel, delete, serve
+result files, and report readiness. Each API handler calls one method here."""
 
 from __future__ import annotations
 
@@ -9,23 +10,25 @@ import logging
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from pydantic import ValidationError
 
-from serve_app import exports, preview
-from serve_app.accounts import Accounts
+from serve_app import artifact_keys, exports, preview
+from serve_app.accounts import Accounts, Principal
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
-from serve_app.errors import Gone, InvalidInput, NotFound
+from serve_app.errors import Gone, InvalidInput, NotFound, Photo3DError
 from serve_app.images import ImageLimits, load_image, to_png
+from serve_app.results import StoredFile, TaskResult
 from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
 from serve_app.store.db import Database, Row
-from serve_app.store.tasks import TaskQueue
+from serve_app.store.tasks import TERMINAL, TaskQueue
 
 if TYPE_CHECKING:
     from serve_app.webhooks import Webhooks
@@ -54,6 +57,32 @@ def parse_options(
     return options.model_copy(update={"backend": backend})
 
 
+@dataclass(frozen=True)
+class ArtifactFile:
+    """A stored file ready to send: a local path to stream from when the store has one, else
+    its bytes."""
+
+    info: StoredFile
+    path: Path | None
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What /health reports: the database, live workers per backend, and the verdict."""
+
+    ready: bool
+    database: str
+    workers: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    default: bool
+    workers: int
+
+
 @dataclass
 class Services:
     """What a process needs to serve requests: settings, database, queue, artifact store."""
@@ -61,7 +90,7 @@ class Services:
     settings: Settings
     db: Database
     queue: TaskQueue
-    store: ArtifactStore
+    artifacts: ArtifactStore
     backends: list[str] | None = None  # backends with a generator deployment; None = all
 
     @classmethod
@@ -79,6 +108,11 @@ class Services:
             db, lease_seconds=settings.lease_seconds, backoff_seconds=settings.retry_backoff_seconds
         )
         return cls(settings, db, queue, LocalArtifactStore(settings.artifacts_path), backends)
+
+    def close(self) -> None:
+        """Release the database pool and any listening connection."""
+        self.queue.close()
+        self.db.close()
 
     @cached_property
     def accounts(self) -> Accounts:
@@ -128,10 +162,10 @@ class Services:
         if batch_id is None:  # a bulk job bounds its own items in flight
             self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         task_id = uuid.uuid4()
-        keys = [f"inputs/{task_id}/photo-{i}.png" for i in range(len(images))]
+        keys = [artifact_keys.input_key(task_id, i) for i in range(len(images))]
         try:
             for key, image in zip(keys, images, strict=True):
-                self.store.put(key, to_png(image))
+                self.artifacts.put(key, to_png(image))
             row, created = self.queue.submit(
                 task_id=task_id,
                 account_id=account_id,
@@ -145,10 +179,10 @@ class Services:
                 request_hash=digest,
             )
         except BaseException:
-            self.store.delete_prefix(f"inputs/{task_id}")
+            self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))
             raise
         if not created:
-            self.store.delete_prefix(f"inputs/{task_id}")
+            self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))
             return check_same_request(row, digest, idempotency_key or ""), False
         return self.queue.get(task_id, account_id) or row, True  # with its queue position
 
@@ -160,42 +194,72 @@ class Services:
             raise NotFound(f"task {task_id} not found", code="task_not_found")
         return row
 
-    def artifact(self, account_id: str, task_id: str, fmt: str) -> tuple[str, dict[str, Any]]:
-        """(artifact key, file info) of one result format, converting on demand if needed."""
+    def task_events(self, account_id: str, task_id: str, after_id: int = 0) -> list[Row]:
+        """The task's timeline after event `after_id`, oldest first."""
         row = self.get_task(account_id, task_id)
-        result = row["result"]
+        return self.queue.events(row["id"], after_id)
+
+    def list_tasks(
+        self, account_id: str, *, limit: int, **filters: str | None
+    ) -> tuple[list[Row], str | None]:
+        """The account's tasks, newest first; filters: status, batch_id, cursor. Returns (rows,
+        next_cursor)."""
+        return self.queue.list_tasks(account_id, limit=limit, **filters)
+
+    def artifact(self, account_id: str, task_id: str, fmt: str) -> StoredFile:
+        """The stored file of one result format ("preview", "turntable", or an output format),
+        converting on demand if needed."""
+        row = self.get_task(account_id, task_id)
         if row.get("expired_at") is not None:
             raise Gone(
                 f"the result of task {task_id} expired and was deleted", code="result_expired"
             )
-        if row["status"] != "succeeded" or not result:
+        result = TaskResult.of_row(row)
+        if result is None:
             raise InvalidInput(
                 f"task {task_id} has no result yet (status {row['status']})", code="task_not_ready"
             )
         if fmt == "preview":
-            return result["preview"]["key"], {**result["preview"], "filename": "preview.png"}
+            return result.preview.as_file()
         if fmt == "turntable":
             # Rendered on first request (a few CPU seconds), then kept beside the preview.
-            key = result["preview"]["key"].rsplit("/", 1)[0] + "/turntable.webp"
-            if not self.store.exists(key):
-                glb = self.store.get(result["files"]["glb"]["key"])
-                self.store.put(key, preview.render_turntable(glb))
-            return key, {"key": key, "media_type": "image/webp", "filename": "turntable.webp"}
-        files: dict[str, dict[str, Any]] = result["files"]
-        if fmt in files:
-            return files[fmt]["key"], files[fmt]
+            key = artifact_keys.beside(result.preview.key, "turntable.webp")
+            if not self.artifacts.exists(key):
+                glb = self.artifacts.get(result.files["glb"].key)
+                self.artifacts.put(key, preview.render_turntable(glb))
+            return StoredFile(key=key, media_type="image/webp", filename="turntable.webp")
+        if fmt in result.files:
+            return result.files[fmt]
         if fmt not in exports.FORMATS:
             raise NotFound(
                 f"format {fmt!r} is not available; choose one of "
-                f"{', '.join(sorted(set(exports.FORMATS) | set(files)))}",
+                f"{', '.join(sorted(set(exports.FORMATS) | set(result.files)))}",
                 code="unknown_format",
             )
         # A format not asked for at submit time is made from the GLB now and kept.
         info = exports.FORMATS[fmt]
-        key = files["glb"]["key"].rsplit("/", 1)[0] + "/" + info.filename
-        if not self.store.exists(key):
-            self.store.put(key, exports.convert(self.store.get(files["glb"]["key"]), fmt))
-        return key, {"key": key, "media_type": info.media_type, "filename": info.filename}
+        glb_key = result.files["glb"].key
+        key = artifact_keys.beside(glb_key, info.filename)
+        if not self.artifacts.exists(key):
+            self.artifacts.put(key, exports.convert(self.artifacts.get(glb_key), fmt))
+        return StoredFile(key=key, media_type=info.media_type, filename=info.filename)
+
+    def open_artifact(self, account_id: str, task_id: str, fmt: str) -> ArtifactFile:
+        """One result file to send: a path to stream from when the store has one, else bytes."""
+        info = self.artifact(account_id, task_id, fmt)
+        path = self.artifacts.local_path(info.key)
+        return ArtifactFile(info, path, None if path is not None else self.artifacts.get(info.key))
+
+    # --- changing ------------------------------------------------------------------
+    def cancel_task(self, account_id: str, task_id: str) -> Row:
+        """Cancel a queued or running task; the task as it is afterwards."""
+        row = self.get_task(account_id, task_id)
+        if row["status"] in TERMINAL:
+            raise InvalidInput(
+                f"task {task_id} already ended ({row['status']})", code="task_finished"
+            )
+        self.queue.cancel(row["id"], account_id)
+        return self.get_task(account_id, task_id)
 
     def delete_task(self, account_id: str, task_id: str) -> None:
         """Remove a task, its timeline and every file it has."""
@@ -203,8 +267,37 @@ class Services:
         row = self.queue.delete(tid, account_id)
         if row is None:
             raise NotFound(f"task {task_id} not found", code="task_not_found")
-        self.store.delete_prefix(f"tasks/{tid}")
-        self.store.delete_prefix(f"inputs/{tid}")
+        for prefix in artifact_keys.task_prefixes(tid):
+            self.artifacts.delete_prefix(prefix)
+
+    # --- the deployment --------------------------------------------------------------
+    def backend_statuses(self) -> list[BackendStatus]:
+        """The backends served here, which is the default, and how many workers each has."""
+        workers = self.queue.live_workers(self.settings.worker_alive_seconds)
+        return [
+            BackendStatus(name, name == self.settings.default_backend, workers.get(name, 0))
+            for name in sorted(self.backends or available_backends(self.settings))
+        ]
+
+    def readiness(self) -> Readiness:
+        """Whether this deployment can take work: the database answers and (when required) a
+        worker of the default backend is alive. A database outage is a verdict, not an error."""
+        settings = self.settings
+        database, workers = "ok", {}
+        try:
+            self.db.ping()
+            workers = self.queue.live_workers(settings.worker_alive_seconds)
+        except Photo3DError:
+            database = "unavailable"
+        ready = database == "ok" and (
+            not settings.health_requires_worker or workers.get(settings.default_backend, 0) > 0
+        )
+        return Readiness(ready, database, workers)
+
+    def account_name(self, principal: Principal) -> str:
+        """The caller's account name (its id when the account has no row, as in local mode)."""
+        row = self.accounts.get_account(principal.account_id) or {}
+        return str(row.get("name", principal.account_id))
 
 
 def request_hash(photos: list[bytes], options: dict[str, Any]) -> str:

@@ -58,7 +58,6 @@ class Settings(BaseSettings):
     max_image_side: int = Field(default=8192, ge=16)
     min_image_side: int = Field(default=16, ge=1)
     max_images_per_task: int = Field(default=8, ge=1)
-    max_page_size: int = Field(default=100, ge=1)
 
     # --- queue ----------------------------------------------------------------------
     default_backend: str = "cpu"

@@ -1,5 +1,6 @@
-"""The worker engine: pull tasks from the queue, run a backend, store artifacts, finish with
-the fencing token. The generator deployment is a thin shim around it; tests drive it directly."""
+"""The worker engine: the claim loop. Claim a task, run a backend, package what it made, finish
+with the fencing token; a heartbeat keeps the lease and a timer runs the housekeeping. The
+generator deployment is a thin shim around it; tests drive it directly."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from PIL import Image
 
-from serve_app import exports, preview
+from serve_app import artifact_keys
+from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import Backend, GenerationOptions
 from serve_app.errors import InvalidInput, Photo3DError, ServiceUnavailable
+from serve_app.housekeeping import Housekeeping
+from serve_app.packaging import package_asset
+from serve_app.results import ResultTimings, TaskResult
 from serve_app.store.tasks import Claim, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -54,40 +58,52 @@ class Worker:
         self,
         *,
         queue: TaskQueue,
-        store: ArtifactStore,
+        artifacts: ArtifactStore,
         backend: Backend,
-        database_url: str,
         heartbeat_seconds: float,
         poll_seconds: float,
         task_timeout_seconds: float,
         worker_id: str | None = None,
         exit_process: Callable[[int], None] = os._exit,
         retention_seconds: float = 0,
+        accounts: Accounts | None = None,
+        rate_window_seconds: int = 60,
     ) -> None:
         self.queue = queue
-        self.store = store
+        self.artifacts = artifacts
         self.backend = backend
-        self.database_url = database_url
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
         self.task_timeout_seconds = task_timeout_seconds
         self.worker_id = worker_id or new_worker_id(backend.name)
         self.exit_process = exit_process
-        self.retention_seconds = retention_seconds
-        self._next_reap = 0.0
+        self.housekeeping = Housekeeping(
+            queue=queue,
+            artifacts=artifacts,
+            accounts=accounts,
+            recover_every=poll_seconds,
+            retention_seconds=retention_seconds,
+            rate_window_seconds=rate_window_seconds,
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._current: _Attempt | None = None
-        self._listen_conn: psycopg.Connection[Any] | None = None
         self.tasks_done = 0
         self.last_error: str | None = None
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
-        """Run the claim loop, and the presence beat that /health reads, in background threads."""
+        """Run the claim loop, the presence beat that /health reads and the housekeeping timer,
+        each in a background thread."""
         self._thread = threading.Thread(target=self.run_forever, name="photo3d-worker", daemon=True)
         self._thread.start()
         threading.Thread(target=self._presence, name="photo3d-presence", daemon=True).start()
+        threading.Thread(
+            target=self.housekeeping.run_until,
+            args=(self._stop,),
+            name="photo3d-housekeeping",
+            daemon=True,
+        ).start()
 
     def _presence(self) -> None:
         """Say 'alive' every heartbeat, also while a long generation holds the claim loop."""
@@ -107,6 +123,7 @@ class Worker:
             self._thread.join(timeout)
         with contextlib.suppress(Photo3DError):
             self.queue.unregister_worker(self.worker_id)
+        self.queue.close()
 
     @property
     def alive(self) -> bool:
@@ -121,7 +138,7 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if not self.run_once():
-                    self._wait_for_work()
+                    self.queue.wait_for_work(self.poll_seconds)
             except Photo3DError as exc:
                 self.last_error = exc.message
                 log.warning("worker %s: %s", self.worker_id, exc.message)
@@ -131,9 +148,7 @@ class Worker:
                 self._stop.wait(min(self.poll_seconds, 2.0))
 
     def run_once(self) -> bool:
-        """Recover stalled tasks, claim one and run it; False when there was nothing to do."""
-        self.queue.recover_stalled()
-        self.reap_expired()
+        """Claim one task and run it; False when there was nothing to do."""
         claim = self.queue.claim(self.worker_id, [self.backend.name])
         if claim is None:
             return False
@@ -147,9 +162,9 @@ class Worker:
         self._current = attempt
         beat = threading.Thread(target=self._heartbeat, args=(attempt,), daemon=True)
         beat.start()
-        prefix = f"tasks/{claim.id}/attempt-{claim.attempt}"
+        prefix = artifact_keys.attempt_prefix(claim.id, claim.attempt)
         try:
-            result = self._generate(attempt, prefix)
+            result = self._generate(attempt)
             if attempt.owned and self._while_db_returns(lambda: self.queue.succeed(claim, result)):
                 self.tasks_done += 1
                 log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
@@ -158,10 +173,10 @@ class Worker:
                 log.warning(
                     "task %s attempt %s lost its lease; result dropped", claim.id, claim.attempt
                 )
-                self.store.delete_prefix(prefix)
+                self.artifacts.delete_prefix(prefix)
         except Exception as exc:
             self._record_failure(attempt, exc)
-            self.store.delete_prefix(prefix)
+            self.artifacts.delete_prefix(prefix)
         finally:
             attempt.owned = False
             attempt.done.set()
@@ -204,24 +219,13 @@ class Worker:
                 )
         self.exit_process(70)
 
-    def reap_expired(self) -> int:
-        """Delete the files of tasks finished longer ago than the retention; returns how many."""
-        if self.retention_seconds <= 0 or time.monotonic() < self._next_reap:
-            return 0
-        self._next_reap = time.monotonic() + min(300.0, self.retention_seconds / 2)
-        count = 0
-        for task_id in self.queue.expired(self.retention_seconds, limit=100):
-            self.store.delete_prefix(f"tasks/{task_id}")
-            self.store.delete_prefix(f"inputs/{task_id}")
-            if self.queue.mark_expired(task_id):
-                count += 1
-        return count
-
-    def _generate(self, attempt: _Attempt, prefix: str) -> dict[str, Any]:
+    def _generate(self, attempt: _Attempt) -> dict[str, Any]:
+        """Run the backend on the claim's photos and package what it made; returns the result
+        JSON to store."""
         claim = attempt.claim
         options = GenerationOptions.model_validate(claim.options)
         images: list[Image.Image] = [
-            Image.open(io.BytesIO(self.store.get(key))) for key in claim.inputs
+            Image.open(io.BytesIO(self.artifacts.get(key))) for key in claim.inputs
         ]
         for image in images:
             image.load()
@@ -231,47 +235,24 @@ class Worker:
             attempt.progress = max(0.0, min(1.0, fraction)) * 0.9
             attempt.stage = stage
 
+        def on_stage(stage: str) -> None:
+            attempt.stage = stage
+
         progress(0.0, "loading")
         t0 = time.monotonic()
         asset = self.backend.generate(images, options, progress)
         t_generate = time.monotonic() - t0
 
         attempt.progress, attempt.stage = 0.9, "exporting"
-        files: dict[str, dict[str, Any]] = {}
-        converted = exports.convert_many(asset.glb, list(dict.fromkeys(["glb", *options.formats])))
-        for fmt, data in converted.items():
-            info = exports.FORMATS[fmt]
-            key = f"{prefix}/{info.filename}"
-            self.store.put(key, data)
-            files[fmt] = {
-                "key": key,
-                "bytes": len(data),
-                "media_type": info.media_type,
-                "filename": info.filename,
-            }
-        for name, data in asset.extra_files.items():
-            key = f"{prefix}/{name}"
-            self.store.put(key, data)
-            files[name] = {
-                "key": key,
-                "bytes": len(data),
-                "media_type": "application/octet-stream",
-                "filename": name,
-            }
-        attempt.stage = "rendering preview"
-        preview_png = asset.preview_png or preview.render_thumbnail(asset.glb)
-        preview_key = f"{prefix}/preview.png"
-        self.store.put(preview_key, preview_png)
-        return {
-            "files": files,
-            "preview": {"key": preview_key, "bytes": len(preview_png), "media_type": "image/png"},
-            "stats": asset.stats,
-            "timings": {
-                "generate_s": round(t_generate, 3),
-                "total_s": round(time.monotonic() - attempt.started, 3),
-            },
-            "worker_id": self.worker_id,
-        }
+        result: TaskResult = package_asset(
+            asset, options, self.artifacts, claim.id, claim.attempt, on_stage=on_stage
+        )
+        result.timings = ResultTimings(
+            generate_s=round(t_generate, 3),
+            total_s=round(time.monotonic() - attempt.started, 3),
+        )
+        result.worker_id = self.worker_id
+        return result.to_json()
 
     def _record_failure(self, attempt: _Attempt, exc: Exception) -> None:
         claim = attempt.claim
@@ -315,20 +296,3 @@ class Worker:
             if now - attempt.started > self.task_timeout_seconds:
                 self._handle_hang(attempt, now - attempt.started)
                 return
-
-    # --- waiting --------------------------------------------------------------------
-    def _wait_for_work(self) -> None:
-        """Sleep until NOTIFY says work appeared, or poll_seconds pass (the safety net)."""
-        try:
-            if self._listen_conn is None or self._listen_conn.closed:
-                self._listen_conn = psycopg.connect(
-                    self.database_url, autocommit=True, connect_timeout=5
-                )
-                self._listen_conn.execute("LISTEN photo3d_queued")
-            for _ in self._listen_conn.notifies(timeout=self.poll_seconds, stop_after=1):
-                break
-        except psycopg.Error:
-            if self._listen_conn is not None:
-                self._listen_conn.close()
-            self._listen_conn = None
-            self._stop.wait(self.poll_seconds)

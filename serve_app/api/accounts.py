@@ -46,10 +46,9 @@ class AccountInfo(BaseModel):
 
 @router.get("/account", response_model=AccountInfo, summary="Who you are")
 def get_account(principal: PrincipalDep, services: ServicesDep) -> AccountInfo:
-    row = services.db.fetch_one("get_account", {"id": principal.account_id}) or {}
     return AccountInfo(
         id=principal.account_id,
-        name=row.get("name", principal.account_id),
+        name=services.account_name(principal),
         is_admin=principal.is_admin,
         auth_required=services.settings.auth_enforced,
     )

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, batches, files, health, openapi, tasks, webhooks
+from serve_app.api import accounts, batches, files, health, openapi, tasks, web, webhooks
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -56,7 +56,7 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     app.include_router(health.health_router)
-    for module in (tasks, files, health, accounts, batches, webhooks):
+    for module in (tasks, files, health, accounts, batches, webhooks, web):
         app.include_router(module.router)
     app.webhooks.include_router(webhooks.events_router)
     openapi.install(app)
@@ -135,7 +135,7 @@ def create_app(services: Services) -> FastAPI:
             max_age=600,
         )
 
-    web = static_dir()
-    if (web / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=web, html=True), name="web")
+    page = static_dir()
+    if (page / "index.html").is_file():
+        app.mount("/", StaticFiles(directory=page, html=True), name="web")
     return app

@@ -2,41 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
-from serve_app.service import Services
+from serve_app.formats import FORMATS
+from serve_app.service import ArtifactFile
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["files"])
 
 
-def _file_response(services: Services, key: str, info: dict[str, Any]) -> Response:
-    headers = {"Content-Disposition": f'attachment; filename="{info["filename"]}"'}
-    path = services.store.local_path(key)
-    if path is not None:
-        return FileResponse(path, media_type=info["media_type"], headers=headers)
-    return Response(services.store.get(key), media_type=info["media_type"], headers=headers)
+def _file_response(file: ArtifactFile, disposition: str = "attachment") -> Response:
+    info = file.info
+    headers = {"Content-Disposition": f'attachment; filename="{info.filename}"'}
+    if disposition == "inline":
+        headers["Content-Disposition"] = "inline"
+    if file.path is not None:
+        return FileResponse(file.path, media_type=info.media_type, headers=headers)
+    return Response(file.data, media_type=info.media_type, headers=headers)
 
 
 @router.get(
     "/task/{task_id}/result/{fmt}",
-    summary="Download the result in one format (glb, obj, stl, ply, usdz)",
+    summary=f"Download the result in one format ({', '.join(FORMATS)})",
     response_class=Response,
     responses={200: {"content": {"model/gltf-binary": {}, "application/octet-stream": {}}}},
 )
 def download_result(task_id: str, fmt: str, services: ServicesDep, account: AccountDep) -> Response:
-    key, info = services.artifact(account, task_id, fmt)
-    return _file_response(services, key, info)
-
-
-def _inline(services: Services, account: str, task_id: str, kind: str) -> Response:
-    key, info = services.artifact(account, task_id, kind)
-    response = _file_response(services, key, info)
-    response.headers["Content-Disposition"] = "inline"
-    return response
+    return _file_response(services.open_artifact(account, task_id, fmt))
 
 
 @router.get(
@@ -46,7 +39,7 @@ def _inline(services: Services, account: str, task_id: str, kind: str) -> Respon
     responses={200: {"content": {"image/png": {}}}},
 )
 def download_preview(task_id: str, services: ServicesDep, account: AccountDep) -> Response:
-    return _inline(services, account, task_id, "preview")
+    return _file_response(services.open_artifact(account, task_id, "preview"), "inline")
 
 
 @router.get(
@@ -56,4 +49,4 @@ def download_preview(task_id: str, services: ServicesDep, account: AccountDep) -
     responses={200: {"content": {"image/webp": {}}}},
 )
 def download_turntable(task_id: str, services: ServicesDep, account: AccountDep) -> Response:
-    return _inline(services, account, task_id, "turntable")
+    return _file_response(services.open_artifact(account, task_id, "turntable"), "inline")

@@ -8,8 +8,6 @@ from fastapi.responses import JSONResponse
 from serve_app import __version__
 from serve_app.api.deps import ERRORS, ServicesDep
 from serve_app.api.schemas import BackendInfo, Health
-from serve_app.backends import available_backends
-from serve_app.errors import Photo3DError
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["health"])
 health_router = APIRouter(tags=["health"])
@@ -19,14 +17,9 @@ health_router = APIRouter(tags=["health"])
     "/backends", response_model=list[BackendInfo], summary="Backends served here and their workers"
 )
 def list_backends(services: ServicesDep) -> list[BackendInfo]:
-    workers = services.queue.live_workers(services.settings.worker_alive_seconds)
     return [
-        BackendInfo(
-            name=name,
-            default=name == services.settings.default_backend,
-            workers=workers.get(name, 0),
-        )
-        for name in sorted(services.backends or available_backends(services.settings))
+        BackendInfo(name=b.name, default=b.default, workers=b.workers)
+        for b in services.backend_statuses()
     ]
 
 
@@ -37,21 +30,13 @@ def list_backends(services: ServicesDep) -> list[BackendInfo]:
     summary="Database and worker readiness",
 )
 def health(services: ServicesDep) -> JSONResponse:
-    settings = services.settings
-    database, workers = "ok", {}
-    try:
-        services.db.ping()
-        workers = services.queue.live_workers(settings.worker_alive_seconds)
-    except Photo3DError:
-        database = "unavailable"
-    ready = database == "ok" and (
-        not settings.health_requires_worker or workers.get(settings.default_backend, 0) > 0
-    )
+    readiness = services.readiness()
     body = Health(
-        status="ok" if ready else "unavailable",
-        database=database,
-        workers=workers,
+        status="ok" if readiness.ready else "unavailable",
+        database=readiness.database,
+        workers=readiness.workers,
         version=__version__,
     )
+    ready = readiness.ready
     headers = {} if ready else {"Retry-After": "5"}
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503, headers=headers)

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from serve_app import results
 from serve_app.store.db import Row
 
 
@@ -39,6 +40,8 @@ class FileLink(BaseModel):
 
 
 class TaskResult(BaseModel):
+    """A result as the API shows it: download links (the stored form is results.TaskResult)."""
+
     files: list[FileLink]
     preview_url: str
     turntable_url: str
@@ -115,21 +118,21 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
     link = f"{base}/task/{task_id}"
     now = dt.datetime.now(dt.UTC)
     result = None
-    raw = row.get("result")
-    if row["status"] == "succeeded" and raw:
+    stored = results.TaskResult.of_row(row)
+    if stored is not None:
         result = TaskResult(
             files=[
                 FileLink(
                     format=fmt,
                     url=f"{link}/result/{fmt}",
-                    bytes=info.get("bytes"),
-                    media_type=info["media_type"],
+                    bytes=info.bytes,
+                    media_type=info.media_type,
                 )
-                for fmt, info in raw["files"].items()
+                for fmt, info in stored.files.items()
             ],
             preview_url=f"{link}/preview",
             turntable_url=f"{link}/turntable",
-            stats=raw.get("stats", {}),
+            stats=stored.stats,
         )
     error = None
     if row.get("error_code") and row["status"] in ("failed", "queued"):
@@ -150,7 +153,7 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
             queued_s=_seconds(row["created_at"], row.get("started_at")),
             running_s=_seconds(row.get("started_at"), row.get("finished_at")),
             total_s=_seconds(row["created_at"], row.get("finished_at") or now),
-            generate_s=(raw or {}).get("timings", {}).get("generate_s"),
+            generate_s=stored.timings.generate_s if stored else None,
         ),
         options=row["options"],
         error=error,

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
 from serve_app.api.parsing import GENERATE_BODY, parse_generate
 from serve_app.api.schemas import Task, TaskEvent, TaskEvents, TaskList, task_from_row
-from serve_app.errors import InvalidInput, Photo3DError
+from serve_app.errors import Photo3DError
 from serve_app.store.tasks import TERMINAL
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["tasks"])
@@ -53,8 +53,7 @@ def get_task(task_id: str, services: ServicesDep, account: AccountDep) -> Task:
 
 @router.get("/task/{task_id}/events", response_model=TaskEvents, summary="The task's timeline")
 def get_task_events(task_id: str, services: ServicesDep, account: AccountDep) -> TaskEvents:
-    row = services.get_task(account, task_id)
-    return TaskEvents(events=[TaskEvent(**e) for e in services.queue.events(row["id"])])
+    return TaskEvents(events=[TaskEvent(**e) for e in services.task_events(account, task_id)])
 
 
 @router.get(
@@ -74,9 +73,14 @@ async def stream_task(
         idle = 0.0
         current = row
         while True:
-            for event in await run_in_threadpool(
-                services.queue.events, current["id"], last_event_id
-            ):
+            try:
+                timeline = await run_in_threadpool(
+                    services.task_events, account, task_id, last_event_id
+                )
+            except Photo3DError as exc:  # deleted meanwhile
+                yield f"event: error\ndata: {json.dumps(exc.to_dict())}\n\n"
+                return
+            for event in timeline:
                 last_event_id = event["id"]
                 data = TaskEvent(**event).model_dump_json()
                 yield f"id: {last_event_id}\nevent: timeline\ndata: {data}\n\n"
@@ -108,11 +112,7 @@ async def stream_task(
     "/task/{task_id}/cancel", response_model=Task, summary="Cancel a queued or running task"
 )
 def cancel_task(task_id: str, services: ServicesDep, account: AccountDep) -> Task:
-    row = services.get_task(account, task_id)
-    if row["status"] in TERMINAL:
-        raise InvalidInput(f"task {task_id} already ended ({row['status']})", code="task_finished")
-    services.queue.cancel(row["id"], account)
-    return task_from_row(services.get_task(account, task_id))
+    return task_from_row(services.cancel_task(account, task_id))
 
 
 @router.delete("/task/{task_id}", status_code=204, summary="Delete a task and its files")
@@ -130,7 +130,7 @@ def list_tasks(
     batch_id: Annotated[str | None, Query(max_length=200)] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> TaskList:
-    rows, next_cursor = services.queue.list_tasks(
+    rows, next_cursor = services.list_tasks(
         account, limit=limit, status=status, batch_id=batch_id, cursor=cursor
     )
     return TaskList(tasks=[task_from_row(r) for r in rows], next_cursor=next_cursor)

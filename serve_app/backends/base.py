@@ -10,9 +10,7 @@ from typing import Literal, Protocol, runtime_checkable
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-# Formats a task may ask for. GLB is always produced; the rest are derived from it.
-OutputFormat = Literal["glb", "obj", "stl", "ply", "usdz"]
-ALL_FORMATS: tuple[str, ...] = ("glb", "obj", "stl", "ply", "usdz")
+from serve_app.formats import FORMAT_NAMES, OutputFormat
 
 
 class GenerationOptions(BaseModel):
@@ -34,8 +32,9 @@ class GenerationOptions(BaseModel):
     simplify: float = Field(
         default=0.95, ge=0.0, le=0.99, description="Fraction of faces removed (TRELLIS to_glb)."
     )
+    # GLB is always produced; the other formats are converted from it.
     formats: list[OutputFormat] = Field(
-        default_factory=lambda: list[OutputFormat](["glb"]), min_length=1, max_length=5
+        default_factory=lambda: ["glb"], min_length=1, max_length=len(FORMAT_NAMES)
     )
     remove_background: bool | None = Field(
         default=None, description="Segment the object; unset means auto (alpha channel if present)."

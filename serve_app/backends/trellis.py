@@ -31,25 +31,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from serve_app import weights
 from serve_app.backends.base import GeneratedAsset, GenerationOptions, ProgressCallback
-from serve_app.backends.gpu_common import (
-    GpuBackend,
-    Stopwatch,
-    check_image_count,
+from serve_app.backends.gpu import weights
+from serve_app.backends.gpu.base import GpuBackend
+from serve_app.backends.gpu.images import glb_bytes, mesh_counts, prepare_images, synthetic_object
+from serve_app.backends.gpu.options import check_image_count, effective_simplify, sampler_overrides
+from serve_app.backends.gpu.paths import (
     checkpoint_files,
-    effective_simplify,
-    glb_bytes,
-    mesh_counts,
     missing_files,
-    prepare_images,
     raise_if_missing,
     read_pipeline_config,
     redirect_torch_hub,
-    report_progress,
-    sampler_overrides,
-    synthetic_object,
 )
+from serve_app.backends.gpu.torch_helpers import Stopwatch, report_progress
 from serve_app.errors import BackendUnavailable, InvalidInput
 from serve_app.settings import Settings
 

@@ -36,25 +36,20 @@ from typing import Any
 from PIL import Image
 
 from serve_app.backends.base import GeneratedAsset, GenerationOptions, ProgressCallback
-from serve_app.backends.gpu_common import (
-    GpuBackend,
-    Stopwatch,
-    check_image_count,
+from serve_app.backends.gpu.base import GpuBackend
+from serve_app.backends.gpu.images import glb_bytes, mesh_counts, prepare_images, synthetic_object
+from serve_app.backends.gpu.options import check_image_count, sampler_overrides
+from serve_app.backends.gpu.paths import (
     checkpoint_files,
-    glb_bytes,
     hf_model_files,
     is_external_ref,
-    mesh_counts,
     missing_files,
-    prepare_images,
     raise_if_missing,
     read_pipeline_config,
-    report_progress,
-    sampler_overrides,
     split_external_ref,
     staged_model_dir,
-    synthetic_object,
 )
+from serve_app.backends.gpu.torch_helpers import Stopwatch, report_progress
 from serve_app.errors import BackendUnavailable
 from serve_app.settings import Settings
 

@@ -34,13 +34,8 @@ export const STATUS_TEXT = {
 
 export const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
-export const FORMATS = [
-  { id: "glb", label: "GLB", use: "Web, AR, Blender, game engines" },
-  { id: "obj", label: "OBJ", use: "Most 3D editors (zip with texture)" },
-  { id: "stl", label: "STL", use: "3D printing (shape only)" },
-  { id: "ply", label: "PLY", use: "Point-cloud and mesh tools" },
-  { id: "usdz", label: "USDZ", use: "Apple AR Quick Look" },
-];
+// The output formats come from the server's registry (serve_app/formats.py).
+export { FORMATS } from "./formats.js";
 
 const TRY_OTHER = "Pick another photo and try again.";
 const ADVANCED = "Check the values under “Advanced options”.";

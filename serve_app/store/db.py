@@ -15,7 +15,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from serve_app.errors import ServiceUnavailable
+from serve_app.errors import Conflict, InvalidInput, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,19 @@ def query(name: str) -> str:
 
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn connection-level driver errors into ServiceUnavailable (the API answers 503)."""
+    """The one place where driver errors become the project's own: a lost or refused connection
+    is ServiceUnavailable (503, retry), a unique-key clash is Conflict (409), a value the
+    database cannot hold is InvalidInput (422)."""
     try:
         yield
+    except psycopg.errors.UniqueViolation as exc:
+        constraint = exc.diag.constraint_name or "a unique key"
+        raise Conflict(f"that already exists ({constraint})", code="conflict") from exc
+    except psycopg.DataError as exc:  # a value PostgreSQL cannot store (e.g. text with NUL)
+        raise InvalidInput(
+            "a value in the request cannot be stored (NUL byte or out of range)",
+            code="invalid_value",
+        ) from exc
     except (psycopg.OperationalError, PoolTimeout) as exc:
         log.warning("database unavailable: %s", type(exc).__name__)
         raise ServiceUnavailable("the database is unavailable; retry shortly") from exc

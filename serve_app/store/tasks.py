@@ -1,19 +1,22 @@
 """The durable task queue on PostgreSQL: submit, claim (SKIP LOCKED), heartbeat, finish with a
-fencing token, retry with backoff, stalled-lease recovery, listing and timeline."""
+fencing token, retry with backoff, stalled-lease recovery, waiting for work (LISTEN/NOTIFY with
+polling behind it), the backlog the autoscaler reads, listing and timeline."""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from serve_app.errors import InvalidInput
-from serve_app.store.db import Database, Row
+from serve_app.errors import InvalidInput, ServiceUnavailable
+from serve_app.store.db import Database, Row, query, translate_errors
+from serve_app.store.listen import QUEUED_CHANNEL, Listener
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -70,6 +73,7 @@ class TaskQueue:
         self.db = db
         self.lease_seconds = lease_seconds
         self.backoff_seconds = backoff_seconds
+        self._work_listener: Listener | None = None
 
     # --- producers -----------------------------------------------------------------
     def submit(
@@ -158,9 +162,9 @@ class TaskQueue:
     def events(self, task_id: uuid.UUID, after_id: int = 0) -> list[Row]:
         return self.db.fetch_all("task_events", {"id": task_id, "after_id": after_id})
 
-    def backlog(self, backends: list[str]) -> dict[str, dict[str, int]]:
-        rows = self.db.fetch_all("backlog", {"backends": backends})
-        return {r["backend"]: {"queued": r["queued"], "running": r["running"]} for r in rows}
+    def backlog(self, backends: list[str]) -> dict[str, Backlog]:
+        """Tasks ready to run and running, per backend (what the autoscaler scales on)."""
+        return _backlog(self.db.fetch_all("backlog", {"backends": backends}))
 
     def live_workers(self, alive_seconds: float) -> dict[str, int]:
         rows = self.db.fetch_all("live_workers", {"alive_seconds": alive_seconds})
@@ -244,7 +248,41 @@ class TaskQueue:
     def unregister_worker(self, worker_id: str) -> None:
         self.db.execute("delete_worker", {"id": worker_id})
 
+    def wait_for_work(self, timeout: float) -> bool:
+        """Sleep until a NOTIFY says a task was queued (True), or `timeout` passes (False):
+        the caller polls the queue either way, so a lost notification only costs latency."""
+        if self._work_listener is None:
+            self._work_listener = Listener(self.db.url, [QUEUED_CHANNEL])
+        return bool(self._work_listener.wait(timeout))
 
-def dumps(value: Any) -> str:
-    """JSON for log lines and SSE payloads (datetimes and UUIDs as strings)."""
-    return json.dumps(value, default=str, separators=(",", ":"))
+    def close(self) -> None:
+        """Drop the listening connection, if one was opened."""
+        if self._work_listener is not None:
+            self._work_listener.close()
+            self._work_listener = None
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Tasks of one backend: queued and ready to run (backoff over), and running."""
+
+    queued: int = 0
+    running: int = 0
+
+
+def _backlog(rows: list[Row]) -> dict[str, Backlog]:
+    return {r["backend"]: Backlog(int(r["queued"]), int(r["running"])) for r in rows}
+
+
+async def read_backlog(url: str, backends: list[str]) -> dict[str, Backlog]:
+    """The backlog over a short-lived async connection, for the Serve controller (which runs
+    the autoscaling policy in its event loop and has no pool of ours)."""
+    try:
+        with translate_errors():
+            async with await psycopg.AsyncConnection.connect(
+                url, connect_timeout=5, row_factory=dict_row
+            ) as conn:
+                cur = await conn.execute(query("backlog"), {"backends": backends})
+                return _backlog(await cur.fetchall())
+    except psycopg.Error as exc:  # e.g. the schema is not migrated yet: no backlog to read
+        raise ServiceUnavailable(f"backlog unreadable: {type(exc).__name__}") from exc

@@ -65,15 +65,6 @@ def submit_many(stack: Stack, count: int) -> list[str]:
         return list(pool.map(one, range(count)))
 
 
-def serve_processes(name: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(name in part for part in proc.info["cmdline"] or []):
-                found.append(proc)
-    return found
-
-
 def assert_all_succeeded_once(stack: Stack, ids: list[str], timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     with psycopg.connect(stack.database_url) as conn:
@@ -127,7 +118,7 @@ def test_generators_killed_repeatedly_under_load(stack: Stack) -> None:
 
 def test_ingress_killed_while_tasks_run(stack: Stack) -> None:
     ids = submit_many(stack, 10)
-    (ingress,) = [p for p in serve_processes("ServeReplica:photo3d:Ingress")][:1] or [None]
+    (ingress,) = [p for p in stack.processes("ServeReplica:photo3d:Ingress")][:1] or [None]
     assert ingress is not None, "no ingress replica process found"
     ingress.kill()
     deadline = time.monotonic() + 120

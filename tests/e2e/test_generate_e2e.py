@@ -194,19 +194,9 @@ def test_generator_killed_mid_task_is_retried_and_succeeds_once(stack: Stack) ->
 
 def test_generators_scale_on_the_queue_backlog(stack: Stack) -> None:
     """Nothing routes requests to generators; the backlog policy must still add a replica."""
-    import psutil
 
     def cpu_replicas() -> int:
-        count = 0
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(
-                    "ServeReplica:photo3d:generator-cpu" in p for p in proc.info["cmdline"] or []
-                ):
-                    count += 1
-            except psutil.Error:
-                continue
-        return count
+        return len(stack.processes("ServeReplica:photo3d:generator-cpu"))
 
     assert cpu_replicas() == 1  # min_replicas while idle
     with stack.client() as client:

@@ -24,9 +24,8 @@ def make_worker(services: Services, engine: Backend | None = None, **kwargs: obj
     engine.load()
     return Worker(
         queue=services.queue,
-        store=services.store,
+        artifacts=services.artifacts,
         backend=engine,
-        database_url=str(services.settings.database_url),
         heartbeat_seconds=0.2,
         poll_seconds=0.2,
         task_timeout_seconds=60,
@@ -138,7 +137,7 @@ def test_no_object_fails_permanently_with_reason(client: TestClient, services: S
 def test_hanging_backend_is_ended_by_the_watchdog_then_fails(services: Services) -> None:
     """A generation that never returns: the watchdog records why and ends the process; after
     max_attempts the task fails with that reason."""
-    services.store.put("inputs/hang/photo-0.png", object_photo())
+    services.artifacts.put("inputs/hang/photo-0.png", object_photo())
     row, _ = services.queue.submit(
         task_id=uuid.uuid4(),
         account_id="local",
@@ -190,8 +189,7 @@ def test_results_expire_and_are_deleted(client: TestClient, services: Services) 
     files = services.settings.artifacts_path / "tasks" / task["id"]
     assert client.get(f"/api/v1/task/{task['id']}/result/glb").status_code == 200
     time.sleep(1.0)
-    worker._next_reap = 0
-    assert worker.reap_expired() == 1
+    assert worker.housekeeping.reap_expired() == 1
     assert not [p for p in files.rglob("*") if p.is_file()]
     gone = client.get(f"/api/v1/task/{task['id']}/result/glb")
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "result_expired"
@@ -229,7 +227,7 @@ def test_worker_stays_alive_for_health_during_a_long_generation(
     """A generation longer than worker_alive_seconds must not make /health report no worker."""
     from tests.support.fake_backends import SlowFakeBackend
 
-    services.store.put("inputs/slow/photo-0.png", object_photo())
+    services.artifacts.put("inputs/slow/photo-0.png", object_photo())
     services.queue.submit(
         task_id=uuid.uuid4(),
         account_id="local",

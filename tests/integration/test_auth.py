@@ -43,9 +43,8 @@ def finished_task(client: TestClient, services: Services, headers: dict[str, str
     backend = create_backend("cpu", services.settings)
     Worker(
         queue=services.queue,
-        store=services.store,
+        artifacts=services.artifacts,
         backend=backend,
-        database_url=str(services.settings.database_url),
         heartbeat_seconds=1,
         poll_seconds=1,
         task_timeout_seconds=60,

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from serve_app.artifact_keys import input_key
 from serve_app.service import Services
 from serve_app.settings import Settings
 from tests.support.app import open_services
@@ -168,7 +169,7 @@ def test_heic_photo_is_accepted_through_the_api(client: TestClient, services: Se
         files={"image": ("IMG_0001.HEIC", out.getvalue(), "image/heic")},
     )
     assert answer.status_code == 202, answer.text
-    stored = services.store.get(f"inputs/{answer.json()['id']}/photo-0.png")
+    stored = services.artifacts.get(input_key(answer.json()["id"], 0))
     assert Image.open(io.BytesIO(stored)).size == (128, 128)
 
 

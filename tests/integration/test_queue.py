@@ -6,7 +6,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -14,14 +13,6 @@ import pytest
 from serve_app.errors import InvalidInput
 from serve_app.store.db import Database
 from serve_app.store.tasks import TaskQueue
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[Database]:
-    database = Database(database_url, max_size=12)
-    database.open(wait=True)
-    yield database
-    database.close()
 
 
 @pytest.fixture(autouse=True)

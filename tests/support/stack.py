@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +41,18 @@ class Stack:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
+
+    def processes(self, name: str) -> list[psutil.Process]:
+        """Processes of THIS stack (the `photo3d serve` process tree: its Ray head and workers)
+        whose command line mentions `name`, e.g. "ServeReplica:photo3d:generator-cpu". Never
+        machine-wide: other stacks on the machine are not ours to count or kill."""
+        found = []
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if any(name in part for part in proc.cmdline()):
+                        found.append(proc)
+        return found
 
     def wait_for_task(
         self,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import trimesh
 
-from serve_app.backends.base import ALL_FORMATS
 from serve_app.errors import GenerationFailed, InvalidInput
 from serve_app.exports import FORMATS, convert, convert_many, read_glb
+from serve_app.formats import FORMAT_NAMES
 from tests.support.meshes import uv_sphere
 
 
@@ -49,7 +49,7 @@ def coloured() -> tuple[trimesh.Trimesh, bytes]:
 
 
 def test_every_task_format_has_a_media_type_and_file_name() -> None:
-    assert set(FORMATS) == set(ALL_FORMATS)
+    assert set(FORMATS) == set(FORMAT_NAMES)
     assert FORMATS["glb"].media_type == "model/gltf-binary"
     assert FORMATS["obj"].media_type == "application/zip"
     assert FORMATS["obj"].filename == "model_obj.zip"

@@ -15,15 +15,11 @@ import pytest
 import trimesh
 from PIL import Image
 
-from serve_app import weights
 from serve_app.backends.base import GenerationOptions
-from serve_app.backends.gpu_common import (
-    effective_simplify,
-    prepare_images,
-    redirect_torch_hub,
-    staged_model_dir,
-    synthetic_object,
-)
+from serve_app.backends.gpu import weights
+from serve_app.backends.gpu.images import prepare_images, synthetic_object
+from serve_app.backends.gpu.options import effective_simplify
+from serve_app.backends.gpu.paths import redirect_torch_hub, staged_model_dir
 from serve_app.backends.trellis import TrellisBackend, dinov2_checkpoint_name
 from serve_app.backends.trellis2 import Trellis2Backend, pipeline_type_for
 from serve_app.errors import BackendUnavailable, GenerationFailed, InvalidInput, NoObjectFound
@@ -631,7 +627,7 @@ def test_redirect_torch_hub_loads_listed_repos_locally(tmp_path: Path) -> None:
 
 
 def test_configure_offline_sets_local_paths(tmp_path: Path) -> None:
-    from serve_app.backends.gpu_common import configure_offline, local_paths
+    from serve_app.backends.gpu.paths import configure_offline, local_paths
 
     env: dict[str, str] = {"PYTORCH_CUDA_ALLOC_CONF": "mine"}
     applied = configure_offline(local_paths(_settings(tmp_path)), env)

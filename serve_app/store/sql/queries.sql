@@ -151,15 +151,19 @@ WHERE last_seen_at > clock_timestamp() - make_interval(secs => %(alive_seconds)s
 GROUP BY backend;
 
 -- name: backlog
--- What the autoscaler needs: tasks waiting or running per backend.
+-- What the autoscaler scales on, per backend: tasks ready to run (a task waiting out its retry
+-- backoff needs no replica yet) and tasks running.
 SELECT backend,
-       count(*) FILTER (WHERE status = 'queued') AS queued,
+       count(*) FILTER (WHERE status = 'queued' AND run_after <= now()) AS queued,
        count(*) FILTER (WHERE status = 'running') AS running
 FROM tasks WHERE status IN ('queued', 'running') AND backend = ANY(%(backends)s)
 GROUP BY backend;
 
 -- name: create_account
+-- No row back means the id is taken: two concurrent creations of one id get one row, never an
+-- error, and no check-then-insert race.
 INSERT INTO accounts (id, name, is_admin) VALUES (%(id)s, %(name)s, %(is_admin)s)
+ON CONFLICT (id) DO NOTHING
 RETURNING *;
 
 -- name: get_account
@@ -207,7 +211,9 @@ RETURNING requests,
               AS reset_s;
 
 -- name: prune_rate_windows
-DELETE FROM rate_windows WHERE window_start < clock_timestamp() - interval '1 hour';
+-- Counters of windows that have ended count nothing any more.
+DELETE FROM rate_windows
+WHERE window_start + make_interval(secs => %(window)s) < clock_timestamp();
 
 -- name: active_task_count
 -- Interactive tasks only: a bulk job bounds its own items in flight (PHOTO3D_MAX_BATCH_IN_FLIGHT),

@@ -1,7 +1,7 @@
 """Model weights for the GPU backends: pinned sources, the expected file layout, `fetch` and
 `verify`.
 
-Serving never downloads (DESIGN.md, "Backends"): `fetch` runs where the internet is reachable,
+Serving never downloads (docs/gpu.md): `fetch` runs where the internet is reachable,
 the resulting directory is copied or mounted on the GPU hosts (as `PHOTO3D_WEIGHTS_DIR`, `/models`
 in the GPU image), and `verify` checks it there. Layout under that root:
 
@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,7 +278,7 @@ def fetch(
     if unpinned:
         raise WeightsError(
             "refusing to fetch unpinned weights (" + ", ".join(unpinned) + "): set the commit in "
-            "serve_app/weights.py so every host serves the same bytes",
+            "serve_app/backends/gpu/weights.py so every host serves the same bytes",
             code="weights_unpinned",
         )
     dest = Path(dest)
@@ -473,12 +473,3 @@ def _read_record(model: str, root: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return files if isinstance(files, dict) else {}
-
-
-def all_licences(models: Iterable[str] | None = None) -> dict[str, str]:
-    """Source -> licence, for the docs and the CLI."""
-    out: dict[str, str] = {}
-    for model in models or model_names():
-        for comp in components(model):
-            out[_describe(comp)] = comp.licence
-    return out
