@@ -275,9 +275,13 @@ class WebhookDispatcher:
         error: str | None = None
         try:
             data = self.render(message)
-        except Photo3DError as exc:  # e.g. the database blinked: the message stays due
+        except Photo3DError as exc:  # e.g. the database blinked: retried like a failed POST
             data = None
             error = f"could not build the payload: {exc.message}"
+        except Exception as exc:  # a bug must not strand the message: log it, retry later
+            log.exception("webhook %s: building the payload failed", message.webhook_id)
+            data = None
+            error = f"could not build the payload ({type(exc).__name__})"
         if data is not None:
             body = json.dumps(
                 {

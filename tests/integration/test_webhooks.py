@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from serve_app.api.webhooks import task_payload
 from serve_app.errors import NotFound
+from serve_app.results import Preview, StoredFile, TaskResult
 from serve_app.service import Services
 from serve_app.settings import Settings
 from serve_app.webhooks import WebhookDispatcher
@@ -70,9 +71,18 @@ def finished_task(services: Services, how: str) -> str:
     claim = services.queue.claim("test-worker", ["cpu"])
     assert claim is not None and claim.id == row["id"]
     if how == "succeeded":
-        glb = {"key": f"tasks/{claim.id}/model.glb", "bytes": 3, "media_type": "model/gltf-binary"}
-        preview = {"key": f"tasks/{claim.id}/preview.png", "media_type": "image/png"}
-        assert services.queue.succeed(claim, {"files": {"glb": glb}, "preview": preview})
+        result = TaskResult(
+            files={
+                "glb": StoredFile(
+                    key=f"tasks/{claim.id}/model.glb",
+                    bytes=3,
+                    media_type="model/gltf-binary",
+                    filename="model.glb",
+                )
+            },
+            preview=Preview(key=f"tasks/{claim.id}/preview.png"),
+        )
+        assert services.queue.succeed(claim, result.model_dump(mode="json"))
     else:
         services.queue.fail(claim, code="no_object_found", message="nothing there", permanent=True)
     return str(row["id"])
