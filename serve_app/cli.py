@@ -564,7 +564,7 @@ def add_client_commands(sub: Any) -> None:
     )
     common.add_argument("--http-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
     common.add_argument("--json", action="store_true", help="print the task(s) as JSON")
-    formats = ["glb", "obj", "stl", "ply", "usdz", "preview", "turntable"]
+    formats = [*FORMATS, "preview", "turntable"]
 
     p = sub.add_parser("submit", parents=[common], help="send photos to a photo3d server")
     p.add_argument("photos", nargs="*", help="photo file(s) of one object (JPEG/PNG/WebP/HEIC)")
