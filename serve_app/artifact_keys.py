@@ -18,9 +18,9 @@ def inputs_prefix(task_id: TaskId) -> str:
     return f"inputs/{task_id}"
 
 
-def input_key(task_id: TaskId, index: int) -> str:
-    """The index-th input photo of a task."""
-    return f"{inputs_prefix(task_id)}/photo-{index}.png"
+def input_key(task_id: TaskId, index: int, suffix: str = ".png") -> str:
+    """The index-th input photo of a task, stored as it came (`suffix` from its format)."""
+    return f"{inputs_prefix(task_id)}/photo-{index}{suffix}"
 
 
 def task_prefix(task_id: TaskId) -> str:

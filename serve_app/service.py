@@ -13,7 +13,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
 from pydantic import ValidationError
 
 from serve_app import artifact_keys, exports, preview
@@ -23,7 +22,7 @@ from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
 from serve_app.errors import Gone, InvalidInput, NotFound, Photo3DError
-from serve_app.images import ImageLimits, load_image, to_png
+from serve_app.images import ImageLimits, load_image, stored_suffix
 from serve_app.results import StoredFile, TaskResult
 from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
@@ -152,7 +151,8 @@ class Services:
             )
         options = parse_options(raw_options, self.settings, self.backends)
         limits = ImageLimits.from_settings(self.settings)
-        images: list[Image.Image] = [load_image(data, limits) for data in photos]
+        for data in photos:  # decoded in full to refuse what the worker could not read
+            load_image(data, limits)
         digest = request_hash(photos, options.model_dump(mode="json"))
         if idempotency_key is not None:
             # A retry must not store its photos again: answer with the original task.
@@ -162,10 +162,13 @@ class Services:
         if batch_id is None:  # a bulk job bounds its own items in flight
             self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         task_id = uuid.uuid4()
-        keys = [artifact_keys.input_key(task_id, i) for i in range(len(images))]
+        keys = [
+            artifact_keys.input_key(task_id, i, stored_suffix(data))
+            for i, data in enumerate(photos)
+        ]
         try:
-            for key, image in zip(keys, images, strict=True):
-                self.artifacts.put(key, to_png(image))
+            for key, data in zip(keys, photos, strict=True):
+                self.artifacts.put(key, data)
             row, created = self.queue.submit(
                 task_id=task_id,
                 account_id=account_id,

@@ -5,7 +5,6 @@ generator deployment is a thin shim around it; tests drive it directly."""
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import socket
@@ -24,6 +23,7 @@ from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import Backend, GenerationOptions
 from serve_app.errors import InvalidInput, Photo3DError, ServiceUnavailable
 from serve_app.housekeeping import Housekeeping
+from serve_app.images import load_stored_input
 from serve_app.packaging import package_asset
 from serve_app.results import ResultTimings, TaskResult
 from serve_app.store.tasks import Claim, TaskQueue
@@ -224,11 +224,7 @@ class Worker:
         JSON to store."""
         claim = attempt.claim
         options = GenerationOptions.model_validate(claim.options)
-        images: list[Image.Image] = [
-            Image.open(io.BytesIO(self.artifacts.get(key))) for key in claim.inputs
-        ]
-        for image in images:
-            image.load()
+        images: list[Image.Image] = [load_stored_input(self.artifacts.get(k)) for k in claim.inputs]
 
         def progress(fraction: float, stage: str) -> None:
             # Generation is 90% of the bar; exports take the rest.

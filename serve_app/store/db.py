@@ -75,7 +75,15 @@ class Database:
             timeout=timeout,
             open=False,
             check=ConnectionPool.check_connection,
-            kwargs={"row_factory": dict_row, "autocommit": True, "connect_timeout": int(timeout)},
+            kwargs={
+                "row_factory": dict_row,
+                "autocommit": True,
+                "connect_timeout": int(timeout),
+                # psycopg prepares a statement after 5 runs, and PostgreSQL may then switch to a
+                # generic plan that cannot see which optional filters (`%(x)s IS NULL OR …`) are
+                # off: the deep-cursor listing became a 405k-row filter (411 ms). Plan per call.
+                "options": "-c plan_cache_mode=force_custom_plan",
+            },
             name="photo3d",
         )
 

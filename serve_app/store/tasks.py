@@ -172,11 +172,16 @@ class TaskQueue:
 
     # --- workers -------------------------------------------------------------------
     def claim(self, worker_id: str, backends: list[str]) -> Claim | None:
-        """Take the next task for these backends, or None when there is none."""
-        row = self.db.fetch_one(
-            "claim_task",
-            {"backends": backends, "worker_id": worker_id, "lease_seconds": self.lease_seconds},
-        )
+        """Take the next task for these backends (in the order given), or None when there is
+        none."""
+        row = None
+        for backend in backends:
+            row = self.db.fetch_one(
+                "claim_task",
+                {"backend": backend, "worker_id": worker_id, "lease_seconds": self.lease_seconds},
+            )
+            if row is not None:
+                break
         if row is None:
             return None
         return Claim(

@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from serve_app.images import load_stored_input
 from serve_app.service import Services
 from serve_app.settings import Settings
 from tests.support.app import open_services
@@ -408,7 +409,8 @@ def test_unusual_but_valid_photos_are_accepted(
     response = client.post("/api/v1/generate", files={"image": (name, data, "image/jpeg")})
     assert response.status_code == 202, response.text
     (stored,) = stored_inputs(services)
-    assert Image.open(stored).mode in ("RGB", "RGBA")
+    # Stored as it came; the worker reads it as RGB or RGBA, oriented.
+    assert load_stored_input(stored.read_bytes()).mode in ("RGB", "RGBA")
 
 
 class _PhotoServer(BaseHTTPRequestHandler):

@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from serve_app.artifact_keys import input_key
+from serve_app.images import load_stored_input
 from serve_app.service import Services
 from serve_app.settings import Settings
+from tests.integration.test_api_worker import make_worker
 from tests.support.app import open_services
 from tests.support.images import object_photo
 from tests.support.requires import require
@@ -159,8 +162,8 @@ def test_idempotency_key_reused_with_another_request_is_refused(
         assert other.json()["error"]["code"] == "idempotency_key_reused"
 
 
-def test_heic_photo_is_accepted_through_the_api(client: TestClient, services: Services) -> None:
-    source = Image.open(io.BytesIO(object_photo(128)))
+def test_heic_photo_becomes_a_model(client: TestClient, services: Services) -> None:
+    source = Image.open(io.BytesIO(object_photo(256)))
     out = io.BytesIO()
     source.save(out, format="HEIF", quality=90)  # real HEIC bytes, encoded by pillow-heif
     answer = client.post(
@@ -169,8 +172,12 @@ def test_heic_photo_is_accepted_through_the_api(client: TestClient, services: Se
         files={"image": ("IMG_0001.HEIC", out.getvalue(), "image/heic")},
     )
     assert answer.status_code == 202, answer.text
-    stored = services.artifacts.get(input_key(answer.json()["id"], 0))
-    assert Image.open(io.BytesIO(stored)).size == (128, 128)
+    # Stored as it came; the worker decodes it the same way and makes the model.
+    stored = services.artifacts.get(input_key(answer.json()["id"], 0, ".heic"))
+    assert load_stored_input(stored).size == (256, 256)
+    assert make_worker(services).run_once()
+    task = services.queue.get(uuid.UUID(answer.json()["id"]), "phone")
+    assert task is not None and task["status"] == "succeeded", task
 
 
 def test_openapi_python_client_generates_a_working_client(

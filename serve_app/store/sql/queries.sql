@@ -12,11 +12,13 @@ RETURNING *;
 SELECT * FROM tasks WHERE account_id = %(account_id)s AND idempotency_key = %(idempotency_key)s;
 
 -- name: claim_task
--- Oldest task of the highest priority for one of our backends; SKIP LOCKED lets many workers
--- claim at once without waiting on each other. The attempt bump is the fencing token.
+-- Oldest task of the highest priority for one backend; SKIP LOCKED lets many workers claim at
+-- once without waiting on each other. The attempt bump is the fencing token. One backend per
+-- statement (not `backend = ANY(…)`), so the planner walks tasks_queued_idx in order and stops at
+-- the first row instead of sorting the whole backlog (0.3 ms instead of 20 ms at 20k queued).
 WITH next AS (
     SELECT id FROM tasks
-    WHERE status = 'queued' AND backend = ANY(%(backends)s) AND run_after <= now()
+    WHERE status = 'queued' AND backend = %(backend)s AND run_after <= now()
     ORDER BY priority DESC, created_at, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED

@@ -1,0 +1,229 @@
+"""The serving path against a bare app doing comparable work, side by side in one run.
+
+    .venv/bin/python bench/api.py [--photo PHOTO.jpg] [--requests 400] [--concurrency 1,8,32]
+
+photo3d: the real stack (`photo3d serve`: embedded PostgreSQL, Ray Serve, the Ingress), with
+the account limits raised and the tasks sent to a backend whose generator has no replica (so no
+generation competes for the CPUs). Bare: one uvicorn process with a FastAPI app that parses the
+multipart upload, checks the image header with Pillow, writes the file, INSERTs the task row into
+the same PostgreSQL and answers 202 JSON; its GET reads the row back. Both answer the same
+requests from `hey` (Debian's package) at each concurrency. Prints the machine and the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support import pg  # noqa: E402
+from tests.support.images import object_photo  # noqa: E402
+from tests.support.stack import free_port, run_stack  # noqa: E402
+
+BOUNDARY = "photo3dbenchboundary"
+PAUSED = "fake-slow"  # a backend whose generator has no replica during the run
+
+
+def multipart(photo: bytes, options: dict | None = None) -> bytes:
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + photo
+        + b"\r\n"
+    ]
+    if options:
+        parts.append(
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="options"\r\n\r\n'
+            f"{json.dumps(options)}\r\n".encode()
+        )
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def hey(url: str, *, n: int, c: int, body: Path | None = None) -> dict[str, float]:
+    command = ["hey", "-n", str(n), "-c", str(c), "-t", "60"]
+    if body is not None:
+        command += [
+            "-m",
+            "POST",
+            "-D",
+            str(body),
+            "-T",
+            f"multipart/form-data; boundary={BOUNDARY}",
+        ]
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    p50 = re.search(r"50%+ in ([\d.]+) secs", out)
+    p99 = re.search(r"99%+ in ([\d.]+) secs", out)
+    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
+    return {
+        "rps": rate,
+        "p50_ms": float(p50[1]) * 1000 if p50 else float("nan"),
+        "p99_ms": float(p99[1]) * 1000 if p99 else float("nan"),
+        "codes": codes,  # type: ignore[dict-item]
+    }
+
+
+def bench_config(work: Path) -> Path:
+    """serve_config.yaml with the paused backend: its generator autoscales on requests (it gets
+    none), so it stays at 0 replicas; the cpu generator stays for /health."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    app["args"]["backends"] = ["cpu", PAUSED]
+    deployments = [d for d in app["deployments"] if d["name"] in ("Ingress", "generator-cpu")]
+    for deployment in deployments:
+        if deployment["name"] == "generator-cpu":
+            deployment.pop("autoscaling_config", None)
+            deployment["num_replicas"] = 1
+            deployment["ray_actor_options"]["num_cpus"] = 0.25
+    deployments.append(
+        {
+            "name": f"generator-{PAUSED}",
+            "ray_actor_options": {"num_cpus": 0.25},
+            "autoscaling_config": {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1},
+        }
+    )
+    app["deployments"] = deployments
+    path = work / "serve_config.bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_bare(database_url: str, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "BARE_DIR": str(work / "bare")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        cwd=ROOT, env=env, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise SystemExit("the bare app did not start")
+
+
+def run_both(label: str, urls: dict[str, str], make_args, concurrencies, n) -> list[dict]:
+    rows = []
+    for c in concurrencies:
+        row: dict = {"what": label, "c": c}
+        for name, url in urls.items():
+            target, body = make_args(name, url)
+            hey(target, n=max(20, n // 10), c=c, body=body)  # warm-up
+            row[name] = hey(target, n=n, c=c, body=body)
+        rows.append(row)
+        p, b = row["photo3d"], row["bare"]
+        print(
+            f"| {label} | {c} | {p['rps']:.1f} | {p['p50_ms']:.0f} | {p['p99_ms']:.0f} | "
+            f"{b['rps']:.1f} | {b['p50_ms']:.0f} | {b['p99_ms']:.0f} | {p['rps'] / b['rps']:.2f} |"
+            f" {p['codes']} |",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--photo", type=Path, help="a JPEG (default: a generated 1024² photo)")
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument(
+        "--env", action="append", default=[], help="KEY=VALUE for photo3d serve (e.g. Ray's)"
+    )
+    args = parser.parse_args()
+    if shutil.which("hey") is None:
+        raise SystemExit("needs `hey` (apt-get install hey)")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    photo = args.photo.read_bytes() if args.photo else object_photo(1024, seed=3, fmt="JPEG")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; commit {commit}")
+    print(f"photo: {len(photo)} bytes; {args.requests} requests per run after a warm-up")
+    with tempfile.TemporaryDirectory(prefix="p3d-api-") as tmp:
+        work = Path(tmp)
+        admin, server = pg.admin_url(work / "pg")
+        pg.make_template(admin)
+        bodies = {
+            "photo3d": work / "photo3d.body",
+            "bare": work / "bare.body",
+        }
+        bodies["photo3d"].write_bytes(multipart(photo, {"backend": PAUSED}))
+        bodies["bare"].write_bytes(multipart(photo))
+        env = {
+            "PHOTO3D_SERVE_CONFIG": str(bench_config(work)),
+            "PHOTO3D_EXTRA_BACKENDS": f"{PAUSED}=tests.support.fake_backends:SlowFakeBackend",
+            "PHOTO3D_MAX_ACTIVE_TASKS": "100000000",
+            "PHOTO3D_RATE_LIMIT_REQUESTS": "1000000000",
+            **dict(item.split("=", 1) for item in args.env),
+        }
+        if args.env:
+            print(f"photo3d serve with {' '.join(args.env)}")
+        clones = [pg.clone_database(admin, prefix=p) for p in ("api", "bare")]
+        photo3d_db, bare_db = (next(clone) for clone in clones)  # kept until the end
+        bare, bare_url = start_bare(bare_db, work)
+        try:
+            with run_stack(work / "s", photo3d_db, env=env) as stack:
+                urls = {"photo3d": stack.url, "bare": bare_url}
+                print("| request | c | photo3d req/s | p50 ms | p99 ms | bare req/s | p50 ms "
+                      "| p99 ms | ratio | photo3d codes |")  # fmt: skip
+                print("|---|---|---|---|---|---|---|---|---|---|")
+                run_both(
+                    "POST /generate",
+                    urls,
+                    lambda name, url: (
+                        f"{url}/api/v1/generate" if name == "photo3d" else f"{url}/generate",
+                        bodies[name],
+                    ),
+                    concurrencies,
+                    args.requests,
+                )
+                with httpx.Client() as client:
+                    task = client.post(
+                        f"{stack.url}/api/v1/generate",
+                        files={"image": ("p.jpg", photo, "image/jpeg")},
+                        data={"options": json.dumps({"backend": PAUSED})},
+                    ).json()["id"]
+                    bare_task = client.post(
+                        f"{bare_url}/generate", files={"image": ("p.jpg", photo, "image/jpeg")}
+                    ).json()["id"]
+                run_both(
+                    "GET /task/{id}",
+                    urls,
+                    lambda name, url: (
+                        f"{url}/api/v1/task/{task}"
+                        if name == "photo3d"
+                        else f"{url}/task/{bare_task}",
+                        None,
+                    ),
+                    concurrencies,
+                    args.requests * 2,
+                )
+        finally:
+            os.killpg(bare.pid, 9)
+            bare.wait()
+            for clone in clones:
+                clone.close()
+            del server
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
