@@ -20,9 +20,11 @@ def package_asset(
     attempt: int,
     *,
     on_stage: Callable[[str], None] = lambda stage: None,
+    render_preview: bool = True,
 ) -> TaskResult:
     """Store the asset's files as this attempt's and describe them. Timings and the worker id
-    are the caller's to fill in."""
+    are the caller's to fill in. With render_preview=False a preview the backend did not make
+    is left for `render_preview` (the result says it is not ready)."""
     files: dict[str, StoredFile] = {}
 
     def put(name: str, filename: str, media_type: str, data: bytes) -> None:
@@ -36,13 +38,22 @@ def package_asset(
         put(fmt, info.filename, info.media_type, data)
     for name, data in asset.extra_files.items():
         put(name, name, "application/octet-stream", data)
-    on_stage("rendering preview")
-    preview_png = asset.preview_png or preview.render_thumbnail(asset.glb)
     preview_key = artifact_keys.attempt_file(task_id, attempt, "preview.png")
-    artifacts.put(preview_key, preview_png)
+    if asset.preview_png is None and not render_preview:
+        shown = Preview(key=preview_key, ready=False)
+    else:
+        on_stage("rendering preview")
+        shown = store_preview(artifacts, preview_key, asset.preview_png, asset.glb)
     return TaskResult(
         files=files,
-        preview=Preview(key=preview_key, bytes=len(preview_png)),
+        preview=shown,
         stats=dict(asset.stats),
         timings=ResultTimings(),
     )
+
+
+def store_preview(artifacts: ArtifactStore, key: str, png: bytes | None, glb: bytes) -> Preview:
+    """Store the preview PNG (the backend's, or a thumbnail rendered from the GLB, ~0.25 s)."""
+    data = png or preview.render_thumbnail(glb)
+    artifacts.put(key, data)
+    return Preview(key=key, bytes=len(data))

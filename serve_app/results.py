@@ -34,6 +34,9 @@ class Preview(BaseModel):
     key: str
     bytes: int | None = None
     media_type: str = "image/png"
+    # False from the task's success until the worker has rendered it (it renders after the task
+    # is marked succeeded, so the preview never delays a result); readers render it on demand.
+    ready: bool = True
 
     def as_file(self) -> StoredFile:
         return StoredFile(

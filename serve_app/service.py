@@ -23,6 +23,7 @@ from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
 from serve_app.errors import Gone, InvalidInput, NotFound, Photo3DError
 from serve_app.images import ImageLimits, load_image, stored_suffix
+from serve_app.packaging import store_preview
 from serve_app.results import StoredFile, TaskResult
 from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
@@ -223,6 +224,10 @@ class Services:
                 f"task {task_id} has no result yet (status {row['status']})", code="task_not_ready"
             )
         if fmt == "preview":
+            if not result.preview.ready and not self.artifacts.exists(result.preview.key):
+                # Asked for before the worker rendered it (or the worker died first).
+                glb = self.artifacts.get(result.files["glb"].key)
+                return store_preview(self.artifacts, result.preview.key, None, glb).as_file()
             return result.preview.as_file()
         if fmt == "turntable":
             # Rendered on first request (a few CPU seconds), then kept beside the preview.

@@ -24,7 +24,7 @@ from serve_app.backends.base import Backend, GenerationOptions
 from serve_app.errors import InvalidInput, Photo3DError, ServiceUnavailable
 from serve_app.housekeeping import Housekeeping
 from serve_app.images import load_stored_input
-from serve_app.packaging import package_asset
+from serve_app.packaging import package_asset, store_preview
 from serve_app.results import ResultTimings, TaskResult
 from serve_app.store.tasks import Claim, TaskQueue
 
@@ -168,6 +168,7 @@ class Worker:
             if attempt.owned and self._while_db_returns(lambda: self.queue.succeed(claim, result)):
                 self.tasks_done += 1
                 log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
+                self._render_preview(claim, result)
             else:
                 # A newer attempt, a cancel or a stall recovery owns the task: our files go.
                 log.warning(
@@ -182,6 +183,19 @@ class Worker:
             attempt.done.set()
             self._current = None
             beat.join(timeout=self.heartbeat_seconds + 5)
+
+    def _render_preview(self, claim: Claim, result: dict[str, Any]) -> None:
+        """Render the preview after the task has succeeded, so it never delays the result; if
+        this fails or the process dies first, the preview is rendered when first asked for."""
+        shown = result["preview"]
+        if shown.get("ready", True):
+            return
+        try:
+            glb = self.artifacts.get(result["files"]["glb"]["key"])
+            stored = store_preview(self.artifacts, shown["key"], None, glb)
+            self.queue.preview_ready(claim, stored.bytes or 0)
+        except Exception:
+            log.warning("task %s: preview not rendered; it renders on request", claim.id)
 
     def _while_db_returns(self, finish: Callable[[], bool]) -> bool:
         """Run a finishing statement, retrying through a short database outage: the lease may
@@ -241,7 +255,13 @@ class Worker:
 
         attempt.progress, attempt.stage = 0.9, "exporting"
         result: TaskResult = package_asset(
-            asset, options, self.artifacts, claim.id, claim.attempt, on_stage=on_stage
+            asset,
+            options,
+            self.artifacts,
+            claim.id,
+            claim.attempt,
+            on_stage=on_stage,
+            render_preview=False,
         )
         result.timings = ResultTimings(
             generate_s=round(t_generate, 3),

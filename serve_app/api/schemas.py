@@ -44,6 +44,11 @@ class TaskResult(BaseModel):
 
     files: list[FileLink]
     preview_url: str
+    preview_ready: bool = Field(
+        True,
+        description="False for a moment after success while the preview renders (a task "
+        "succeeds as soon as its model is stored); preview_url works either way.",
+    )
     turntable_url: str
     stats: dict[str, Any] = Field(default_factory=dict)
 
@@ -131,6 +136,7 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
                 for fmt, info in stored.files.items()
             ],
             preview_url=f"{link}/preview",
+            preview_ready=stored.preview.ready,
             turntable_url=f"{link}/turntable",
             stats=stored.stats,
         )

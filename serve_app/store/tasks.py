@@ -216,6 +216,14 @@ class TaskQueue:
         )
         return row is not None
 
+    def preview_ready(self, claim: Claim, size: int) -> bool:
+        """Mark the preview of this attempt's result rendered; False when the task has moved on
+        (deleted, or another attempt's result)."""
+        row = self.db.fetch_one(
+            "preview_ready", {"id": claim.id, "attempt": claim.attempt, "bytes": size}
+        )
+        return row is not None
+
     def fail(self, claim: Claim, *, code: str, message: str, permanent: bool) -> Row | None:
         """Record a failure: retried with backoff unless permanent or out of attempts."""
         return self.db.fetch_one(

@@ -247,3 +247,40 @@ def test_worker_stays_alive_for_health_during_a_long_generation(
             time.sleep(0.5)
     finally:
         worker.stop(timeout=15)
+
+
+def test_task_succeeds_before_its_preview_and_the_preview_follows(
+    client: TestClient, services: Services
+) -> None:
+    """A task is succeeded as soon as its model is stored; the worker renders the preview
+    afterwards and says so, and a preview asked for earlier (or never rendered because the
+    worker died in between) is rendered on request."""
+    seen: list[dict] = []
+    worker = make_worker(services)
+    render = worker._render_preview
+
+    def watch_then_render(claim, result) -> None:  # type: ignore[no-untyped-def]
+        seen.append(client.get(f"/api/v1/task/{claim.id}").json())
+        render(claim, result)
+
+    worker._render_preview = watch_then_render  # type: ignore[method-assign]
+    task = submit(client)
+    assert worker.run_once()
+    (at_success,) = seen
+    assert at_success["status"] == "succeeded"
+    assert at_success["result"]["preview_ready"] is False
+    done = client.get(f"/api/v1/task/{task['id']}").json()
+    assert done["result"]["preview_ready"] is True
+    preview = client.get(f"/api/v1/task/{task['id']}/preview")
+    assert preview.status_code == 200 and preview.content.startswith(b"\x89PNG")
+
+    # A worker that died between success and preview: the first request renders it.
+    dying = make_worker(services)
+    dying._render_preview = lambda claim, result: None  # type: ignore[method-assign]
+    orphan = submit(client)
+    assert dying.run_once()
+    body = client.get(f"/api/v1/task/{orphan['id']}").json()
+    assert body["status"] == "succeeded" and body["result"]["preview_ready"] is False
+    late = client.get(f"/api/v1/task/{orphan['id']}/preview")
+    assert late.status_code == 200 and late.content.startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(late.content)).size[0] > 0

@@ -56,6 +56,15 @@ SET status = 'succeeded', result = %(result)s, progress = 1, stage = 'done',
 WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'running'
 RETURNING *;
 
+-- name: preview_ready
+-- The worker renders the preview after marking the task succeeded; fenced like the result.
+UPDATE tasks
+SET result = jsonb_set(jsonb_set(result, '{preview,ready}', 'true'),
+                       '{preview,bytes}', to_jsonb(%(bytes)s::bigint)),
+    updated_at = clock_timestamp()
+WHERE id = %(id)s AND attempt = %(attempt)s AND status = 'succeeded' AND result IS NOT NULL
+RETURNING id;
+
 -- name: finish_failed
 -- A failure ends the task when it is permanent or the attempts are used up; otherwise the task
 -- goes back to the queue after an exponential backoff.
