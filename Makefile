@@ -39,8 +39,9 @@ install: $(STAMP)
 install-dev: $(DEV_STAMP)
 
 ## Start PostgreSQL (embedded unless DATABASE_URL is set), Ray and the app on http://127.0.0.1:8000
+## MONITORING=1 also starts Prometheus (Debian's package) on http://127.0.0.1:9090
 run: $(STAMP)
-	$(VENV)/bin/photo3d serve
+	$(VENV)/bin/photo3d serve $(if $(filter 1 yes true,$(MONITORING)),--monitoring)
 
 ## The whole suite: unit, integration (real PostgreSQL), e2e (real Ray Serve)
 test: $(DEV_STAMP) $(BROWSER_STAMP)

@@ -82,7 +82,7 @@ def select_backends(
                 f"note: not deploying {', '.join(dropped)} (no GPU here or not in PHOTO3D_BACKENDS)"
             )
         app.setdefault("args", {})["backends"] = chosen
-        keep = {generator_name(b) for b in chosen} | {"Ingress"}
+        keep = {generator_name(b) for b in chosen} | {"Ingress", "QueueMonitor"}
         app["deployments"] = [d for d in app.get("deployments", []) if d["name"] in keep]
     return config
 
@@ -176,9 +176,60 @@ def wait_for_job_agent(timeout: float) -> bool:
     return False
 
 
+# --- metrics and monitoring (#13) -------------------------------------------------------------
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def pin_metrics_export(settings: Settings) -> str:
+    """Prepare Ray to export metrics on metrics_host:metrics_port; returns the scrape URL.
+
+    Ray binds its metrics endpoint to the node's IP, or to loopback when the node IP is
+    loopback (reporter_agent.py). On Linux the node IP is the machine's address unless Ray's
+    single-machine mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, what Ray uses on macOS) makes it
+    127.0.0.1; `photo3d serve` runs a one-machine cluster (address="local"), so that mode keeps
+    the metrics endpoint, and every other Ray port, off the network."""
+    if _is_loopback(settings.metrics_host):
+        # Read when Ray is imported (ray_constants): set it before, in this process, and every
+        # Ray process started from it inherits it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if "ray" in sys.modules:
+            log.warning(
+                "Ray was imported before the metrics port was pinned; it may not bind loopback"
+            )
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", settings.metrics_port))
+        except OSError:
+            raise SystemExit(
+                f"port {settings.metrics_port} (Ray's metrics export) is in use: "
+                "set PHOTO3D_METRICS_PORT to a free port"
+            ) from None
+    host = "127.0.0.1" if _is_loopback(settings.metrics_host) else settings.metrics_host
+    return f"http://{host}:{settings.metrics_port}/metrics"
+
+
+def start_monitoring(settings: Settings, run_dir: Path) -> Any:
+    """Prometheus against this stack, or a clear note why not (the stack runs on without)."""
+    from serve_app.monitoring import MonitoringUnavailable, start_prometheus
+
+    try:
+        return start_prometheus(
+            run_dir / "prometheus",
+            f"127.0.0.1:{settings.metrics_port}",
+            port=settings.prometheus_port,
+        )
+    except MonitoringUnavailable as exc:
+        print(f"note: MONITORING=1 but {exc}", file=sys.stderr, flush=True)
+        return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Embedded PostgreSQL (if needed) + migrations + local Ray + serve_config.yaml."""
     settings = get_settings()
+    metrics_url = pin_metrics_export(settings)  # before anything imports Ray
     run_dir = settings.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     url, _server = _database_url(settings)
@@ -212,7 +263,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus,
         configure_logging=True,
         logging_level=logging.INFO,
+        _metrics_export_port=settings.metrics_port,
     )
+    prometheus = start_monitoring(settings, run_dir) if args.monitoring else None
     stopping = False
 
     def _stop(signum: int, frame: Any) -> None:
@@ -221,6 +274,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return
         stopping = True
         print("\nstopping photo3d ...", flush=True)
+        if prometheus is not None:
+            prometheus.terminate()
         try:
             serve.shutdown()
         finally:
@@ -243,6 +298,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"photo3d is running at http://{settings.host}:{settings.port}  (Ctrl-C to stop)",
         flush=True,
     )
+    print(f"metrics (Prometheus text, photo3d + Serve + Ray): {metrics_url}", flush=True)
+    if prometheus is not None:
+        print(f"Prometheus: http://127.0.0.1:{settings.prometheus_port}", flush=True)
     while True:
         time.sleep(3600)
 
@@ -610,6 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the whole stack locally (what `make run` calls)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the deploy")
+    p.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="also start Prometheus on 127.0.0.1:PHOTO3D_PROMETHEUS_PORT (make run MONITORING=1)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("migrate", help="apply database migrations")
@@ -653,10 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from serve_app import logs
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logs.configure(
+        get_settings().log_format, logging.DEBUG if args.verbose else logging.INFO, root=True
     )
     result: int = args.func(args)
     return result

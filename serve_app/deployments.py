@@ -32,14 +32,22 @@ class AppArgs(BaseModel):
 class Ingress:
     """HTTP entry point: validates input, stores photos, queues tasks, serves results."""
 
-    def __init__(self, backends: list[str], generators: list[DeploymentHandle] | None = None):
+    def __init__(
+        self,
+        backends: list[str],
+        generators: list[DeploymentHandle] | None = None,
+        monitor: DeploymentHandle | None = None,
+    ):
+        from serve_app import logs
         from serve_app.service import Services
 
+        logs.configure(get_settings().log_format)
         self.services = Services.from_settings(get_settings(), backends=backends)
         # Don't wait for the database: while it is down the API answers 503, it doesn't crash.
         self.services.db.open(wait=False)
         self.services.artifacts.check()
         self._generators = generators or []  # bound so that Serve deploys them
+        self._monitor = monitor
         self.webhook_dispatcher = start_webhook_dispatcher(self.services)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -84,11 +92,13 @@ class Generator:
     """Pulls tasks for one backend from PostgreSQL and runs them (no request traffic)."""
 
     def __init__(self, backend: str) -> None:
+        from serve_app import logs
         from serve_app.backends import create_backend
         from serve_app.service import Services
         from serve_app.worker import Worker
 
         settings = get_settings()
+        logs.configure(settings.log_format)
         self.services = Services.from_settings(settings)
         self.services.db.open(wait=False)
         self.backend = create_backend(backend, settings)
@@ -131,6 +141,50 @@ class Generator:
             self.services.close()
 
 
+@serve.deployment(
+    name="QueueMonitor",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    health_check_period_s=10,
+)
+class QueueMonitor:
+    """Exports the queue gauges from PostgreSQL: exactly one replica in the cluster (see
+    serve_app/monitor.py for why a one-replica deployment rather than a leader election)."""
+
+    def __init__(self, backends: list[str]) -> None:
+        from serve_app import logs
+        from serve_app.monitor import QueueMonitor as Engine
+        from serve_app.monitor import serve_replica_counts
+        from serve_app.store.db import Database
+        from serve_app.store.queue_stats import QueueStats
+
+        settings = get_settings()
+        logs.configure(settings.log_format)
+        self.db = Database(str(settings.database_url), min_size=1, max_size=2)
+        self.db.open(wait=False)
+        self.engine = Engine(
+            QueueStats(self.db),
+            backends,
+            alive_seconds=settings.worker_alive_seconds,
+            interval_seconds=settings.queue_metrics_seconds,
+            replica_counts=serve_replica_counts,
+        )
+        self.engine.start()
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the queue monitor loop stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+            self.db.close()
+
+
+MONITOR_NAME = "QueueMonitor"
+
+
 def generator_name(backend: str) -> str:
     return f"generator-{backend}"
 
@@ -142,4 +196,5 @@ def build_app(args: dict[str, Any]) -> Application:
         Generator.options(name=generator_name(b)).bind(b)  # type: ignore[attr-defined]
         for b in parsed.backends
     ]
-    return Ingress.bind(parsed.backends, generators)  # type: ignore[attr-defined]
+    monitor = QueueMonitor.bind(parsed.backends)  # type: ignore[attr-defined]
+    return Ingress.bind(parsed.backends, generators, monitor)  # type: ignore[attr-defined]

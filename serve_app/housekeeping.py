@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from serve_app import artifact_keys
+from serve_app import artifact_keys, metrics
 from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore
 from serve_app.errors import Photo3DError
@@ -45,7 +45,7 @@ class Housekeeping:
         self.accounts = accounts
         self.retention_seconds = retention_seconds
         self.rate_window_seconds = rate_window_seconds
-        self.chores = [_Chore("recover stalled leases", recover_every, queue.recover_stalled)]
+        self.chores = [_Chore("recover stalled leases", recover_every, self.recover_stalled)]
         if retention_seconds > 0:
             self.chores.append(
                 _Chore(
@@ -78,6 +78,18 @@ class Housekeeping:
                 log.exception("housekeeping failed")
                 wait = 1.0
             stop.wait(max(wait, 0.1))
+
+    def recover_stalled(self) -> int:
+        """Requeue (or fail) tasks whose lease expired; counted and logged per task."""
+        rows = self.queue.recover_stalled()
+        for row in rows:
+            metrics.stalled_recovered(str(row["status"]))
+            log.warning(
+                "lease expired; task %s",
+                "failed" if row["status"] == "failed" else "requeued",
+                extra={"task_id": str(row["id"]), "attempt": row["attempt"]},
+            )
+        return len(rows)
 
     def reap_expired(self) -> int:
         """Delete the files of tasks finished longer ago than the retention; returns how many."""

@@ -3,10 +3,11 @@ format asked for, the backend's extra files, the preview)."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 
-from serve_app import artifact_keys, exports, preview
+from serve_app import artifact_keys, exports, metrics, preview
 from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import GeneratedAsset, GenerationOptions
 from serve_app.results import Preview, ResultTimings, StoredFile, TaskResult
@@ -32,18 +33,24 @@ def package_asset(
         artifacts.put(key, data)
         files[name] = StoredFile(key=key, bytes=len(data), media_type=media_type, filename=filename)
 
+    backend = str(options.backend)
     wanted = list(dict.fromkeys(["glb", *options.formats]))
-    for fmt, data in exports.convert_many(asset.glb, wanted).items():
+    started = time.monotonic()
+    converted = exports.convert_many(asset.glb, wanted)
+    metrics.export_seconds(backend, time.monotonic() - started)
+    for fmt, data in converted.items():
         info = exports.FORMATS[fmt]
         put(fmt, info.filename, info.media_type, data)
+        metrics.artifact_bytes(backend, fmt, len(data))
     for name, data in asset.extra_files.items():
         put(name, name, "application/octet-stream", data)
+        metrics.artifact_bytes(backend, "extra", len(data))
     preview_key = artifact_keys.attempt_file(task_id, attempt, "preview.png")
     if asset.preview_png is None and not render_preview:
         shown = Preview(key=preview_key, ready=False)
     else:
         on_stage("rendering preview")
-        shown = store_preview(artifacts, preview_key, asset.preview_png, asset.glb)
+        shown = store_preview(artifacts, preview_key, asset.preview_png, asset.glb, backend)
     return TaskResult(
         files=files,
         preview=shown,
@@ -52,8 +59,13 @@ def package_asset(
     )
 
 
-def store_preview(artifacts: ArtifactStore, key: str, png: bytes | None, glb: bytes) -> Preview:
+def store_preview(
+    artifacts: ArtifactStore, key: str, png: bytes | None, glb: bytes, backend: str = "unknown"
+) -> Preview:
     """Store the preview PNG (the backend's, or a thumbnail rendered from the GLB, ~0.25 s)."""
+    started = time.monotonic()
     data = png or preview.render_thumbnail(glb)
+    metrics.preview_seconds(backend, time.monotonic() - started)
+    metrics.artifact_bytes(backend, "preview", len(data))
     artifacts.put(key, data)
     return Preview(key=key, bytes=len(data))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from serve_app import artifact_keys, exports, preview
+from serve_app import artifact_keys, exports, metrics, preview
 from serve_app.accounts import Accounts, Principal
 from serve_app.artifacts import ArtifactStore, LocalArtifactStore
 from serve_app.backends import available_backends
@@ -188,6 +188,11 @@ class Services:
         if not created:
             self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))
             return check_same_request(row, digest, idempotency_key or ""), False
+        metrics.task_submitted(str(options.backend))
+        log.info(
+            "task queued",
+            extra={"task_id": str(task_id), "account_id": account_id, "backend": options.backend},
+        )
         return self.queue.get(task_id, account_id) or row, True  # with its queue position
 
     # --- reading -------------------------------------------------------------------
@@ -227,7 +232,9 @@ class Services:
             if not result.preview.ready and not self.artifacts.exists(result.preview.key):
                 # Asked for before the worker rendered it (or the worker died first).
                 glb = self.artifacts.get(result.files["glb"].key)
-                return store_preview(self.artifacts, result.preview.key, None, glb).as_file()
+                return store_preview(
+                    self.artifacts, result.preview.key, None, glb, str(row["backend"])
+                ).as_file()
             return result.preview.as_file()
         if fmt == "turntable":
             # Rendered on first request (a few CPU seconds), then kept beside the preview.

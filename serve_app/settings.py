@@ -83,6 +83,14 @@ class Settings(BaseSettings):
     trellis2_low_vram: bool = True  # upstream default; False is faster on big dedicated GPUs
     gpu_warmup: bool = True
 
+    # --- observability (metrics, logs) -----------------------------------------------------
+    # `photo3d serve` pins Ray's metrics export (Prometheus text) to metrics_host:metrics_port.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=8080, ge=1, le=65535)
+    queue_metrics_seconds: float = Field(default=5.0, gt=0, description="queue gauge refresh")
+    log_format: Literal["json", "text"] = "json"
+    prometheus_port: int = Field(default=9090, ge=1, le=65535)  # `make run MONITORING=1`
+
     # --- webhooks (#15) ------------------------------------------------------------------
     # Each ingress replica runs a delivery loop (off = deliver from elsewhere, or not at all).
     webhook_dispatcher: bool = True

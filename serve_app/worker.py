@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from serve_app import artifact_keys
+from serve_app import artifact_keys, logs, metrics
 from serve_app.accounts import Accounts
 from serve_app.artifacts import ArtifactStore
 from serve_app.backends.base import Backend, GenerationOptions
@@ -77,6 +77,8 @@ class Worker:
         self.task_timeout_seconds = task_timeout_seconds
         self.worker_id = worker_id or new_worker_id(backend.name)
         self.exit_process = exit_process
+        # Only a real replica exit needs to wait for the metrics reporter; tests inject theirs.
+        self.flush_metrics = exit_process is os._exit
         self.housekeeping = Housekeeping(
             queue=queue,
             artifacts=artifacts,
@@ -152,24 +154,37 @@ class Worker:
         claim = self.queue.claim(self.worker_id, [self.backend.name])
         if claim is None:
             return False
+        metrics.task_claimed(self.backend.name, claim.attempt, claim.queue_wait_seconds)
         self.process(claim)
         return True
 
     # --- one task ----------------------------------------------------------------------
     def process(self, claim: Claim) -> None:
         """Run one claimed attempt to its end: success, failure or lost ownership."""
+        with logs.context(
+            task_id=str(claim.id),
+            attempt=claim.attempt,
+            account_id=claim.account_id,
+            backend=self.backend.name,
+        ):
+            self._process(claim)
+
+    def _process(self, claim: Claim) -> None:
+        log.info("task %s attempt %s started", claim.id, claim.attempt)
         attempt = _Attempt(claim)
         self._current = attempt
-        beat = threading.Thread(target=self._heartbeat, args=(attempt,), daemon=True)
+        beat = threading.Thread(target=self._heartbeat, args=(attempt, logs.current()), daemon=True)
         beat.start()
         prefix = artifact_keys.attempt_prefix(claim.id, claim.attempt)
         try:
             result = self._generate(attempt)
             if attempt.owned and self._while_db_returns(lambda: self.queue.succeed(claim, result)):
                 self.tasks_done += 1
+                metrics.task_finished(self.backend.name, "succeeded")
                 log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
                 self._render_preview(claim, result)
             else:
+                metrics.task_finished(self.backend.name, "lost", "lease_lost")
                 # A newer attempt, a cancel or a stall recovery owns the task: our files go.
                 log.warning(
                     "task %s attempt %s lost its lease; result dropped", claim.id, claim.attempt
@@ -192,7 +207,7 @@ class Worker:
             return
         try:
             glb = self.artifacts.get(result["files"]["glb"]["key"])
-            stored = store_preview(self.artifacts, shown["key"], None, glb)
+            stored = store_preview(self.artifacts, shown["key"], None, glb, self.backend.name)
             self.queue.preview_ready(claim, stored.bytes or 0)
         except Exception:
             log.warning("task %s: preview not rendered; it renders on request", claim.id)
@@ -220,10 +235,11 @@ class Worker:
             claim.attempt,
             seconds,
         )
+        metrics.watchdog_kill(self.backend.name)
         if attempt.owned:
             attempt.owned = False
             with contextlib.suppress(Photo3DError):
-                self.queue.fail(
+                row = self.queue.fail(
                     claim,
                     code="generation_timeout",
                     permanent=False,
@@ -231,7 +247,19 @@ class Worker:
                     f"(attempt {claim.attempt} of {claim.max_attempts}); the worker "
                     "was restarted",
                 )
+                self._count_failure(row, "generation_timeout")
+        # Give Ray's metrics reporter one round to ship the kill before the process goes (the
+        # generation is already hung; a few more seconds change nothing for the user).
+        time.sleep(min(metrics.report_interval_seconds() * 1.5, 20.0) if self.flush_metrics else 0)
         self.exit_process(70)
+
+    def _count_failure(self, row: dict[str, Any] | None, code: str) -> None:
+        """Count a failed attempt as final (`failed`) or to be retried (`retrying`)."""
+        if row is None:
+            metrics.task_finished(self.backend.name, "lost", "lease_lost")
+        else:
+            status = "failed" if row["status"] == "failed" else "retrying"
+            metrics.task_finished(self.backend.name, status, code)
 
     def _generate(self, attempt: _Attempt) -> dict[str, Any]:
         """Run the backend on the claim's photos and package what it made; returns the result
@@ -240,9 +268,16 @@ class Worker:
         options = GenerationOptions.model_validate(claim.options)
         images: list[Image.Image] = [load_stored_input(self.artifacts.get(k)) for k in claim.inputs]
 
+        backend = self.backend.name
+        stage_started = [time.monotonic()]
+
         def progress(fraction: float, stage: str) -> None:
             # Generation is 90% of the bar; exports take the rest.
             attempt.progress = max(0.0, min(1.0, fraction)) * 0.9
+            if stage != attempt.stage:  # time spent in each stage the backend reports
+                now = time.monotonic()
+                metrics.generation_seconds(backend, attempt.stage, now - stage_started[0])
+                stage_started[0] = now
             attempt.stage = stage
 
         def on_stage(stage: str) -> None:
@@ -252,6 +287,8 @@ class Worker:
         t0 = time.monotonic()
         asset = self.backend.generate(images, options, progress)
         t_generate = time.monotonic() - t0
+        metrics.generation_seconds(backend, attempt.stage, time.monotonic() - stage_started[0])
+        metrics.generation_seconds(backend, "total", t_generate)
 
         attempt.progress, attempt.stage = 0.9, "exporting"
         result: TaskResult = package_asset(
@@ -286,12 +323,19 @@ class Worker:
             exc_info=not isinstance(exc, Photo3DError),
         )
         if attempt.owned:
-            self.queue.fail(claim, code=code, message=message, permanent=permanent)
+            row = self.queue.fail(claim, code=code, message=message, permanent=permanent)
+            self._count_failure(row, code)
+        else:
+            metrics.task_finished(self.backend.name, "lost", "lease_lost")
 
-    def _heartbeat(self, attempt: _Attempt) -> None:
+    def _heartbeat(self, attempt: _Attempt, context: dict[str, Any] | None = None) -> None:
         """Keep the lease while the attempt runs; push progress; notice cancels, lost leases
         and hangs. Progress goes out within a second; the lease is renewed at least every
         heartbeat_seconds."""
+        with logs.context(**(context or {})):
+            self._beat(attempt)
+
+    def _beat(self, attempt: _Attempt) -> None:
         tick = min(1.0, self.heartbeat_seconds)
         sent: tuple[float, str] | None = None
         sent_at = 0.0

@@ -17,7 +17,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
-from serve_app.api import accounts, batches, files, health, openapi, tasks, web, webhooks
+from serve_app.api import (
+    accounts,
+    batches,
+    files,
+    health,
+    observability,
+    openapi,
+    tasks,
+    web,
+    webhooks,
+)
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -134,6 +144,9 @@ def create_app(services: Services) -> FastAPI:
             ],
             max_age=600,
         )
+
+    # --- observability (#13): request metrics and request ids; added last = outermost --------
+    observability.observe(app)
 
     page = static_dir()
     if (page / "index.html").is_file():

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
 
+from serve_app import logs
 from serve_app.accounts import LOCAL_ACCOUNT, Forbidden, Principal, RateLimited, RateWindow
 from serve_app.api.schemas import ErrorResponse
 from serve_app.service import Services
@@ -52,7 +53,8 @@ PrincipalDep = Annotated[Principal, Depends(current_principal)]
 
 
 def current_account(principal: PrincipalDep) -> str:
-    """The account id every read and write is scoped to."""
+    """The account id every read and write is scoped to (and every log line carries)."""
+    logs.bind(account_id=principal.account_id)
     return principal.account_id
 
 

@@ -32,6 +32,8 @@ class Claim:
     options: dict[str, Any]
     inputs: list[str]
     max_attempts: int
+    account_id: str | None = None  # for log lines
+    queue_wait_seconds: float = 0.0  # from "could run" (submit or backoff end) to this claim
 
 
 def encode_cursor_parts(created_at: dt.datetime, key: object) -> str:
@@ -191,6 +193,8 @@ class TaskQueue:
             options=row["options"],
             inputs=row["inputs"],
             max_attempts=row["max_attempts"],
+            account_id=row.get("account_id"),
+            queue_wait_seconds=queue_wait_seconds(row),
         )
 
     def heartbeat(
@@ -299,3 +303,17 @@ async def read_backlog(url: str, backends: list[str]) -> dict[str, Backlog]:
                 return _backlog(await cur.fetchall())
     except psycopg.Error as exc:  # e.g. the schema is not migrated yet: no backlog to read
         raise ServiceUnavailable(f"backlog unreadable: {type(exc).__name__}") from exc
+
+
+def queue_wait_seconds(row: Row) -> float:
+    """Seconds a claimed attempt waited: from submit (or the end of its retry backoff) to the
+    claim."""
+    started, created, run_after = (
+        row.get("attempt_started_at"),
+        row.get("created_at"),
+        row.get("run_after"),
+    )
+    if started is None or created is None:
+        return 0.0
+    ready = max(created, run_after) if run_after is not None else created
+    return max(0.0, (started - ready).total_seconds())

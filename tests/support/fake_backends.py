@@ -3,6 +3,7 @@ never a reason to call a feature done on their own."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 
@@ -10,6 +11,7 @@ from PIL import Image
 
 from serve_app.backends.base import GeneratedAsset, GenerationOptions, ProgressCallback
 from serve_app.backends.cpu import CPUBackend
+from serve_app.errors import InvalidInput
 from serve_app.settings import Settings
 
 
@@ -59,3 +61,54 @@ class HangingFakeBackend:
         progress(0.1, "hanging")
         while True:
             time.sleep(1)
+
+
+class HangOnceFakeBackend:
+    """FAKE: hangs on the first attempt at a photo (until the watchdog kills the replica), then
+    runs the CPU backend on the retry. It remembers photos in marker files under
+    PHOTO3D_RUN_DIR, since the replica that hung is gone by the retry."""
+
+    name = "fake-hang-once"
+
+    def __init__(self, settings: Settings) -> None:
+        self.inner = CPUBackend(settings)
+        self.markers = settings.run_dir / "fake-hang-once"
+
+    def load(self) -> None:
+        self.markers.mkdir(parents=True, exist_ok=True)
+        self.inner.load()
+
+    def check_health(self) -> None:
+        self.inner.check_health()
+
+    def generate(
+        self, images: list[Image.Image], options: GenerationOptions, progress: ProgressCallback
+    ) -> GeneratedAsset:
+        marker = self.markers / hashlib.sha256(images[0].tobytes()).hexdigest()
+        if not marker.exists():
+            marker.touch()
+            progress(0.1, "hanging")
+            while True:
+                time.sleep(1)
+        return self.inner.generate(images, options, progress)
+
+
+class FailingFakeBackend:
+    """FAKE: every generation fails with a permanent error (code `fake_unusable_photo`)."""
+
+    name = "fake-fail"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def load(self) -> None:
+        pass
+
+    def check_health(self) -> None:
+        pass
+
+    def generate(
+        self, images: list[Image.Image], options: GenerationOptions, progress: ProgressCallback
+    ) -> GeneratedAsset:
+        progress(0.2, "inspecting")
+        raise InvalidInput("FAKE: this photo cannot be reconstructed", code="fake_unusable_photo")

@@ -35,6 +35,7 @@ class Stack:
     run_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    metrics_port: int = 0  # Ray's metrics export (Prometheus text) on 127.0.0.1
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
@@ -103,6 +104,7 @@ def run_stack(
     """Run `photo3d serve` until the block ends; fails with the server log if it never starts."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    metrics_port = free_port()
     extra = extra_backends or {}
     config = write_config(run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra})
     full_env = {
@@ -110,6 +112,7 @@ def run_stack(
         "DATABASE_URL": database_url,
         "PHOTO3D_RUN_DIR": str(run_dir),
         "PHOTO3D_PORT": str(port),
+        "PHOTO3D_METRICS_PORT": str(metrics_port),
         "PHOTO3D_SERVE_CONFIG": str(config),
         "PHOTO3D_EXTRA_BACKENDS": ",".join(f"{k}={v}" for k, v in extra.items()),
         "PHOTO3D_LEASE_SECONDS": "3",
@@ -132,7 +135,9 @@ def run_stack(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stack = Stack(f"http://127.0.0.1:{port}", database_url, run_dir, process, log_path)
+    stack = Stack(
+        f"http://127.0.0.1:{port}", database_url, run_dir, process, log_path, metrics_port
+    )
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -25,7 +25,7 @@ def test_serve_config_is_a_valid_deploy_schema_with_typed_args() -> None:
     app = schema.applications[0]
     args = AppArgs.model_validate(app.args)
     names = {d["name"] for d in app.model_dump()["deployments"]}
-    assert names == {"Ingress"} | {f"generator-{b}" for b in args.backends}
+    assert names == {"Ingress", "QueueMonitor"} | {f"generator-{b}" for b in args.backends}
 
 
 def test_every_generator_scales_on_the_queue_backlog() -> None:
@@ -42,7 +42,11 @@ def test_every_generator_scales_on_the_queue_backlog() -> None:
 def test_without_gpu_the_launcher_leaves_gpu_backends_out() -> None:
     chosen = select_backends(config(), None, has_gpu=False)["applications"][0]
     assert chosen["args"]["backends"] == ["cpu"]
-    assert {d["name"] for d in chosen["deployments"]} == {"Ingress", "generator-cpu"}
+    assert {d["name"] for d in chosen["deployments"]} == {
+        "Ingress",
+        "QueueMonitor",
+        "generator-cpu",
+    }
     ServeDeploySchema.model_validate(select_backends(config(), None, has_gpu=False))
     with_gpu = select_backends(config(), None, has_gpu=True)["applications"][0]
     assert with_gpu["args"]["backends"] == ["cpu", "trellis", "trellis2"]
