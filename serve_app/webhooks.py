@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from serve_app import fetch
+from serve_app import fetch, metrics
 from serve_app.errors import Conflict, InvalidInput, NotFound, Photo3DError
 from serve_app.settings import Settings
 from serve_app.store.db import Row
@@ -296,7 +296,7 @@ class WebhookDispatcher:
         delivered = status is not None and 200 <= status < 300
         settings = self.settings
         try:
-            self.store.record_attempt(
+            outcome = self.store.record_attempt(
                 message,
                 delivered=delivered,
                 status_code=status,
@@ -309,6 +309,8 @@ class WebhookDispatcher:
                 ),
                 window_seconds=settings.webhook_retry_window_seconds,
             )
+            if outcome is not None:
+                metrics.webhook_delivery(outcome)
         except Photo3DError as exc:  # the lease runs out and another dispatcher retries
             self.last_error = exc.message
         if delivered:

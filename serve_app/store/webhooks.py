@@ -123,8 +123,9 @@ class WebhookStore:
         duration_ms: int,
         retry_in: float,
         window_seconds: float,
-    ) -> bool:
-        """Log the attempt and settle the message; False when a newer claim owns it."""
+    ) -> str | None:
+        """Log the attempt and settle the message: delivered | failed (to be retried) | gave_up;
+        None when a newer claim owns it."""
         row = self.db.fetch_one(
             "webhook_record_attempt",
             {
@@ -138,7 +139,7 @@ class WebhookStore:
                 "window_seconds": window_seconds,
             },
         )
-        return row is not None
+        return str(row["outcome"]) if row is not None else None
 
     def prune(self, retention_seconds: float) -> int:
         return self.db.execute("webhook_prune", {"retention_seconds": retention_seconds})

@@ -84,11 +84,17 @@ WITH settled AS (
         last_status = %(status_code)s,
         last_error = %(error)s
     WHERE id = %(id)s AND attempts = %(attempt)s AND delivered_at IS NULL AND failed_at IS NULL
-    RETURNING id, endpoint_id
+    RETURNING id, endpoint_id, delivered_at, failed_at
+), logged AS (
+    INSERT INTO webhook_deliveries (message_id, endpoint_id, attempt, status_code, error,
+                                    duration_ms)
+    SELECT id, endpoint_id, %(attempt)s, %(status_code)s, %(error)s, %(duration_ms)s FROM settled
+    RETURNING id
 )
-INSERT INTO webhook_deliveries (message_id, endpoint_id, attempt, status_code, error, duration_ms)
-SELECT id, endpoint_id, %(attempt)s, %(status_code)s, %(error)s, %(duration_ms)s FROM settled
-RETURNING id;
+SELECT CASE WHEN s.delivered_at IS NOT NULL THEN 'delivered'
+            WHEN s.failed_at IS NOT NULL THEN 'gave_up'
+            ELSE 'failed' END AS outcome
+FROM settled s, logged;
 
 -- name: webhook_prune
 -- Settled messages (and their attempt log) older than the retention are forgotten.
