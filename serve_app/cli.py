@@ -408,6 +408,79 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _billing() -> Any:
+    from serve_app.billing import Billing
+    from serve_app.store.db import Database
+    from serve_app.store.migrate import migrate
+
+    settings = get_settings()
+    url, server = _database_url(settings)
+    migrate(url)
+    db = Database(url)
+    db.open(wait=True)
+    return Billing(get_settings(), db), server
+
+
+def cmd_billing(args: argparse.Namespace) -> int:
+    """`photo3d billing setup`: the configured products and prices in Stripe, idempotently."""
+    from serve_app.billing import Billing, load_config
+    from serve_app.errors import Photo3DError
+
+    settings = get_settings()
+    try:
+        if args.action == "check":
+            config = load_config(settings.billing_config)
+            print(
+                f"billing {'on' if settings.billing_enabled else 'off'}; "
+                f"{len(config.packs)} packs, {len(config.plans)} plans, currency {config.currency}"
+            )
+            return 0
+        billing = Billing(settings, db=None)  # type: ignore[arg-type]  # setup needs no database
+        for line in billing.setup():
+            print(line)
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_credits(args: argparse.Namespace) -> int:
+    """Operators: grant credits, or show an account's balance and recent ledger."""
+    from serve_app.errors import Photo3DError
+
+    billing, _server = _billing()
+    try:
+        if args.action == "grant":
+            if args.credits is None or not args.reason:
+                print("usage: photo3d credits grant ACCOUNT N --reason TEXT", file=sys.stderr)
+                return 2
+            row = billing.grant(args.account, args.credits, args.reason)
+            print(
+                f"{row['kind']} {row['amount']:+d} credits to {args.account}; "
+                f"balance {row['balance_after']}"
+            )
+        else:
+            account = billing.ledger.account(args.account)
+            if account is None:
+                print(f"error (account_not_found): account {args.account} not found")
+                return 2
+            plan = f", plan {account['plan']} ({account['plan_status']})" if account["plan"] else ""
+            print(f"{args.account}: balance {account['balance']} credits{plan}")
+            for entry in billing.entries(args.account, limit=args.limit):
+                when = entry["created_at"].isoformat(timespec="seconds")
+                what = entry["reason"] or entry["task_id"] or ""
+                print(
+                    f"  {when}  {entry['kind']:<10} {entry['amount']:>+8d} "
+                    f"-> {entry['balance_after']:>8d}  {what}"
+                )
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        billing.ledger.db.close()
+    return 0
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
     """Fetch (where the internet is reachable) or verify pinned model weights."""
     from serve_app.backends.gpu import weights
@@ -691,6 +764,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="a label for the key")
     p.add_argument("prefix", nargs="?", help="key prefix (revoke)")
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("billing", help="Stripe products and prices from the billing config")
+    p.add_argument("action", choices=["setup", "check"])
+    p.set_defaults(func=cmd_billing)
+
+    p = sub.add_parser("credits", help="grant credits or show an account's balance and ledger")
+    p.add_argument("action", choices=["grant", "show"])
+    p.add_argument("account")
+    p.add_argument("credits", nargs="?", type=int, help="grant: credits (negative: adjust down)")
+    p.add_argument("--reason", help="grant: why (kept in the ledger)")
+    p.add_argument("--limit", type=int, default=20, help="show: ledger entries")
+    p.set_defaults(func=cmd_credits)
 
     p = sub.add_parser("weights", help="fetch or verify TRELLIS weights (pinned revisions)")
     p.add_argument("action", choices=["fetch", "verify"])

@@ -48,6 +48,9 @@ class Ingress:
         self.services.artifacts.check()
         self._generators = generators or []  # bound so that Serve deploys them
         self._monitor = monitor
+        if self.services.settings.billing_enabled and self.services.settings.stripe_secret_key:
+            # Metered usage goes to Stripe from the outbox; several replicas share it safely.
+            self.services.billing.start_meter_reporter()
         self.webhook_dispatcher = start_webhook_dispatcher(self.services)
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -56,6 +59,8 @@ class Ingress:
         return create_app(self.services)
 
     def __del__(self) -> None:
+        if "billing" in vars(self.services):
+            self.services.billing.stop_meter_reporter()
         dispatcher = getattr(self, "webhook_dispatcher", None)
         if dispatcher is not None:
             dispatcher.stop(timeout=5)

@@ -31,6 +31,7 @@ from serve_app.store.db import Database, Row
 from serve_app.store.tasks import TERMINAL, TaskQueue
 
 if TYPE_CHECKING:
+    from serve_app.billing import Billing
     from serve_app.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,12 @@ class Services:
     def batches(self) -> Batches:
         return Batches(BatchStore(self.db))
 
+    @cached_property
+    def billing(self) -> Billing:
+        from serve_app.billing import Billing
+
+        return Billing(self.settings, self.db)
+
     # --- #15 integrators -----------------------------------------------------------------
     @cached_property
     def webhooks(self) -> Webhooks:
@@ -162,6 +169,13 @@ class Services:
                 return check_same_request(task_by_key, digest, idempotency_key), False
         if batch_id is None:  # a bulk job bounds its own items in flight
             self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
+        # Billing (off by default): 402 before anything is stored; the reservation itself is
+        # taken in the task insert's transaction below.
+        quote = (
+            self.billing.quote(account_id, options.model_dump(mode="json"))
+            if self.settings.billing_enabled
+            else None
+        )
         task_id = uuid.uuid4()
         keys = [
             artifact_keys.input_key(task_id, i, stored_suffix(data))
@@ -181,6 +195,8 @@ class Services:
                 idempotency_key=idempotency_key,
                 batch_id=batch_id,
                 request_hash=digest,
+                credits=quote.credits if quote else 0,
+                meter_event=quote.meter_event if quote else None,
             )
         except BaseException:
             self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))

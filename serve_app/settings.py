@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -90,6 +90,32 @@ class Settings(BaseSettings):
     queue_metrics_seconds: float = Field(default=5.0, gt=0, description="queue gauge refresh")
     log_format: Literal["json", "text"] = "json"
     prometheus_port: int = Field(default=9090, ge=1, le=65535)  # `make run MONITORING=1`
+
+    # --- billing (Stripe) -----------------------------------------------------------
+    # Off unless PHOTO3D_BILLING=true or STRIPE_SECRET_KEY is set: then every generation is
+    # priced in credits. The Stripe settings carry Stripe's own names (no PHOTO3D_ prefix).
+    billing: bool | None = None
+    signup_credits: int = Field(default=0, ge=0, description="granted once per account")
+    billing_config: Path | None = None  # prices, packs, plans; default: the packaged billing.yaml
+    # Where Checkout and the portal send people back (the web page); unset: the address the
+    # request came to (set it behind a proxy that rewrites the host).
+    billing_return_url: str | None = None
+    meter_poll_seconds: float = Field(default=10.0, gt=0)
+    stripe_secret_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("STRIPE_SECRET_KEY", "stripe_secret_key")
+    )
+    stripe_webhook_secret: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET", "stripe_webhook_secret"),
+    )
+    # A local stand-in server for tests and demos (e.g. localstripe); unset = api.stripe.com.
+    stripe_api_base: str | None = Field(
+        default=None, validation_alias=AliasChoices("STRIPE_API_BASE", "stripe_api_base")
+    )
+
+    @property
+    def billing_enabled(self) -> bool:
+        return self.billing if self.billing is not None else self.stripe_secret_key is not None
 
     # --- webhooks (#15) ------------------------------------------------------------------
     # Each ingress replica runs a delivery loop (off = deliver from elsewhere, or not at all).

@@ -42,15 +42,23 @@ class AccountInfo(BaseModel):
     is_admin: bool
     auth_required: bool
     billing: dict[str, Any] = Field(default_factory=lambda: {"enabled": False})
+    balance: int | None = Field(default=None, description="Credits available (billing on only).")
 
 
 @router.get("/account", response_model=AccountInfo, summary="Who you are")
 def get_account(principal: PrincipalDep, services: ServicesDep) -> AccountInfo:
+    billing = (
+        services.billing.account_view(principal.account_id)
+        if services.settings.billing_enabled
+        else {"enabled": False}
+    )
     return AccountInfo(
         id=principal.account_id,
         name=services.account_name(principal),
         is_admin=principal.is_admin,
         auth_required=services.settings.auth_enforced,
+        billing=billing,
+        balance=billing.get("balance"),
     )
 
 

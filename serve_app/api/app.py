@@ -20,6 +20,7 @@ from serve_app.accounts import RateLimited, Unauthorized
 from serve_app.api import (
     accounts,
     batches,
+    billing,
     files,
     health,
     observability,
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
     400: "bad_request",
+    402: "payment_required",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
@@ -66,7 +68,7 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     app.include_router(health.health_router)
-    for module in (tasks, files, health, accounts, batches, webhooks, web):
+    for module in (tasks, files, health, accounts, batches, billing, webhooks, web):
         app.include_router(module.router)
     app.webhooks.include_router(webhooks.events_router)
     openapi.install(app)

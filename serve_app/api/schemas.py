@@ -78,6 +78,8 @@ class Task(BaseModel):
     result: TaskResult | None = None
     batch_id: str | None = None
     expired_at: dt.datetime | None = Field(None, description="When the result files were deleted.")
+    credits_reserved: int = Field(0, description="Credits held for this task when accepted.")
+    credits_charged: int = Field(0, description="Credits charged (on success only).")
     links: dict[str, str]
 
 
@@ -166,6 +168,8 @@ def task_from_row(row: Row, base: str = "/api/v1") -> Task:
         result=result,
         batch_id=row.get("batch_id"),
         expired_at=row.get("expired_at"),
+        credits_reserved=row.get("credits_reserved") or 0,
+        credits_charged=row.get("credits_charged") or 0,
         links={
             "self": link,
             "events": f"{link}/events",

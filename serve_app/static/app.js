@@ -392,11 +392,13 @@ $("#create-form").addEventListener("submit", async (event) => {
       },
     });
     pendingTasks.set(task.id, task);
+    if ((task.credits_reserved ?? 0) > 0) refreshAccount(); // the price is now held
     for (const photo of photos.splice(0)) URL.revokeObjectURL(photo.url);
     renderPhotos();
     location.hash = `#/task/${task.id}`;
   } catch (error) {
     showAlert(createError, error);
+    if (error.status === 402) addBuyLink(createError);
     createError.scrollIntoView({ block: "nearest" });
   } finally {
     generateButton.disabled = false;
@@ -528,6 +530,8 @@ class TaskView {
         delay = Math.min(delay * 2, 10_000);
       }
     }
+    // Charged on success, given back on failure or cancel: show the new balance.
+    if (!this.closed && (this.task.credits_reserved ?? 0) > 0) refreshAccount();
   }
 
   onEvent({ event, data }) {
@@ -1098,6 +1102,158 @@ async function refreshAccount() {
   const url = billing.buy_url ?? account?.buy_url;
   buy.hidden = !url;
   if (url) buy.href = url;
+  $("#billing-plan").textContent = billing.plan
+    ? `Plan: ${billing.plan}${billing.period_end ? `, renews ${formatDay(billing.period_end)}` : ""}`
+    : "";
+  $("#billing-portal").hidden = !billing.plan && !billing.customer;
+  renderLedger(billing.recent_ledger ?? []);
+  loadPricing();
+}
+
+function formatDay(value) {
+  const date = new Date(value);
+  return Number.isNaN(date.getTime()) ? "" : date.toLocaleDateString();
+}
+
+function formatMoney(amount, currency) {
+  try {
+    return new Intl.NumberFormat(undefined, { style: "currency", currency }).format(amount / 100);
+  } catch {
+    return `${(amount / 100).toFixed(2)} ${String(currency).toUpperCase()}`;
+  }
+}
+
+/** A "Buy credits" button under a 402 message: it opens the pricing panel. */
+function addBuyLink(box) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "button primary buy-link";
+  button.textContent = "Buy credits";
+  button.addEventListener("click", () => openAccount());
+  box.append(button);
+}
+
+const LEDGER_TEXT = {
+  grant: "Granted",
+  purchase: "Bought",
+  allowance: "Plan allowance",
+  reserve: "Held for a model",
+  capture: "Charged for a model",
+  release: "Returned (model not made)",
+  refund: "Refunded payment",
+  expiry: "Expired allowance",
+  adjustment: "Adjustment",
+};
+
+function renderLedger(entries) {
+  const list = $("#billing-ledger");
+  list.replaceChildren();
+  for (const entry of entries) {
+    const item = document.createElement("li");
+    const amount = document.createElement("span");
+    amount.className = "amount";
+    amount.textContent = entry.kind === "capture" ? "" : `${entry.amount > 0 ? "+" : ""}${entry.amount} `;
+    item.append(amount, `${LEDGER_TEXT[entry.kind] ?? entry.kind} · ${formatDay(entry.created_at)}`);
+    list.append(item);
+  }
+  if (!entries.length) list.textContent = "No entries yet.";
+}
+
+let pricingLoaded = false;
+
+async function loadPricing() {
+  if (pricingLoaded) return;
+  let pricing;
+  try {
+    pricing = await apiJson("pricing");
+  } catch {
+    return;
+  }
+  pricingLoaded = true;
+  const packs = $("#pricing-packs");
+  const plans = $("#pricing-plans");
+  packs.replaceChildren();
+  plans.replaceChildren();
+  for (const pack of pricing.packs ?? []) {
+    packs.append(
+      pricingItem(
+        `${pack.credits} credits · ${formatMoney(pack.amount, pack.currency)}`,
+        "Buy",
+        { pack: pack.name },
+      ),
+    );
+  }
+  for (const plan of pricing.plans ?? []) {
+    const what = plan.metered
+      ? `${plan.name}: pay per model, ${formatMoney(plan.unit_amount, plan.currency)} each`
+      : `${plan.name}: ${plan.allowance} credits a ${plan.interval}, ${formatMoney(plan.amount, plan.currency)}`;
+    plans.append(pricingItem(what, "Subscribe", { plan: plan.name }));
+  }
+  const backends = Object.entries(pricing.prices?.backends ?? {})
+    .map(([name, credits]) => `${name} ${credits}`)
+    .join(", ");
+  $("#pricing-prices").textContent = backends ? `Credits per model: ${backends}.` : "";
+  $("#pricing").hidden = !(pricing.packs?.length || pricing.plans?.length);
+}
+
+function pricingItem(text, action, body) {
+  const item = document.createElement("li");
+  const label = document.createElement("span");
+  label.textContent = text;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "button small";
+  button.textContent = action;
+  button.addEventListener("click", () => startCheckout(body, button));
+  item.append(label, button);
+  return item;
+}
+
+/** Off to Stripe Checkout; Stripe sends the person back to this page with ?checkout=… */
+async function startCheckout(body, button) {
+  const box = $("#billing-error");
+  box.hidden = true;
+  button.disabled = true;
+  try {
+    const session = await apiJson("billing/checkout", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    location.assign(session.url);
+  } catch (error) {
+    showAlert(box, error);
+    button.disabled = false;
+  }
+}
+
+$("#billing-portal").addEventListener("click", async () => {
+  const box = $("#billing-error");
+  box.hidden = true;
+  try {
+    const session = await apiJson("billing/portal", { method: "POST" });
+    location.assign(session.url);
+  } catch (error) {
+    showAlert(box, error);
+  }
+});
+
+/** Back from Checkout: say what happened, then drop the query from the address bar. */
+function checkoutResult() {
+  const params = new URLSearchParams(location.search);
+  const result = params.get("checkout");
+  if (!result) return;
+  toast(
+    result === "success"
+      ? "Payment received. Your credits appear as soon as Stripe confirms it."
+      : "Checkout canceled: nothing was charged.",
+  );
+  history.replaceState(null, "", location.pathname + location.hash);
+  if (result === "success") {
+    // The webhook may land a moment after the redirect: look again shortly.
+    setTimeout(refreshAccount, 2000);
+    setTimeout(refreshAccount, 6000);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1110,3 +1266,4 @@ window.addEventListener("hashchange", route);
 route();
 loadBackends();
 refreshAccount();
+checkoutResult();

@@ -91,9 +91,12 @@ class TaskQueue:
         idempotency_key: str | None = None,
         batch_id: str | None = None,
         request_hash: str | None = None,
+        credits: int = 0,
+        meter_event: str | None = None,
     ) -> tuple[Row, bool]:
         """Insert a queued task; returns (row, created). An idempotency key already used by this
-        account returns the original task and created=False."""
+        account returns the original task and created=False. With billing, `credits` are
+        reserved (or `meter_event` noted) in the insert's own transaction."""
         params = {
             "id": task_id,
             "account_id": account_id,
@@ -106,7 +109,12 @@ class TaskQueue:
             "batch_id": batch_id,
             "request_hash": request_hash,
         }
-        row = self.db.fetch_one("insert_task", params)
+        if credits or meter_event:
+            from serve_app.store.ledger import insert_task_reserving
+
+            row = insert_task_reserving(self.db, params, credits=credits, meter_event=meter_event)
+        else:
+            row = self.db.fetch_one("insert_task", params)
         if row is not None:
             return row, True
         existing = self.by_idempotency_key(account_id, idempotency_key or "")
