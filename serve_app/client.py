@@ -53,6 +53,10 @@ class AuthenticationError(APIError):
     """401: no key, or not a valid one."""
 
 
+class PaymentRequiredError(APIError):
+    """402: not enough credits for this generation (billing is on)."""
+
+
 class PermissionDeniedError(APIError):
     """403."""
 
@@ -101,6 +105,7 @@ class WaitTimeout(Exception):
 _BY_STATUS: dict[int, type[APIError]] = {
     400: InvalidRequestError,
     401: AuthenticationError,
+    402: PaymentRequiredError,
     403: PermissionDeniedError,
     404: NotFoundError,
     409: ConflictError,
