@@ -87,6 +87,54 @@ def select_backends(
     return config
 
 
+def _artifacts_ready(settings: Settings) -> bool:
+    """The artifact store works and a URL signing key exists (one is made in the run folder for
+    local use when PHOTO3D_URL_SIGNING_KEY is unset); else say why, before Ray starts."""
+    from serve_app.artifacts import open_artifact_store
+    from serve_app.downloads import load_signing_key
+    from serve_app.errors import Photo3DError
+
+    try:
+        if not settings.artifact_url:
+            settings.artifacts_path.mkdir(parents=True, exist_ok=True)
+        open_artifact_store(settings).check()
+        load_signing_key(settings, create=True)
+    except Photo3DError as exc:
+        print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+        return False
+    return True
+
+
+FORWARDED_ENV = (
+    "PHOTO3D_",
+    "AUTH_REQUIRED",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+# Never sent with the app: the deployed config (runtime_env included) is readable by anyone who
+# can read the cluster's Serve status or dashboard. Each node's own environment provides these.
+SECRET_MARKERS = ("DATABASE_URL", "KEY", "SECRET", "TOKEN", "PASSWORD")
+
+
+def forward_settings(config: dict[str, Any]) -> list[str]:
+    """Add this process's non-secret settings (PHOTO3D_*, the S3 endpoint and region) to every
+    application's runtime_env, keeping what the config already sets; returns the secrets left
+    out (names only), which the cluster's nodes must have in their own environment."""
+    env, secrets = {}, []
+    for name, value in os.environ.items():
+        if not name.startswith(FORWARDED_ENV):
+            continue
+        if any(marker in name for marker in SECRET_MARKERS):
+            secrets.append(name)
+        else:
+            env[name] = value
+    for app in config["applications"]:
+        runtime_env = app.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    return sorted(secrets)
+
+
 def serve_deploy_config(settings: Settings) -> dict[str, Any]:
     """serve_config.yaml with the backends this machine can run and our HTTP host and port."""
     config = yaml.safe_load(settings.serve_config.read_text())
@@ -237,34 +285,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     migrate(url)
     settings = get_settings()
-    settings.artifacts_path.mkdir(parents=True, exist_ok=True)
     # Ray workers and Ray Jobs' drivers inherit this environment, and a job runs in its own
     # working directory: give them absolute paths, and this interpreter as `python`.
     os.environ["PHOTO3D_RUN_DIR"] = str(run_dir)
     bin_dir = os.path.dirname(sys.executable)
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    if not _artifacts_ready(settings):
+        return 2
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
     config = serve_deploy_config(settings)
 
     import ray
     from ray import serve
 
-    ray.init(
-        # "local": always a new cluster of our own; with no address Ray would join any cluster
-        # another `ray start` left on this machine (another checkout's tests, say).
-        address="local",
-        namespace="serve",
-        _temp_dir=str(ray_temp_dir(run_dir)),
-        # The dashboard hosts Ray's job server (`ray job submit`, e.g. the bulk conversion
-        # job); on loopback only. PHOTO3D_DASHBOARD_PORT=0 leaves it out.
-        include_dashboard=settings.dashboard_port > 0,
-        dashboard_host="127.0.0.1",
-        dashboard_port=settings.dashboard_port or None,
-        num_cpus=args.num_cpus,
-        configure_logging=True,
-        logging_level=logging.INFO,
-        _metrics_export_port=settings.metrics_port,
-    )
+    if args.address:
+        # Replicas on other nodes inherit their raylet's environment, not ours: pass the
+        # service's (non-secret) settings along with the application (a VM cluster).
+        forward_settings(config)
+        print(
+            "note: on a cluster, every node's environment must hold DATABASE_URL, the S3 "
+            "credentials and PHOTO3D_URL_SIGNING_KEY (the same key everywhere); "
+            "secrets are not sent with the application",
+            flush=True,
+        )
+    if args.address:
+        ray.init(
+            address=args.address,
+            namespace="serve",
+            configure_logging=True,
+            logging_level=logging.INFO,
+        )
+    else:
+        ray.init(
+            # "local": always a new cluster of our own; with no address Ray would join any
+            # cluster another `ray start` left on this machine (another checkout's tests, say).
+            address="local",
+            namespace="serve",
+            _temp_dir=str(ray_temp_dir(run_dir)),
+            # The dashboard hosts Ray's job server (`ray job submit`, e.g. the bulk conversion
+            # job); on loopback only. PHOTO3D_DASHBOARD_PORT=0 leaves it out.
+            include_dashboard=settings.dashboard_port > 0,
+            dashboard_host="127.0.0.1",
+            dashboard_port=settings.dashboard_port or None,
+            num_cpus=args.num_cpus,
+            configure_logging=True,
+            logging_level=logging.INFO,
+            _metrics_export_port=settings.metrics_port,
+        )
     prometheus = start_monitoring(settings, run_dir) if args.monitoring else None
     stopping = False
 
@@ -288,7 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not wait_until_running(time.monotonic() + args.wait):
         _stop(0, None)
         return 1
-    if settings.dashboard_port:
+    if settings.dashboard_port and not args.address:  # a cluster has its own job server
         wait_for_job_agent(timeout=30)
         print(
             f"Ray job server (ray job submit --address): http://127.0.0.1:{settings.dashboard_port}",
@@ -741,6 +808,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the whole stack locally (what `make run` calls)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the deploy")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("PHOTO3D_RAY_ADDRESS") or None,
+        help="deploy on this running Ray cluster (host:port of its head; default "
+        "PHOTO3D_RAY_ADDRESS) instead of starting a local one",
+    )
     p.add_argument(
         "--monitoring",
         action="store_true",

@@ -39,13 +39,18 @@ class Ingress:
         monitor: DeploymentHandle | None = None,
     ):
         from serve_app import logs
+        from serve_app.errors import Photo3DError
         from serve_app.service import Services
 
         logs.configure(get_settings().log_format)
         self.services = Services.from_settings(get_settings(), backends=backends)
         # Don't wait for the database: while it is down the API answers 503, it doesn't crash.
         self.services.db.open(wait=False)
-        self.services.artifacts.check()
+        self.services.downloads  # noqa: B018  (a missing URL signing key fails the deploy now)
+        try:
+            self.services.artifacts.check()
+        except Photo3DError as exc:  # /health answers 503 naming it until it is fixed
+            log.error("artifact store not usable: %s", exc.message)
         self._generators = generators or []  # bound so that Serve deploys them
         self._monitor = monitor
         if self.services.settings.billing_enabled and self.services.settings.stripe_secret_key:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,10 +18,11 @@ from pydantic import ValidationError
 
 from serve_app import artifact_keys, exports, metrics, preview
 from serve_app.accounts import Accounts, Principal
-from serve_app.artifacts import ArtifactStore, LocalArtifactStore
+from serve_app.artifacts import ArtifactStore, open_artifact_store
 from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
+from serve_app.downloads import REDIRECT_GRACE_SECONDS, DownloadSigner, signer_from_settings
 from serve_app.errors import Gone, InvalidInput, NotFound, Photo3DError
 from serve_app.images import ImageLimits, load_image, stored_suffix
 from serve_app.packaging import store_preview
@@ -61,11 +63,11 @@ def parse_options(
 @dataclass(frozen=True)
 class ArtifactFile:
     """A stored file ready to send: a local path to stream from when the store has one, else
-    its bytes."""
+    its bytes a chunk at a time (an S3 object is never held whole in memory)."""
 
     info: StoredFile
     path: Path | None
-    data: bytes | None
+    chunks: Iterator[bytes] | None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Readiness:
     ready: bool
     database: str
     workers: dict[str, int]
+    artifacts: str = "ok"  # or why the artifact store cannot be used (bucket, credentials)
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class Services:
         queue = TaskQueue(
             db, lease_seconds=settings.lease_seconds, backoff_seconds=settings.retry_backoff_seconds
         )
-        return cls(settings, db, queue, LocalArtifactStore(settings.artifacts_path), backends)
+        return cls(settings, db, queue, open_artifact_store(settings), backends)
 
     def close(self) -> None:
         """Release the database pool and any listening connection."""
@@ -128,6 +131,11 @@ class Services:
         from serve_app.billing import Billing
 
         return Billing(self.settings, self.db)
+
+    @cached_property
+    def downloads(self) -> DownloadSigner:
+        """Signs the download links the API hands out (issue #14)."""
+        return signer_from_settings(self.settings)
 
     # --- #15 integrators -----------------------------------------------------------------
     @cached_property
@@ -276,10 +284,39 @@ class Services:
         return StoredFile(key=key, media_type=info.media_type, filename=info.filename)
 
     def open_artifact(self, account_id: str, task_id: str, fmt: str) -> ArtifactFile:
-        """One result file to send: a path to stream from when the store has one, else bytes."""
-        info = self.artifact(account_id, task_id, fmt)
+        """One result file to send: a path to stream from when the store has one, else its
+        chunks (a missing object is NotFound here, not a broken stream later)."""
+        return self.open_file(self.artifact(account_id, task_id, fmt))
+
+    def open_file(self, info: StoredFile) -> ArtifactFile:
         path = self.artifacts.local_path(info.key)
-        return ArtifactFile(info, path, None if path is not None else self.artifacts.get(info.key))
+        if path is not None:
+            return ArtifactFile(info, path, None)
+        chunks = self.artifacts.iter_chunks(info.key)
+        first = next(chunks, b"")
+
+        def stream() -> Iterator[bytes]:
+            yield first
+            yield from chunks
+
+        return ArtifactFile(info, None, stream())
+
+    def signed_artifact(
+        self, account_id: str, task_id: str, kind: str, expires: int, signature: str
+    ) -> tuple[ArtifactFile | str, int]:
+        """What a signed download link reaches, and the link's seconds left: the file to send
+        (local store) or a presigned URL to redirect to (S3). Forbidden when the link was
+        altered, Gone when it expired; nothing is looked up before the signature checks out."""
+        left = self.downloads.verify(account_id, task_id, kind, expires, signature)
+        info = self.artifact(account_id, task_id, kind)
+        url = self.artifacts.presigned_url(
+            info.key,
+            left + REDIRECT_GRACE_SECONDS,
+            filename=info.filename,
+            media_type=info.media_type,
+            inline=kind in ("preview", "turntable"),
+        )
+        return (url if url is not None else self.open_file(info)), left
 
     # --- changing ------------------------------------------------------------------
     def cancel_task(self, account_id: str, task_id: str) -> Row:
@@ -311,8 +348,9 @@ class Services:
         ]
 
     def readiness(self) -> Readiness:
-        """Whether this deployment can take work: the database answers and (when required) a
-        worker of the default backend is alive. A database outage is a verdict, not an error."""
+        """Whether this deployment can take work: the database answers, the artifact store can be
+        written, and (when required) a worker of the default backend is alive. An outage is a
+        verdict, not an error."""
         settings = self.settings
         database, workers = "ok", {}
         try:
@@ -320,10 +358,19 @@ class Services:
             workers = self.queue.live_workers(settings.worker_alive_seconds)
         except Photo3DError:
             database = "unavailable"
-        ready = database == "ok" and (
-            not settings.health_requires_worker or workers.get(settings.default_backend, 0) > 0
+        artifacts = "ok"
+        try:
+            self.artifacts.check()  # a missing bucket or refused credentials is named here
+        except Photo3DError as exc:
+            artifacts = exc.message
+        ready = (
+            database == "ok"
+            and artifacts == "ok"
+            and (
+                not settings.health_requires_worker or workers.get(settings.default_backend, 0) > 0
+            )
         )
-        return Readiness(ready, database, workers)
+        return Readiness(ready, database, workers, artifacts)
 
     def account_name(self, principal: Principal) -> str:
         """The caller's account name (its id when the account has no row, as in local mode)."""

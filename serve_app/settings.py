@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     trellis2_low_vram: bool = True  # upstream default; False is faster on big dedicated GPUs
     gpu_warmup: bool = True
 
+    # --- artifacts and downloads (issue #14) ------------------------------------------
+    # s3://bucket/prefix puts every artifact in an S3-compatible bucket (endpoint and credentials
+    # from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION); unset: the
+    # local artifact_dir.
+    artifact_url: str | None = None
+    # The S3 endpoint browsers reach, when the service's own (AWS_ENDPOINT_URL) is internal.
+    s3_public_endpoint: str | None = None
+    download_url_ttl_seconds: int = Field(default=900, ge=10, le=7 * 24 * 3600)
+    # HMAC key of signed download links. Unset: `photo3d serve` keeps one in the run folder.
+    url_signing_key: SecretStr | None = None
+
     # --- observability (metrics, logs) -----------------------------------------------------
     # `photo3d serve` pins Ray's metrics export (Prometheus text) to metrics_host:metrics_port.
     metrics_host: str = "127.0.0.1"
@@ -132,7 +143,7 @@ class Settings(BaseSettings):
     webhook_max_endpoints: int = Field(default=10, ge=1)  # per account
     webhook_secret_grace_seconds: float = Field(default=24 * 3600, ge=0)  # old secret after rotate
 
-    @field_validator("database_url")
+    @field_validator("database_url", "artifact_url", "s3_public_endpoint")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None

@@ -42,3 +42,12 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         max_attempts=3,
         worker_alive_seconds=1.5,
     )
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real S3-compatible server (SeaweedFS) on loopback for the whole session."""
+    from tests.support.seaweed import run_seaweed
+
+    with run_seaweed(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server

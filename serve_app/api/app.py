@@ -21,6 +21,7 @@ from serve_app.api import (
     accounts,
     batches,
     billing,
+    downloads,
     files,
     health,
     observability,
@@ -68,7 +69,7 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     app.include_router(health.health_router)
-    for module in (tasks, files, health, accounts, batches, billing, webhooks, web):
+    for module in (tasks, files, downloads, health, accounts, batches, billing, webhooks, web):
         app.include_router(module.router)
     app.webhooks.include_router(webhooks.events_router)
     openapi.install(app)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
 from serve_app.formats import FORMATS
@@ -12,14 +12,15 @@ from serve_app.service import ArtifactFile
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["files"])
 
 
-def _file_response(file: ArtifactFile, disposition: str = "attachment") -> Response:
+def file_response(file: ArtifactFile, disposition: str = "attachment") -> Response:
+    """The file as a download: from its path, or streamed chunk by chunk (S3)."""
     info = file.info
     headers = {"Content-Disposition": f'attachment; filename="{info.filename}"'}
     if disposition == "inline":
         headers["Content-Disposition"] = "inline"
     if file.path is not None:
         return FileResponse(file.path, media_type=info.media_type, headers=headers)
-    return Response(file.data, media_type=info.media_type, headers=headers)
+    return StreamingResponse(file.chunks or iter(()), media_type=info.media_type, headers=headers)
 
 
 @router.get(
@@ -29,7 +30,7 @@ def _file_response(file: ArtifactFile, disposition: str = "attachment") -> Respo
     responses={200: {"content": {"model/gltf-binary": {}, "application/octet-stream": {}}}},
 )
 def download_result(task_id: str, fmt: str, services: ServicesDep, account: AccountDep) -> Response:
-    return _file_response(services.open_artifact(account, task_id, fmt))
+    return file_response(services.open_artifact(account, task_id, fmt))
 
 
 @router.get(
@@ -39,7 +40,7 @@ def download_result(task_id: str, fmt: str, services: ServicesDep, account: Acco
     responses={200: {"content": {"image/png": {}}}},
 )
 def download_preview(task_id: str, services: ServicesDep, account: AccountDep) -> Response:
-    return _file_response(services.open_artifact(account, task_id, "preview"), "inline")
+    return file_response(services.open_artifact(account, task_id, "preview"), "inline")
 
 
 @router.get(
@@ -49,4 +50,4 @@ def download_preview(task_id: str, services: ServicesDep, account: AccountDep) -
     responses={200: {"content": {"image/webp": {}}}},
 )
 def download_turntable(task_id: str, services: ServicesDep, account: AccountDep) -> Response:
-    return _file_response(services.open_artifact(account, task_id, "turntable"), "inline")
+    return file_response(services.open_artifact(account, task_id, "turntable"), "inline")

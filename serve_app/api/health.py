@@ -27,13 +27,14 @@ def list_backends(services: ServicesDep) -> list[BackendInfo]:
     "/health",
     response_model=Health,
     responses={503: {"model": Health}},
-    summary="Database and worker readiness",
+    summary="Database, artifact store and worker readiness",
 )
 def health(services: ServicesDep) -> JSONResponse:
     readiness = services.readiness()
     body = Health(
         status="ok" if readiness.ready else "unavailable",
         database=readiness.database,
+        artifacts=readiness.artifacts,
         workers=readiness.workers,
         version=__version__,
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from serve_app import results
+from serve_app.formats import FORMATS
 from serve_app.store.db import Row
 
 
@@ -34,7 +36,7 @@ class ErrorResponse(BaseModel):
 
 class FileLink(BaseModel):
     format: str
-    url: str
+    url: str = Field(description="Signed link: fetch it without a Bearer header until it expires.")
     bytes: int | None = None
     media_type: str
 
@@ -50,6 +52,13 @@ class TaskResult(BaseModel):
         "succeeds as soon as its model is stored); preview_url works either way.",
     )
     turntable_url: str
+    format_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="A link per format, those not made yet included (made on first request).",
+    )
+    links_expire_at: dt.datetime | None = Field(
+        None, description="When the signed links above stop working (ask for the task again)."
+    )
     stats: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -105,6 +114,7 @@ class TaskEvents(BaseModel):
 class Health(BaseModel):
     status: str = Field(description="ok | unavailable")
     database: str
+    artifacts: str = Field("ok", description="ok, or why the artifact store cannot be used.")
     workers: dict[str, int]
     version: str
 
@@ -119,27 +129,45 @@ def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
     return round((b - a).total_seconds(), 3) if a and b else None
 
 
-def task_from_row(row: Row, base: str = "/api/v1") -> Task:
-    """The API view of a task row."""
+Signer = Callable[[str, str], str]  # (task id, kind) -> signed download link
+
+
+def task_from_row(
+    row: Row, base: str = "/api/v1", sign: Signer | None = None, ttl_seconds: int | None = None
+) -> Task:
+    """The API view of a task row. With `sign`, result links are signed download links (no
+    Bearer header needed); without, the Bearer-authenticated routes."""
     task_id = str(row["id"])
     link = f"{base}/task/{task_id}"
     now = dt.datetime.now(dt.UTC)
     result = None
     stored = results.TaskResult.of_row(row)
     if stored is not None:
+
+        def url(kind: str, bearer_path: str) -> str:
+            return sign(task_id, kind) if sign is not None else f"{link}/{bearer_path}"
+
         result = TaskResult(
             files=[
                 FileLink(
                     format=fmt,
-                    url=f"{link}/result/{fmt}",
+                    url=url(fmt, f"result/{fmt}"),
                     bytes=info.bytes,
                     media_type=info.media_type,
                 )
                 for fmt, info in stored.files.items()
             ],
-            preview_url=f"{link}/preview",
+            preview_url=url("preview", "preview"),
             preview_ready=stored.preview.ready,
-            turntable_url=f"{link}/turntable",
+            turntable_url=url("turntable", "turntable"),
+            format_urls={
+                fmt: url(fmt, f"result/{fmt}") for fmt in dict.fromkeys([*stored.files, *FORMATS])
+            },
+            links_expire_at=(
+                now.replace(microsecond=0) + dt.timedelta(seconds=ttl_seconds)
+                if sign is not None and ttl_seconds is not None
+                else None
+            ),
             stats=stored.stats,
         )
     error = None

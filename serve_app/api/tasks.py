@@ -15,9 +15,20 @@ from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
 from serve_app.api.parsing import GENERATE_BODY, parse_generate
 from serve_app.api.schemas import Task, TaskEvent, TaskEvents, TaskList, task_from_row
 from serve_app.errors import Photo3DError
+from serve_app.service import Services
+from serve_app.store.db import Row
 from serve_app.store.tasks import TERMINAL
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["tasks"])
+
+
+def view(services: Services, account: str, row: Row) -> Task:
+    """The task as its owner sees it, result links signed (fetchable without a Bearer header)."""
+    return task_from_row(
+        row,
+        sign=services.downloads.linker(account),
+        ttl_seconds=services.downloads.ttl_seconds,
+    )
 
 
 @router.post(
@@ -38,7 +49,7 @@ async def generate(
     row, created = await run_in_threadpool(
         services.submit, account, photos, options, idempotency_key=idempotency_key
     )
-    task = task_from_row(row)
+    task = view(services, account, row)
     return JSONResponse(
         task.model_dump(mode="json"),
         status_code=202 if created else 200,
@@ -48,7 +59,7 @@ async def generate(
 
 @router.get("/task/{task_id}", response_model=Task, summary="Status, progress and result links")
 def get_task(task_id: str, services: ServicesDep, account: AccountDep) -> Task:
-    return task_from_row(services.get_task(account, task_id))
+    return view(services, account, services.get_task(account, task_id))
 
 
 @router.get("/task/{task_id}/events", response_model=TaskEvents, summary="The task's timeline")
@@ -84,10 +95,11 @@ async def stream_task(
                 last_event_id = event["id"]
                 data = TaskEvent(**event).model_dump_json()
                 yield f"id: {last_event_id}\nevent: timeline\ndata: {data}\n\n"
+            # Compared without signatures (they change every second); sent with them.
             body = task_from_row(current).model_dump_json(exclude={"timings"})
             if body != last:
                 last, idle = body, 0.0
-                yield f"event: task\ndata: {task_from_row(current).model_dump_json()}\n\n"
+                yield f"event: task\ndata: {view(services, account, current).model_dump_json()}\n\n"
             if current["status"] in TERMINAL or await request.is_disconnected():
                 return
             await asyncio.sleep(0.5)
@@ -112,7 +124,7 @@ async def stream_task(
     "/task/{task_id}/cancel", response_model=Task, summary="Cancel a queued or running task"
 )
 def cancel_task(task_id: str, services: ServicesDep, account: AccountDep) -> Task:
-    return task_from_row(services.cancel_task(account, task_id))
+    return view(services, account, services.cancel_task(account, task_id))
 
 
 @router.delete("/task/{task_id}", status_code=204, summary="Delete a task and its files")
@@ -133,4 +145,4 @@ def list_tasks(
     rows, next_cursor = services.list_tasks(
         account, limit=limit, status=status, batch_id=batch_id, cursor=cursor
     )
-    return TaskList(tasks=[task_from_row(r) for r in rows], next_cursor=next_cursor)
+    return TaskList(tasks=[view(services, account, r) for r in rows], next_cursor=next_cursor)

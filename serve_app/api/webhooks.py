@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.api.batches import _batch as batch_view
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
-from serve_app.api.schemas import task_from_row
+from serve_app.api.tasks import view as task_view
 from serve_app.errors import NotFound
 from serve_app.service import Services
 from serve_app.store.db import Row
@@ -241,4 +241,4 @@ def task_payload(services: Services, message: Message) -> dict[str, Any]:
     row = services.queue.get(message.task_id, message.account_id) if message.task_id else None
     if row is None:
         return dict(message.snapshot)
-    return task_from_row(row).model_dump(mode="json")
+    return task_view(services, message.account_id, row).model_dump(mode="json")

@@ -95,6 +95,16 @@ export async function resourceUrl(path, { signal } = {}) {
   return { url, revoke: () => URL.revokeObjectURL(url) };
 }
 
+/**
+ * A signed download link from the API (result, preview, turntable) as an absolute URL. The
+ * signature is the authorization: the browser, <model-viewer> and AR Quick Look load it
+ * without a key header, so it works when the server requires keys.
+ */
+export function signedUrl(link) {
+  if (/^https?:/i.test(link)) return link;
+  return new URL(link.replace(/^\/?(api\/v1\/)?/, ""), BASE).href;
+}
+
 /** The file name from a Content-Disposition header, if any. */
 function dispositionName(header) {
   const match = /filename\*?=(?:UTF-8'')?"?([^";]+)"?/i.exec(header || "");
@@ -107,12 +117,29 @@ function dispositionName(header) {
  */
 export async function downloadFile(path, filename, prefix = "") {
   const response = await apiFetch(path);
+  await saveResponse(response, filename, prefix);
+}
+
+/** Download a signed link (no key header: the link carries its own signature). */
+export async function downloadSigned(link, filename, prefix = "", fallback = "") {
+  let response;
+  try {
+    response = await fetch(signedUrl(link));
+  } catch (error) {
+    throw new ApiError(0, "network_error", "The server could not be reached.");
+  }
+  if (!response.ok) throw await ApiError.from(response);
+  await saveResponse(response, filename, prefix, fallback);
+}
+
+async function saveResponse(response, filename, prefix, fallback = "") {
   const blob = await response.blob();
   const url = URL.createObjectURL(blob);
   const link = document.createElement("a");
   link.href = url;
   const served = dispositionName(response.headers.get("Content-Disposition"));
-  link.download = filename || (served ? prefix + served : "");
+  // A redirect to a bucket on another origin may hide the header: fall back to our own name.
+  link.download = filename || (served ? prefix + served : fallback);
   document.body.append(link);
   link.click();
   link.remove();

@@ -6,13 +6,12 @@ import {
   apiFetch,
   apiJson,
   apiUpload,
-  apiUrl,
-  downloadFile,
+  downloadSigned,
   getApiKey,
   handleUnauthorized,
   readEventStream,
-  resourceUrl,
   setApiKey,
+  signedUrl,
 } from "./api.js";
 import {
   FORMATS,
@@ -723,25 +722,28 @@ class TaskView {
     viewer.addEventListener("error", () => {
       status.textContent = "The viewer couldn’t show this model. You can still download it below.";
     });
-    try {
-      const signal = this.abort.signal;
-      const [poster, glb] = await Promise.all([
-        resourceUrl(`task/${task.id}/preview`, { signal }).catch(() => null),
-        resourceUrl(`task/${task.id}/result/glb`, { signal }),
-      ]);
-      for (const r of [poster, glb]) if (r) this.resources.push(r);
-      if (this.closed) return;
-      if (poster) viewer.poster = poster.url;
-      // Quick Look fetches the USDZ itself, which only works without a key header.
-      if (!getApiKey()) viewer.iosSrc = apiUrl(`task/${task.id}/result/usdz`);
-      viewer.src = glb.url;
-      status.textContent = "Loading the model…";
-      $("#viewer-host").replaceChildren(viewer);
-    } catch (error) {
-      if (error.name === "AbortError") return;
-      const { title, advice } = explainError(error.code, error.message, error.status);
-      status.textContent = `${title}. ${advice}`;
+    // Signed links: the viewer, the poster and AR Quick Look (which fetches the USDZ itself)
+    // load them without a key header, so all of them work when the server requires keys.
+    const result = task.result || {};
+    const links = result.format_urls || {};
+    const glb = links.glb || (result.files || []).find((f) => f.format === "glb")?.url;
+    if (!glb) {
+      status.textContent = "The viewer couldn’t show this model. You can still download it below.";
+      return;
     }
+    if (result.preview_url) viewer.poster = signedUrl(result.preview_url);
+    if (links.usdz) viewer.iosSrc = signedUrl(links.usdz);
+    viewer.src = signedUrl(glb);
+    status.textContent = "Loading the model…";
+    $("#viewer-host").replaceChildren(viewer);
+  }
+
+  /** A fresh signed link to one format of a task (links expire; the task hands out new ones). */
+  static async freshLink(id, format) {
+    const task = await apiJson(`task/${id}`);
+    const link = task.result?.format_urls?.[format];
+    if (!link) throw new ApiError(404, "not_found", "This model has no such file.");
+    return link;
   }
 
   renderDownloads(task) {
@@ -779,11 +781,9 @@ class TaskView {
     button.classList.add("busy");
     status.textContent = convert ? `Making the ${fmt.label} file…` : `Downloading ${fmt.label}…`;
     try {
-      await downloadFile(
-        `task/${task.id}/result/${fmt.id}`,
-        null,
-        `photo3d-${task.id.slice(0, 8)}-`,
-      );
+      const prefix = `photo3d-${task.id.slice(0, 8)}-`;
+      const link = await TaskView.freshLink(task.id, fmt.id);
+      await downloadSigned(link, null, prefix, `${prefix}model.${fmt.id}`);
       status.textContent = `${fmt.label} downloaded.`;
     } catch (error) {
       const { title, advice } = explainError(error.code, error.message, error.status);
@@ -921,7 +921,9 @@ const gallery = {
     download.addEventListener("click", async () => {
       download.disabled = true;
       try {
-        await downloadFile(`task/${task.id}/result/glb`, null, `photo3d-${task.id.slice(0, 8)}-`);
+        const prefix = `photo3d-${task.id.slice(0, 8)}-`;
+        const link = await TaskView.freshLink(task.id, "glb");
+        await downloadSigned(link, null, prefix, `${prefix}model.glb`);
       } catch (error) {
         showAlert($("#models-error"), error);
       } finally {
@@ -957,16 +959,13 @@ const gallery = {
   },
 
   async thumbnail(card) {
-    try {
-      card.thumb = await resourceUrl(`task/${card.task.id}/preview`);
-    } catch {
-      return; // the placeholder stays
-    }
+    const preview = card.task.result?.preview_url;
+    if (!preview) return; // the placeholder stays
     const img = document.createElement("img");
     img.alt = "";
     img.loading = "lazy";
     img.decoding = "async";
-    img.src = card.thumb.url;
+    img.src = signedUrl(preview); // signed: no key header needed
     img.addEventListener("error", () => img.remove());
     $(".card-thumb", card.item).replaceChildren(img);
   },

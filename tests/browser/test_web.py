@@ -362,6 +362,55 @@ def test_api_key_panel_and_billing(page: Any, stack: Stack) -> None:
     assert page.inner_text("#credits") == "42 credits"
 
 
+def test_viewer_downloads_and_ar_link_use_signed_links_when_keys_are_required(
+    page: Any, stack: Stack, tmp_path: Path
+) -> None:
+    """With keys required, the viewer, the poster, a download and the AR Quick Look USDZ link
+    still load: they are signed links, fetched without the key header (issue #14)."""
+    with stack.client() as client:
+        key = client.post("/api/v1/keys", json={"name": "signed links"}).json()["key"]
+        task = client.post(
+            "/api/v1/generate",
+            files={"image": ("toy.png", object_photo(256, seed=3), "image/png")},
+            headers={"Authorization": f"Bearer {key}"},
+        ).json()
+        stack.wait_for_task(client, task["id"])
+    # As on a server with AUTH_REQUIRED=true: an API request without the key answers 401,
+    # except a signed download link, whose signature is its authorization.
+    downloads: list[str | None] = []
+
+    def require_key(route: Any) -> None:
+        auth = route.request.headers.get("authorization")
+        if "/api/v1/download/" in route.request.url:
+            downloads.append(auth)
+            route.continue_()
+        elif auth is None:
+            route.fulfill(
+                status=401,
+                content_type="application/json",
+                body='{"error": {"code": "missing_api_key", "message": "send an API key"}}',
+            )
+        else:
+            route.continue_()
+
+    page.route("**/api/v1/**", require_key)
+    page.evaluate("key => localStorage.setItem('photo3d.apiKey', key)", key)
+    page.goto(f"/#/task/{task['id']}")
+    wait_for_model(page)
+    ios_src = page.evaluate("() => document.querySelector('model-viewer').iosSrc")
+    assert "/api/v1/download/" in ios_src and "/usdz?" in ios_src
+    with page.expect_download() as download_info:
+        page.click('#downloads [data-format="glb"]')
+    glb_path = tmp_path / "signed.glb"
+    download_info.value.save_as(glb_path)
+    assert glb_path.read_bytes()[:4] == b"glTF"
+    assert downloads and all(auth is None for auth in downloads)
+    # Quick Look fetches the USDZ itself, with no header at all.
+    with stack.client() as client:
+        usdz = client.get(ios_src)
+    assert usdz.status_code == 200 and usdz.content[:2] == b"PK"
+
+
 def test_bulk_batches_are_listed_with_their_progress(
     page: Any, stack: Stack, tmp_path: Path, screenshots: Path
 ) -> None:

@@ -236,12 +236,15 @@ def test_worker_stays_alive_for_health_during_a_long_generation(
         inputs=["inputs/slow/photo-0.png"],
         max_attempts=1,
     )
+    # A generation 3x longer than the liveness window (wide margins: a loaded CI machine can
+    # stall a 0.2 s presence beat for a second or two).
+    services.settings = services.settings.model_copy(update={"worker_alive_seconds": 3.0})
     backend = SlowFakeBackend(services.settings)
-    backend.seconds = 4
+    backend.seconds = 9
     worker = make_worker(services, backend)
     worker.start()
     try:
-        deadline = time.monotonic() + 3.5
+        deadline = time.monotonic() + 8
         while time.monotonic() < deadline:
             assert client.get("/health").json()["workers"].get("fake-slow") == 1
             time.sleep(0.5)

@@ -156,7 +156,12 @@ def test_succeeded_task_payload_has_result_links(
     payload = verify(hook["secret"], request)
     assert payload["type"] == "task.succeeded" and payload["data"]["id"] == task_id
     formats = {f["format"]: f["url"] for f in payload["data"]["result"]["files"]}
-    assert formats["glb"].endswith(f"/task/{task_id}/result/glb")
+    # A signed link, made at delivery time: the receiver downloads the model with no API key.
+    assert f"/download/{task_id}/glb?" in formats["glb"] and "signature=" in formats["glb"]
+    services.artifacts.put(f"tasks/{task_id}/model.glb", b"glTF-test")
+    download = client.get(formats["glb"])
+    assert download.status_code == 200 and download.content == b"glTF-test"
+    assert client.get(formats["glb"].replace("signature=", "signature=0")).status_code >= 400
 
 
 def test_only_subscribed_events_are_sent(

@@ -100,13 +100,18 @@ def run_stack(
     extra_backends: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 240,
+    serve_args: list[str] | None = None,
+    config_path: Path | None = None,
 ) -> Iterator[Stack]:
-    """Run `photo3d serve` until the block ends; fails with the server log if it never starts."""
+    """Run `photo3d serve` until the block ends; fails with the server log if it never starts.
+    `serve_args` replace the default `--num-cpus 2`; `config_path` the written test config."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     metrics_port = free_port()
     extra = extra_backends or {}
-    config = write_config(run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra})
+    config = config_path or write_config(
+        run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra}
+    )
     full_env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -128,7 +133,7 @@ def run_stack(
     log_path = run_dir / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "serve_app.cli", "serve", "--num-cpus", "2"],
+            [sys.executable, "-m", "serve_app.cli", "serve", *(serve_args or ["--num-cpus", "2"])],
             cwd=ROOT,
             env=full_env,
             stdout=log,

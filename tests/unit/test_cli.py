@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trimesh
 
 from tests.support.images import object_photo
@@ -46,6 +47,37 @@ def test_generate_other_format_and_clear_errors(tmp_path: Path) -> None:
     refused = run_cli("generate", str(bad), cwd=tmp_path)
     assert refused.returncode == 2
     assert "unsupported_image_type" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_serve_on_a_cluster_forwards_settings_but_never_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`photo3d serve --address`: replicas on other nodes get the settings with the app, but
+    no secret travels in the deployed config (the Serve status and dashboard show it)."""
+    from serve_app.cli import build_parser, forward_settings
+
+    monkeypatch.setenv("PHOTO3D_RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setenv("PHOTO3D_ARTIFACT_URL", "s3://bucket/p")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.internal:8333")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "s3-id")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:pw@db/photo3d")
+    monkeypatch.setenv("PHOTO3D_URL_SIGNING_KEY", "k" * 40)
+    monkeypatch.setenv("HOME_UNRELATED", "x")
+    assert build_parser().parse_args(["serve"]).address == "10.0.0.1:6379"
+    config: dict = {
+        "applications": [{"name": "a", "runtime_env": {"env_vars": {"PHOTO3D_X": "kept"}}}]
+    }
+    monkeypatch.setenv("PHOTO3D_X", "from-env")
+    left_out = forward_settings(config)
+    env = config["applications"][0]["runtime_env"]["env_vars"]
+    assert env["PHOTO3D_ARTIFACT_URL"] == "s3://bucket/p"
+    assert env["AWS_ENDPOINT_URL"] == "http://s3.internal:8333"
+    assert env["PHOTO3D_X"] == "kept"  # what the config sets wins
+    assert "HOME_UNRELATED" not in env
+    assert left_out == ["PHOTO3D_URL_SIGNING_KEY"]  # named, so the note can say so
+    for secret in ("s3-secret", "s3-id", "pw@db", "k" * 40):
+        assert secret not in str(config)
 
 
 def test_ray_temp_dir_stays_short_enough_for_rays_unix_sockets(tmp_path: Path) -> None:
