@@ -2,9 +2,13 @@
 
     .venv/bin/python bench/quality.py /work/shared/evaldata/meshes [--size 512] [--jobs 2]
 
-Every mesh (*.obj under the directory) is rendered from several views, once on a transparent
-background (RGBA: the backend uses the alpha) and once composited over an opaque, non-uniform
-backdrop (RGB: the backend must segment). Each render is reconstructed by the CPU backend and
+Every mesh (*.obj under the directory) is rendered from several views, on a transparent
+background (RGBA: the backend uses the alpha), composited over an opaque studio backdrop, and
+placed in three photo-like scenes (RGB: the backend must segment): a wall with a gradient and
+blotches (photo-near: wall and blotches of colours close to the object's), a wood or cloth
+table in perspective that the object stands on, a soft contact shadow, slight defocus and
+noise. Each is reconstructed by the backend as it is (cpu) and as it was before issue #17
+(cpu-legacy: border-colour GrabCut, mirrored back), side by side; optionally (--methods) also
 by two naive baselines built from the same silhouette (a "billboard": the silhouette extruded
 to 5% of its width; an ellipsoid on the silhouette's bounding box), plus a ceiling: the
 ground-truth depth of the visible side lifted to a mesh. Every result is normalised (bounding
@@ -42,7 +46,9 @@ from serve_app.backends.cpu.segment import segment_image
 from serve_app.errors import Photo3DError
 from serve_app.settings import Settings
 
-METHODS = ("cpu", "billboard", "ellipsoid", "ceiling")
+METHODS = ("cpu-legacy", "cpu", "billboard", "ellipsoid", "ceiling")
+DEFAULT_METHODS = ("cpu-legacy", "cpu")
+STYLES = ("transparent", "opaque", "photo-near", "photo-wood", "photo-cloth")
 THRESHOLDS = (0.02, 0.05, 0.10)
 # Views as (azimuth, elevation) in degrees around the mesh's up axis: four sides from a
 # photographer's height and one from above.
@@ -261,8 +267,107 @@ def photo(view: Render, style: str, seed: int) -> Image.Image:
     if style == "transparent":
         return Image.fromarray(view.rgba, "RGBA")
     alpha = view.rgba[..., 3:4].astype(np.float32) / 255.0
+    if style in PHOTO_STYLES:
+        return Image.fromarray(photo_scene(view, style, seed), "RGB")
     composite = view.rgba[..., :3] * alpha + backdrop(len(alpha), seed) * (1.0 - alpha)
     return Image.fromarray(np.clip(composite + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+# --------------------------------------------------------------------------- photo-like scenes
+
+# Photo-like scenes: (wall style, table style). "near" walls take a colour close to the
+# object's own (the hard case: a teal drill in front of a green wall).
+PHOTO_STYLES = ("photo-near", "photo-wood", "photo-cloth")
+TABLE_WOOD = (150, 104, 66)
+TABLE_CLOTH = (150, 152, 156)
+
+
+def _object_colour(view: Render) -> np.ndarray:
+    """Median colour of the object in the render."""
+    return np.median(view.rgba[view.mask][:, :3].astype(np.float32), axis=0)
+
+
+def _near_colour(colour: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A colour a few ΔE from `colour`: slightly lighter/darker and shifted in hue."""
+    lab = cv2.cvtColor(colour.reshape(1, 1, 3).astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    lab = lab.reshape(3)
+    lightness = lab[0] + (12.0 if lab[0] < 55 else -12.0)
+    angle = rng.uniform(0, 2 * np.pi)
+    shifted = np.array([lightness, lab[1] + 8 * np.cos(angle), lab[2] + 8 * np.sin(angle)])
+    rgb = cv2.cvtColor(shifted.reshape(1, 1, 3).astype(np.float32), cv2.COLOR_LAB2RGB)
+    return np.clip(rgb.reshape(3) * 255.0, 0, 255)
+
+
+def photo_scene(view: Render, style: str, seed: int) -> np.ndarray:
+    """A photo-like RGB scene around the render: a wall with a gradient and blotches (in a
+    colour near the object's for "photo-near"), a wood or cloth table seen in perspective on
+    which the object stands, a soft contact shadow under it, slight defocus and sensor noise."""
+    rng = np.random.default_rng(seed)
+    size = view.mask.shape[0]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    rows = np.flatnonzero(view.mask.any(axis=1))
+    top, bottom = float(rows[0]), float(rows[-1])
+    obj = _object_colour(view)
+    # The table's far edge crosses behind the object, a little tilted.
+    horizon = top + rng.uniform(0.45, 0.7) * (bottom - top)
+    tilt = rng.uniform(-0.06, 0.06)
+    edge = horizon + tilt * (xs - size / 2)
+
+    if style == "photo-near":
+        wall = _near_colour(obj, rng)
+        blotch_colour = _near_colour(obj, rng)
+    else:
+        wall = np.array(BACKDROPS[seed % len(BACKDROPS)][0], dtype=np.float32)
+        blotch_colour = _near_colour(obj, rng) if rng.random() < 0.5 else wall * 0.8
+    gradient = 1.08 - 0.18 * ys / size - 0.1 * np.abs(xs / size - rng.uniform(0.3, 0.7))
+    picture = wall[None, None] * gradient[..., None]
+    # Large soft blotches, some in the blotch colour.
+    field = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), size / 16)
+    field /= max(float(np.abs(field).max()), 1e-6)
+    weight = np.clip((field - 0.25) * 2.5, 0, 1)[..., None]
+    picture = picture * (1 - 0.7 * weight) + blotch_colour * gradient[..., None] * 0.7 * weight
+
+    # The table in perspective: depth ~ 1 / (row - horizon); texture in table coordinates.
+    below = ys - edge
+    depth = 0.35 * size / np.maximum(below + 0.02 * size, 1.0)
+    u = (xs - size / 2) * depth / size * 8.0
+    v = depth * 8.0
+    if style == "photo-cloth":
+        weave = 0.5 + 0.25 * np.sin(u * 40) * np.sin(v * 40)
+        table = np.array(TABLE_CLOTH, np.float32)[None, None] * (0.9 + 0.15 * weave[..., None])
+    else:
+        wobble = 0.4 * np.sin(v * 3.0 + 2 * np.sin(u * 0.7))
+        grain = 0.5 + 0.5 * np.sin((u + wobble) * 9.0 + rng.uniform(0, 6))
+        planks = (np.floor(u * 0.8) % 2)[..., None]
+        table = np.array(TABLE_WOOD, np.float32)[None, None] * (
+            0.85 + 0.15 * grain[..., None] - 0.08 * planks
+        )
+    # Farther parts of the table are a little lighter (light falls off towards the camera).
+    table = table * (1.05 - 0.15 * np.clip(below / size * 2.5, 0, 1))[..., None]
+    on_table = (below > 0)[..., None]
+    picture = np.where(on_table, table, picture)
+
+    # Contact shadow: the object's footprint, squashed onto the table and blurred, plus a
+    # wider ambient darkening.
+    mask = view.mask.astype(np.float32)
+    height = max(int(bottom - horizon), 4)
+    foot = mask[int(horizon) : int(bottom) + 1]
+    squashed = cv2.resize(foot, (size, max(2, height // 3)), interpolation=cv2.INTER_AREA)
+    footprint = np.zeros((size, size), np.float32)
+    start = int(bottom) + 1 - len(squashed) + max(2, size // 100)
+    start = min(start, size - len(squashed))
+    footprint[start : start + len(squashed)] = squashed
+    footprint = np.maximum(footprint, mask * (ys > horizon))
+    tight = cv2.GaussianBlur(footprint, (0, 0), size / 120)
+    wide = cv2.GaussianBlur(footprint, (0, 0), size / 30)
+    darkening = np.clip(0.45 * tight + 0.35 * wide / max(float(wide.max()), 1e-6), 0, 0.7)
+    picture = picture * (1.0 - darkening[..., None] * (below > -3)[..., None])
+
+    alpha = view.rgba[..., 3:4].astype(np.float32) / 255.0
+    composite = view.rgba[..., :3] * alpha + picture * (1.0 - alpha)
+    composite = cv2.GaussianBlur(composite.astype(np.float32), (0, 0), 0.7)
+    composite = composite + rng.normal(0, 2.5, composite.shape)
+    return np.clip(composite + 0.5, 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- predictions
@@ -438,6 +543,7 @@ class Case:
     view: int
     style: str
     size: int
+    methods: tuple[str, ...] = DEFAULT_METHODS
 
 
 @dataclass(frozen=True)
@@ -465,21 +571,32 @@ def evaluate(case: Case) -> list[Result]:
     truth = normalise(sample_mesh(scan.mesh.vertices, scan.mesh.faces, METRIC_POINTS, 1))
     truth_tree = cKDTree(truth)
     key = (scan.name, scan.bulky, case.view, case.style)
-    try:
-        mask = segment_image(image).mask
-        asset = CPUBackend(Settings()).generate([image], GenerationOptions(), lambda f, s: None)
-    except Photo3DError as error:
-        return [Result(*key, method="cpu", error=error.code)]
-    iou = float((mask & view.mask).sum() / max((mask | view.mask).sum(), 1))
-    # The baselines use the backend's own silhouette, so only the geometry differs.
-    predictions = {
-        "cpu": cpu_points(asset.glb, METRIC_POINTS),
-        "billboard": billboard_points(mask, METRIC_POINTS, 2),
-        "ellipsoid": ellipsoid_points(mask, METRIC_POINTS, 3),
-        "ceiling": ceiling_points(view, METRIC_POINTS, 4),
-    }
     results = []
-    for method, points in predictions.items():
+    mask = None
+    for method in case.methods:
+        legacy = method == "cpu-legacy"
+        try:
+            if method in ("cpu", "cpu-legacy"):
+                seg = segment_image(image, legacy=legacy).mask
+                backend = CPUBackend(Settings(), legacy=legacy)
+                asset = backend.generate([image], GenerationOptions(), lambda f, s: None)
+                points = cpu_points(asset.glb, METRIC_POINTS)
+                if method == "cpu":
+                    mask = seg
+            else:
+                # The baselines use the backend's own silhouette: only the geometry differs.
+                seg = mask if mask is not None else segment_image(image).mask
+                mask = seg
+                if method == "billboard":
+                    points = billboard_points(seg, METRIC_POINTS, 2)
+                elif method == "ellipsoid":
+                    points = ellipsoid_points(seg, METRIC_POINTS, 3)
+                else:
+                    points = ceiling_points(view, METRIC_POINTS, 4)
+        except Photo3DError as error:
+            results.append(Result(*key, method=method, error=error.code))
+            continue
+        iou = float((seg & view.mask).sum() / max((seg | view.mask).sum(), 1))
         aligned = align(normalise(points), truth, seed=5)
         chamfer_l1, *f_scores = scores(aligned, truth, truth_tree)
         results.append(Result(*key, method, iou, chamfer_l1, tuple(f_scores)))
@@ -491,53 +608,99 @@ def _mean(values: Iterable[float]) -> float:
     return statistics.mean(values) if values else float("nan")
 
 
-def summarise(results: list[Result], styles: tuple[str, ...]) -> str:
-    """Markdown tables: mean metrics per background and method, all scans and bulky ones."""
+def _f(result: Result, tau: float) -> float:
+    return result.f_scores[THRESHOLDS.index(tau)]
+
+
+def summarise(results: list[Result], styles: tuple[str, ...], methods: tuple[str, ...]) -> str:
+    """Markdown tables: means per background and method, per scan, and the #17 targets."""
     scored = [r for r in results if not r.error]
     f_names = " | ".join(f"F@{round(t * 100)}% ↑" for t in THRESHOLDS)
-    lines = []
-    for subset, bulky_only in (("all scans", False), ("bulky scans", True)):
-        lines += [
-            f"\n**{subset}** (mean over scans × views)\n",
-            f"| background | method | n | Chamfer-L1 ↓ | {f_names} |",
-            "|---|---|---|---|" + "---|" * len(THRESHOLDS),
+    lines = [
+        "\n**per background** (mean over scans × views; IoU = silhouette IoU of the mask)\n",
+        f"| background | method | n | Chamfer-L1 ↓ | {f_names} | IoU mean | IoU min |",
+        "|---|---|---|---|" + "---|" * (len(THRESHOLDS) + 2),
+    ]
+    for style, method in itertools.product((*styles, "all photo-like", "all"), methods):
+        chosen = [
+            r
+            for r in scored
+            if r.method == method
+            and (
+                r.style == style
+                or style == "all"
+                or (style == "all photo-like" and r.style in PHOTO_STYLES)
+            )
         ]
-        for style, method in itertools.product(styles, METHODS):
-            chosen = [
-                r
-                for r in scored
-                if r.style == style and r.method == method and (r.bulky or not bulky_only)
-            ]
-            if chosen:
-                f_means = [_mean(r.f_scores[i] for r in chosen) for i in range(len(THRESHOLDS))]
-                lines.append(
-                    f"| {style} | {method} | {len(chosen)} | {_mean(r.chamfer for r in chosen):.4f}"
-                    f" | {' | '.join(f'{f:.3f}' for f in f_means)} |"
-                )
-    five = THRESHOLDS.index(0.05)
+        if chosen:
+            f_means = [_mean(r.f_scores[i] for r in chosen) for i in range(len(THRESHOLDS))]
+            ious = [r.iou for r in chosen]
+            lines.append(
+                f"| {style} | {method} | {len(chosen)} | {_mean(r.chamfer for r in chosen):.4f}"
+                f" | {' | '.join(f'{f:.3f}' for f in f_means)} | {_mean(ious):.3f}"
+                f" | {min(ious):.3f} |"
+            )
     lines += [
-        "\n**per scan**: F@5% (mean over views) and silhouette IoU of the segmentation\n",
-        "| scan | bulky | background | " + " | ".join(METHODS) + " | silhouette IoU |",
-        "|---|---|---|" + "---|" * len(METHODS) + "---|",
+        "\n**per scan** (mean over views): F@2%, F@5% and silhouette IoU, "
+        + " → ".join(methods)
+        + "\n",
+        "| scan | bulky | background | F@2% | F@5% | IoU |",
+        "|---|---|---|---|---|---|",
     ]
     for scan in sorted({r.scan for r in scored}):
         for style in styles:
             mine = [r for r in scored if r.scan == scan and r.style == style]
             if not mine:
                 continue
-            f5 = [_mean(r.f_scores[five] for r in mine if r.method == m) for m in METHODS]
-            iou = _mean(r.iou for r in mine if r.method == "cpu")
+            cells = []
+            for value in (lambda r: _f(r, 0.02), lambda r: _f(r, 0.05), lambda r: r.iou):
+                cells.append(
+                    " → ".join(
+                        f"{_mean(value(r) for r in mine if r.method == m):.3f}" for m in methods
+                    )
+                )
+            lines.append(f"| {scan} | {mine[0].bulky} | {style} | " + " | ".join(cells) + " |")
+    lines.append("\n**targets (issue #17)**\n")
+    for method in methods:
+        if not method.startswith("cpu"):
+            continue
+        alpha = {
+            (r.scan, r.view): _f(r, 0.05)
+            for r in scored
+            if r.method == method and r.style == "transparent"
+        }
+        gaps = [
+            alpha[(r.scan, r.view)] - _f(r, 0.05)
+            for r in scored
+            if r.method == method and r.style in PHOTO_STYLES and (r.scan, r.view) in alpha
+        ]
+        photo_ious = [r.iou for r in scored if r.method == method and r.style in PHOTO_STYLES]
+        refused = [r for r in results if r.error and r.method == method]
+        if gaps:
             lines.append(
-                f"| {scan} | {mine[0].bulky} | {style} | "
-                + " | ".join(f"{f:.3f}" for f in f5)
-                + f" | {iou:.3f} |"
+                f"- {method}: F@5% on photo-like backgrounds is {_mean(gaps):.3f} below the "
+                f"same views with alpha (mean over {len(gaps)}; worst case {max(gaps):.3f}); "
+                f"silhouette IoU min {min(photo_ious):.3f}, "
+                f"{sum(i < 0.95 for i in photo_ious)} of {len(photo_ious)} below 0.95; "
+                f"{len(refused)} photos refused"
             )
-    opaque = [r.iou for r in scored if r.style == "opaque" and r.method == "cpu"]
-    if opaque:
-        lines.append(
-            f"\nsilhouette IoU on opaque backdrops: mean {_mean(opaque):.3f}, "
-            f"min {min(opaque):.3f} over {len(opaque)} renders"
-        )
+    if "cpu" in methods and "cpu-legacy" in methods:
+        for label, chosen_styles in (("all backgrounds", styles), ("photo-like", PHOTO_STYLES)):
+            pairs = {
+                (r.scan, r.view, r.style): _f(r, 0.02)
+                for r in scored
+                if r.method == "cpu-legacy" and r.style in chosen_styles
+            }
+            deltas = [
+                _f(r, 0.02) - pairs[(r.scan, r.view, r.style)]
+                for r in scored
+                if r.method == "cpu" and (r.scan, r.view, r.style) in pairs
+            ]
+            if deltas:
+                lines.append(
+                    f"- F@2% cpu − cpu-legacy on {label}: {_mean(deltas):+.3f} "
+                    f"(mean over {len(deltas)} paired cases)"
+                )
     return "\n".join(lines)
 
 
@@ -553,16 +716,30 @@ def main() -> int:
         help="up axis of the scans; auto: z for YCB (path contains 'ycb'), else y",
     )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--styles",
+        default=",".join(STYLES),
+        help="backgrounds, comma-separated: " + ", ".join(STYLES),
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="reconstructions, comma-separated: " + ", ".join(METHODS),
+    )
+    parser.add_argument("--scans", default="", help="only scans whose path contains this")
     args = parser.parse_args()
+    styles = tuple(x for x in args.styles.split(",") if x)
+    methods = tuple(x for x in args.methods.split(",") if x)
+    if not set(styles) <= set(STYLES) or not set(methods) <= set(METHODS):
+        parser.error("unknown style or method")
 
-    paths = sorted(args.meshes.rglob("*.obj"))
+    paths = [p for p in sorted(args.meshes.rglob("*.obj")) if args.scans in str(p)]
     if not paths:
         print(f"no .obj files under {args.meshes}", file=sys.stderr)
         return 2
-    styles = ("transparent", "opaque")
     views = min(args.views, len(VIEWS))
     cases = [
-        Case(path, args.up, view, style, args.size)
+        Case(path, args.up, view, style, args.size, methods)
         for path in paths
         for view in range(views)
         for style in styles
@@ -578,7 +755,7 @@ def main() -> int:
     )
     for failed in (r for r in results if r.error):
         print(f"# backend refused: {failed.scan} view {failed.view} {failed.style}: {failed.error}")
-    print(summarise(results, styles))
+    print(summarise(results, styles, methods))
     return 0
 
 

@@ -410,8 +410,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.output or Path(args.photos[0]).with_suffix(f".{args.format}").name)
     out.write_bytes(data)
+    if args.debug_dir:
+        _write_debug(Path(args.debug_dir), asset, images, options)
     print(f"wrote {out} ({len(data)} bytes, {time.monotonic() - t0:.2f} s)")
     return 0
+
+
+def _write_debug(folder: Path, asset: Any, images: list[Any], options: Any) -> None:
+    """`generate --debug-dir`: the object mask the backend used and, for the cpu backend,
+    the segmentation's intermediate images."""
+    from serve_app.backends.cpu.backend import debug_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if asset.mask_png:
+        (folder / "mask.png").write_bytes(asset.mask_png)
+        written.append("mask.png")
+    if options.backend == "cpu":
+        for name, data in debug_images(images[0], options).items():
+            if name != "mask.png":
+                (folder / name).write_bytes(data)
+                written.append(name)
+    print(f"debug images in {folder}: {', '.join(written) or 'none'}")
 
 
 def _accounts() -> Any:
@@ -867,6 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--face-limit", type=int)
     p.add_argument("--texture-size", type=int)
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument(
+        "--debug-dir", help="also write the object mask and segmentation intermediates here"
+    )
     p.set_defaults(func=cmd_generate)
 
     add_client_commands(sub)

@@ -45,6 +45,10 @@ def package_asset(
     for name, data in asset.extra_files.items():
         put(name, name, "application/octet-stream", data)
         metrics.artifact_bytes(backend, "extra", len(data))
+    # Issue #17: the object mask the backend built the model from, so a user can see why a
+    # model looks wrong (GET /api/v1/task/{id}/result/mask).
+    if asset.mask_png:
+        put("mask", "mask.png", "image/png", asset.mask_png)
     preview_key = artifact_keys.attempt_file(task_id, attempt, "preview.png")
     if asset.preview_png is None and not render_preview:
         shown = Preview(key=preview_key, ready=False)

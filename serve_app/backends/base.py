@@ -53,6 +53,9 @@ class GeneratedAsset:
     glb: bytes
     extra_files: dict[str, bytes] = field(default_factory=dict)  # e.g. {"gaussians.ply": ...}
     preview_png: bytes | None = None
+    # The object mask the backend used (white = object), when it segments: shown to the user
+    # so they can see why a model looks wrong.
+    mask_png: bytes | None = None
     stats: dict[str, float | int | str] = field(default_factory=dict)
 
 

@@ -80,6 +80,21 @@ def test_serve_on_a_cluster_forwards_settings_but_never_secrets(
         assert secret not in str(config)
 
 
+def test_generate_debug_dir_writes_the_mask(tmp_path: Path) -> None:
+    """`--debug-dir` shows why a model looks wrong: the mask and the segmentation steps."""
+    photo = tmp_path / "toy.jpg"
+    photo.write_bytes(object_photo(fmt="JPEG"))
+    debug = tmp_path / "debug"
+    result = run_cli("generate", str(photo), "-q", "--debug-dir", str(debug), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = {p.name for p in debug.iterdir()}
+    assert {"mask.png", "overlay.png", "backdrop_distance.png", "shadow.png"} <= names
+    from PIL import Image
+
+    with Image.open(debug / "mask.png") as mask, Image.open(photo) as original:
+        assert mask.size == original.size and mask.mode == "L"
+
+
 def test_ray_temp_dir_stays_short_enough_for_rays_unix_sockets(tmp_path: Path) -> None:
     """Ray's dashboard modules bind Unix sockets under its temp dir (at most 107 bytes): a deep
     checkout gets a short temp dir of its own instead of `<run dir>/ray`."""

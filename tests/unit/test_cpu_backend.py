@@ -169,3 +169,21 @@ def test_glb_of_a_1024_photo_is_small(backend: CPUBackend) -> None:
     asset = backend.generate([photo(size=1024, seed=4)], GenerationOptions(), lambda f, s: None)
     assert len(asset.glb) <= 5 * 1024 * 1024
     assert load_mesh(asset.glb).is_watertight
+
+
+def test_asset_carries_the_mask(asset: GeneratedAsset) -> None:
+    """The mask the model was built from comes back with the asset (stored as a task file)."""
+    assert asset.mask_png is not None
+    mask = np.asarray(Image.open(io.BytesIO(asset.mask_png)))
+    assert mask.shape == (SIZE, SIZE)
+    ellipse = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(ellipse, (SIZE // 2, SIZE // 2), (SIZE // 5, SIZE * 2 // 5), 0, 0, 360, 1, -1)
+    overlap = ((mask > 0) & (ellipse > 0)).sum() / ((mask > 0) | (ellipse > 0)).sum()
+    assert overlap >= 0.9
+
+
+def test_legacy_path_stays_callable(backend: CPUBackend) -> None:
+    """The pre-#17 segmentation and mirrored back are kept for bench/quality.py."""
+    legacy = CPUBackend(Settings(), legacy=True)
+    mesh = load_mesh(legacy.generate([photo()], GenerationOptions(), lambda f, s: None).glb)
+    assert mesh.is_watertight

@@ -143,3 +143,117 @@ def test_no_object_found(photo: Image.Image) -> None:
         segment_image(photo)
     assert caught.value.code == "no_object_found"
     assert caught.value.message
+
+
+# ------------------------------------------------------------------ photo-like scenes (#17)
+
+
+def scene(
+    wall: tuple[float, float, float],
+    table: tuple[float, float, float],
+    horizon: int,
+    seed: int,
+) -> np.ndarray:
+    """A wall with a vertical gradient above a table seen in perspective: stripes on the
+    table converge towards a vanishing point above the frame and get finer with distance."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    picture = np.array(wall, np.float32) * (1.05 - 0.15 * ys / SIZE)[..., None]
+    below = np.maximum(ys - horizon, 0.0)
+    depth = 60.0 / (below + 6.0)
+    stripes = 0.5 + 0.5 * np.sin((xs - SIZE / 2) * depth * 0.9)
+    floor = np.array(table, np.float32) * (0.9 + 0.1 * stripes)[..., None]
+    picture = np.where((ys >= horizon)[..., None], floor, picture)
+    return np.clip(picture + rng.normal(0, 2.5, picture.shape), 0, 255)
+
+
+def standing_object(top: int, bottom: int) -> np.ndarray:
+    """A rounded box (a bottle) standing on the table."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.rectangle(mask, (SIZE // 2 - 45, top + 20), (SIZE // 2 + 45, bottom - 20), 1, -1)
+    cv2.rectangle(mask, (SIZE // 2 - 25, top), (SIZE // 2 + 25, bottom), 1, -1)
+    for x in (SIZE // 2 - 25, SIZE // 2 + 25):
+        for y in (top + 20, bottom - 20):
+            cv2.circle(mask, (x, y), 20, 1, -1)
+    return mask.astype(bool)
+
+
+def contact_shadow(mask: np.ndarray, strength: float) -> np.ndarray:
+    """Darkening of a soft shadow cast onto the table right of and under the object."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    footprint = np.zeros(mask.shape, np.float32)
+    left, right = np.flatnonzero(mask[rows[-1]])[[0, -1]]
+    cv2.ellipse(footprint, ((left + right) // 2 + 40, rows[-1] - 4), (70, 14), 0, 0, 360, 1.0, -1)
+    return strength * cv2.GaussianBlur(footprint, (0, 0), 4.0)
+
+
+def test_contact_shadow_stays_out_of_the_mask() -> None:
+    """A soft shadow on the table (darker, same colour) is backdrop, not a base."""
+    truth = standing_object(70, 250)
+    picture = scene((205, 208, 214), (150, 152, 156), 200, 21)
+    shadow = contact_shadow(truth, 0.55)
+    picture = picture * (1.0 - shadow[..., None])
+    picture = np.where(truth[..., None], textured_object(truth, 22), picture)
+    photo = Image.fromarray(picture.astype(np.uint8), "RGB")
+    mask = segment_image(photo).mask
+    shadow_only = (shadow > 0.2) & ~truth
+    assert shadow_only.sum() > 1000
+    assert (mask & shadow_only).sum() <= 0.05 * shadow_only.sum()
+    assert iou(mask, truth) >= 0.9
+
+
+def test_table_band_stays_out_of_the_mask() -> None:
+    """A wood-coloured table in perspective below a light wall: neither is the object."""
+    truth = standing_object(60, 240)
+    picture = scene((225, 226, 230), (150, 104, 66), 180, 23)
+    picture = np.where(truth[..., None], textured_object(truth, 24), picture)
+    mask = segment_image(Image.fromarray(picture.astype(np.uint8), "RGB")).mask
+    table_only = np.zeros_like(truth)
+    table_only[180:] = True
+    table_only &= ~truth
+    assert (mask & table_only).sum() <= 0.01 * table_only.sum()
+    assert iou(mask, truth) >= 0.9
+    legacy = segment_image(Image.fromarray(picture.astype(np.uint8), "RGB"), legacy=True)
+    assert legacy.mask.shape == truth.shape  # the pre-#17 path stays callable for the bench
+
+
+def test_wall_of_a_near_colour_stays_out_of_the_mask() -> None:
+    """A teal object in front of a green wall with a blotch of a colour like the object's
+    touching the frame: the wall and the blotch are backdrop."""
+    truth = standing_object(70, 250)
+    picture = scene((70, 130, 95), (120, 122, 126), 205, 25)
+    blotch = np.zeros((SIZE, SIZE), np.float32)
+    cv2.circle(blotch, (SIZE - 30, 40), 55, 1.0, -1)
+    blotch = cv2.GaussianBlur(blotch, (0, 0), 8.0) * (np.arange(SIZE)[:, None] < 205)
+    picture = picture * (1 - blotch[..., None]) + np.array([60, 125, 110]) * blotch[..., None]
+    rng = np.random.default_rng(26)
+    ys = np.mgrid[0:SIZE, 0:SIZE][0].astype(np.float32)
+    teal = np.array([30, 150, 150], np.float32) * (0.8 + 0.3 * ys / SIZE)[..., None]
+    teal = teal + rng.normal(0, 4, teal.shape)
+    picture = np.where(truth[..., None], teal, picture)
+    mask = segment_image(Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8), "RGB")).mask
+    wall_only = ~truth
+    wall_only[205:] = False
+    assert (mask & wall_only).sum() <= 0.01 * wall_only.sum()
+    assert (mask & (blotch > 0.5)).sum() == 0
+    assert iou(mask, truth) >= 0.9
+
+
+def test_part_joined_by_a_thin_neck_and_touching_the_frame_is_dropped() -> None:
+    """A slab of backdrop grown into the mask through a narrow neck, running to the frame,
+    is cut off; the object's own thin parts (a handle loop) are kept."""
+    from serve_app.backends.cpu.segment import _drop_necked_border_parts
+
+    mask = np.zeros((200, 200), bool)
+    mask[60:160, 70:140] = True  # the object
+    mask[100:104, 140:170] = True  # a thin neck...
+    mask[70:150, 170:200] = True  # ...to a slab touching the right edge
+    loop = np.zeros((200, 200), np.uint8)
+    cv2.circle(loop, (70, 110), 25, 1, 3)  # a thin handle on the object's left
+    mask |= loop.astype(bool)
+    salient = np.zeros_like(mask)
+    salient[80:140, 80:130] = True
+    result = _drop_necked_border_parts(mask, salient)
+    assert not result[:, 165:].any()
+    assert result[60:160, 70:140].all()
+    assert result[110, 46]  # the far side of the handle loop

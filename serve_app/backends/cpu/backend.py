@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import cv2
+import numpy as np
 from PIL import Image
 
 from serve_app.backends.base import GeneratedAsset, GenerationOptions, ProgressCallback
@@ -20,7 +22,7 @@ from serve_app.backends.cpu.geometry import (
     vertex_normals,
 )
 from serve_app.backends.cpu.glb import write_glb
-from serve_app.backends.cpu.segment import segment_arrays, split_alpha
+from serve_app.backends.cpu.segment import encode_mask, segment_arrays, split_alpha
 from serve_app.backends.cpu.texture import build_texture
 from serve_app.errors import InvalidInput
 from serve_app.settings import Settings
@@ -36,8 +38,11 @@ class CPUBackend:
 
     name = "cpu"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, legacy: bool = False) -> None:
         self.settings = settings
+        # legacy: the segmentation and mirrored back before issue #17, kept callable so
+        # bench/quality.py can compare both in one run. Never used by the service.
+        self.legacy = legacy
 
     def load(self) -> None:
         """Nothing to download or warm up."""
@@ -56,11 +61,11 @@ class CPUBackend:
         progress(0.0, "segmenting")
         image = _working_image(images[0], options.texture_size)
         rgb, alpha = split_alpha(image)
-        segmentation = segment_arrays(rgb, alpha, options.remove_background)
+        segmentation = segment_arrays(rgb, alpha, options.remove_background, legacy=self.legacy)
 
         progress(0.35, "meshing")
         relief = shading_relief(segmentation.rgb, segmentation.mask)
-        mesh = inflate_silhouette(segmentation.mask, options.face_limit, relief)
+        mesh = inflate_silhouette(segmentation.mask, options.face_limit, relief, legacy=self.legacy)
 
         progress(0.65, "texturing")
         texture = build_texture(segmentation.rgb, segmentation.mask, options.texture_size)
@@ -76,6 +81,7 @@ class CPUBackend:
         progress(1.0, "done")
         return GeneratedAsset(
             glb=glb,
+            mask_png=encode_mask(segmentation.mask),
             stats={
                 "vertices": len(positions),
                 "faces": len(mesh.faces),
@@ -84,6 +90,28 @@ class CPUBackend:
                 "segmentation": segmentation.method,
             },
         )
+
+
+def debug_images(image: Image.Image, options: GenerationOptions) -> dict[str, bytes]:
+    """PNG images explaining the segmentation of a photo (`photo3d generate --debug-dir`):
+    the mask, the mask over the photo, and the intermediates of photo segmentation (distance
+    to the backdrop model, shadows, the table band, the raw GrabCut result)."""
+    rgb, alpha = split_alpha(_working_image(image, options.texture_size))
+    segmentation = segment_arrays(rgb, alpha, options.remove_background, debug=True)
+    overlay = segmentation.rgb.astype(np.float32)
+    overlay[~segmentation.mask] = overlay[~segmentation.mask] * 0.3 + np.array([255, 0, 255]) * 0.2
+    images = {
+        "mask": segmentation.mask.astype(np.uint8) * 255,
+        "overlay": np.clip(overlay, 0, 255).astype(np.uint8),
+        **segmentation.debug,
+    }
+    result = {}
+    for name, picture in images.items():
+        array = picture if picture.ndim == 2 else np.ascontiguousarray(picture[..., ::-1])
+        ok, data = cv2.imencode(".png", array)
+        if ok:
+            result[f"{name}.png"] = bytes(data.tobytes())
+    return result
 
 
 def _working_image(image: Image.Image, texture_size: int) -> Image.Image:

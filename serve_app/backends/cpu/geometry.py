@@ -18,6 +18,7 @@ import fast_simplification
 import numpy as np
 import scipy.sparse as sparse
 import scipy.sparse.linalg as sparse_linalg
+from scipy import ndimage
 
 from serve_app.errors import GenerationFailed, NoObjectFound
 
@@ -52,11 +53,13 @@ class InflatedMesh:
 
 
 def inflate_silhouette(
-    mask: np.ndarray, face_limit: int, relief: np.ndarray | None = None
+    mask: np.ndarray, face_limit: int, relief: np.ndarray | None = None, *, legacy: bool = False
 ) -> InflatedMesh:
     """Closed rounded mesh of a boolean silhouette with at most face_limit faces.
 
-    relief: optional per-pixel height offsets (pixels) added to the surface.
+    relief: optional per-pixel height offsets (pixels) added to the front surface; the back
+    gets the smooth inflated profile only (the photo says nothing about the back's folds).
+    legacy: the back mirrors the front, relief included (the behaviour before issue #17).
     """
     # Each cell gives ~4 faces; start a few times over the limit so decimation, not the grid,
     # decides where detail goes. Should decimation not stay manifold (thin parts at a tiny
@@ -65,10 +68,10 @@ def inflate_silhouette(
     for _ in range(24):
         sheet = _front_sheet(mask, budget, relief)
         if _closed_face_count(sheet) <= face_limit:
-            return _close(sheet)
+            return _close(sheet, legacy)
         decimated = _decimate_sheet(sheet, face_limit) if budget > face_limit else None
         if decimated is not None:
-            return _close(decimated)
+            return _close(decimated, legacy)
         budget = min(budget, face_limit) * 0.7
     raise GenerationFailed(
         f"Could not build a closed mesh within {face_limit} faces; try a higher face limit."
@@ -83,6 +86,7 @@ class _Sheet:
     faces: np.ndarray  # (M, 3) counter-clockwise seen from +z
     rim_from: np.ndarray  # directed outline edges (face on the left)
     rim_to: np.ndarray
+    base: _BaseDepth  # the smooth profile without relief, for the back
 
 
 def _front_sheet(mask: np.ndarray, grid_faces: float, relief: np.ndarray | None) -> _Sheet:
@@ -115,17 +119,40 @@ def _front_sheet(mask: np.ndarray, grid_faces: float, relief: np.ndarray | None)
         depth = depth + _sample(relief, xy) * np.clip(height[rows, cols] / (8.0 * rim_z), 0.0, 1.0)
         depth = np.maximum(depth, 0.5 * rim_z)
     vertices = np.column_stack([xy[:, 0], -xy[:, 1], depth])
-    return _Sheet(vertices, faces, rim_from, rim_to)
+    base = _BaseDepth(height + rim_z, origin, cell_size, 0.5 * rim_z)
+    return _Sheet(vertices, faces, rim_from, rim_to, base)
 
 
 def _closed_face_count(sheet: _Sheet) -> int:
     return 2 * len(sheet.faces) + 2 * len(sheet.rim_from)
 
 
-def _close(sheet: _Sheet) -> InflatedMesh:
-    """Mirror the sheet to the back (as the texture is) and stitch the rim with a wall."""
+@dataclass(frozen=True)
+class _BaseDepth:
+    """The inflated height on the grid's vertices (relief excluded)."""
+
+    grid: np.ndarray  # (rows + 1, cols + 1) depth at grid vertices
+    origin: tuple[float, float]
+    cell_size: tuple[float, float]
+    floor: float
+
+    def at(self, vertices: np.ndarray) -> np.ndarray:
+        """Bilinear depth at sheet vertices (x, y up)."""
+        cols = (vertices[:, 0] - self.origin[0]) / self.cell_size[0]
+        rows = (-vertices[:, 1] - self.origin[1]) / self.cell_size[1]
+        depth = ndimage.map_coordinates(self.grid, [rows, cols], order=1, mode="nearest")
+        return np.maximum(np.asarray(depth, dtype=np.float64), self.floor)
+
+
+def _close(sheet: _Sheet, legacy: bool = False) -> InflatedMesh:
+    """Make the back (the smooth profile; a mirror of the front when legacy) and stitch the
+    rim with a wall."""
     count = len(sheet.vertices)
     back = sheet.vertices * [1.0, 1.0, -1.0]
+    if not legacy:
+        # Same outline (the rim wall stays vertical), smooth depth: the front's shading
+        # relief is what the camera saw, not what is behind.
+        back[:, 2] = -sheet.base.at(sheet.vertices)
     rim_from, rim_to = sheet.rim_from, sheet.rim_to
     wall = np.concatenate(
         [
@@ -175,7 +202,7 @@ def _simplify_sheet(sheet: _Sheet, target: int) -> _Sheet | None:
         points, faces = _split_pinches(points, faces)
         if _is_manifold_sheet(faces, len(points)):
             rim_from, rim_to = _boundary_edges(faces, len(points))
-            return _Sheet(points, faces, rim_from, rim_to)
+            return _Sheet(points, faces, rim_from, rim_to, sheet.base)
     return None
 
 

@@ -3,13 +3,14 @@ otherwise GrabCut seeded from the image border and a colour-distance prior."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from serve_app.backends.cpu.backdrop import Backdrop, fit_backdrop
 from serve_app.errors import NoObjectFound
 
 SegmentationMethod = Literal["alpha", "grabcut", "none"]
@@ -29,6 +30,10 @@ SMALL_HOLE_FRACTION = 0.01
 LIGHTNESS_WEIGHT = 0.8
 # A border colour cluster this small is an object touching the frame, not backdrop.
 MIN_PALETTE_SHARE = 0.2
+# Guided-filter regulariser (grey levels²): edges weaker than ~sqrt of it are ignored.
+GUIDED_EPSILON = 0.02**2
+# A second clear part joins the object when it is at least this strong (a pair of shoes).
+SALIENT_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class Segmentation:
     mask: np.ndarray  # bool (H, W), True on the object
     method: SegmentationMethod
     rgb: np.ndarray  # (H, W, 3) uint8: the picture the mask refers to
+    # Intermediate images (uint8, working resolution) when asked for: why a mask looks wrong.
+    debug: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def coverage(self) -> float:
@@ -63,33 +70,47 @@ def has_meaningful_alpha(alpha: np.ndarray) -> bool:
     return bool((alpha < 128).mean() >= 0.001)
 
 
-def segment_image(image: Image.Image, remove_background: bool | None = None) -> Segmentation:
+def segment_image(
+    image: Image.Image,
+    remove_background: bool | None = None,
+    *,
+    legacy: bool = False,
+    debug: bool = False,
+) -> Segmentation:
     """Segment a PIL photo; see `segment_arrays`."""
     rgb, alpha = split_alpha(image)
-    return segment_arrays(rgb, alpha, remove_background)
+    return segment_arrays(rgb, alpha, remove_background, legacy=legacy, debug=debug)
 
 
 def segment_arrays(
-    rgb: np.ndarray, alpha: np.ndarray | None, remove_background: bool | None
+    rgb: np.ndarray,
+    alpha: np.ndarray | None,
+    remove_background: bool | None,
+    *,
+    legacy: bool = False,
+    debug: bool = False,
 ) -> Segmentation:
     """Object mask: alpha when present (auto), GrabCut when asked or without alpha.
 
     remove_background: None = auto, True = always segment the visible picture (alpha is
     not trusted as a mask), False = trust the alpha as it is, or take the whole frame when
-    there is none.
+    there is none. legacy: the segmentation before issue #17 (for benchmarks). debug: also
+    return intermediate images in `Segmentation.debug`.
     """
     if remove_background is False:
         if alpha is None:
             return Segmentation(np.ones(rgb.shape[:2], dtype=bool), "none", rgb)
         return Segmentation(_alpha_mask(alpha), "alpha", rgb)
-    if alpha is None:
-        return Segmentation(_grabcut_mask(rgb), "grabcut", rgb)
-    if remove_background is None:
+    if alpha is not None and remove_background is None:
         return Segmentation(_alpha_mask(alpha), "alpha", rgb)
     # Pixels under transparency are arbitrary (often black or leftover backdrop); what the
     # user sees is the picture over a plain backdrop, so segment that.
-    flat = flatten_onto_backdrop(rgb, alpha)
-    return Segmentation(_grabcut_mask(flat), "grabcut", flat)
+    picture = rgb if alpha is None else flatten_onto_backdrop(rgb, alpha)
+    if legacy:
+        return Segmentation(_legacy_grabcut_mask(picture), "grabcut", picture)
+    images: dict[str, np.ndarray] = {}
+    mask = _photo_mask(picture, images if debug else None)
+    return Segmentation(mask, "grabcut", picture, images)
 
 
 def flatten_onto_backdrop(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -111,7 +132,9 @@ def _alpha_mask(alpha: np.ndarray) -> np.ndarray:
     return _fill_small_holes(mask, SMALL_HOLE_FRACTION / 10)
 
 
-def _grabcut_mask(rgb: np.ndarray) -> np.ndarray:
+def _legacy_grabcut_mask(rgb: np.ndarray) -> np.ndarray:
+    """The segmentation before issue #17 (one border colour model, RGB GrabCut), kept so
+    bench/quality.py can compare against it in the same run."""
     height, width = rgb.shape[:2]
     # Scale by area, not longest side, so a long thin photo keeps enough rows.
     scale = min(1.0, float(np.sqrt(WORK_PIXELS / (height * width))))
@@ -132,8 +155,11 @@ def _grabcut_mask(rgb: np.ndarray) -> np.ndarray:
     # fainter ones (a white vase on a grey table) are left for GrabCut to decide.
     threshold = max(_otsu_threshold(distance), 4.0 * noise, 6.0)
     faint_threshold = max(0.5 * threshold, 4.0 * noise, 6.0)
-    likely_object = distance > faint_threshold
     clearly_object = distance > threshold
+    # Fainter pixels count as probable object only where they join the clear ones (a blotch
+    # of the wall far from the object is not).
+    near_clear = cv2.dilate(clearly_object.astype(np.uint8), np.ones((7, 7), np.uint8))
+    likely_object = (distance > faint_threshold) & near_clear.astype(bool)
     if clearly_object.mean() < MIN_COVERAGE:
         raise NoObjectFound(
             "No object stands out from the background. Use a photo where the object is "
@@ -145,7 +171,7 @@ def _grabcut_mask(rgb: np.ndarray) -> np.ndarray:
     # The border is background unless it looks like the object (an object cut by the frame).
     labels[ring & ~likely_object] = cv2.GC_BGD
     # A solid core of the prior stays object, so GrabCut cannot swap figure and ground.
-    salient = _keep_components(clearly_object, min_fraction_of_largest=0.05)
+    salient = _salient_parts(clearly_object, distance)
     labels[_core(salient)] = cv2.GC_FGD
 
     background_model = np.zeros((1, 65), np.float64)
@@ -319,3 +345,212 @@ def _upsample_smooth(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if factor > 1.5:
         soft = cv2.GaussianBlur(soft, (0, 0), 0.5 * factor)
     return soft >= 0.5
+
+
+# --------------------------------------------------------------------------- photo segmentation
+
+
+def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Object mask of a photo without alpha (an object on a table in front of a wall).
+
+    A backdrop model (wall and table band, Lab colour fields and palettes, shadows) seeds
+    GrabCut on a Lab working copy; the backdrop is then refitted to everything GrabCut called
+    background and GrabCut runs again. Parts joined to the object by a thin neck that touch
+    the frame are dropped, holes are judged, and the outline is refined at full resolution
+    along the photo's own edges.
+    """
+    height, width = rgb.shape[:2]
+    scale = min(1.0, float(np.sqrt(WORK_PIXELS / (height * width))))
+    small_w, small_h = max(1, round(width * scale)), max(1, round(height * scale))
+    small = cv2.resize(rgb, (small_w, small_h), interpolation=cv2.INTER_AREA)
+    if float(small.reshape(-1, 3).std(axis=0).max()) < 1.5:
+        raise NoObjectFound(
+            "The photo is a single flat colour: there is no object to separate from the "
+            "background. Upload a photo of one object, ideally on a plain background."
+        )
+
+    model = fit_backdrop(small)
+    mask, salient, faint = _grabcut_pass(small, model)
+    if mask.any():
+        # Refine: the backdrop seen between and around the object teaches the colour model
+        # more than the border alone (a blotch, the table's far part behind the object).
+        margin = max(3, round(0.02 * max(small_h, small_w)))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+        background = ~cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
+        model = fit_backdrop(small, background)
+        mask, salient, faint = _grabcut_pass(small, model)
+    if debug is not None:
+        debug["backdrop_distance"] = np.clip(model.distance * 4.0, 0, 255).astype(np.uint8)
+        debug["shadow"] = model.shadow.astype(np.uint8) * 255
+        debug["table"] = model.table.astype(np.uint8) * 255
+        debug["grabcut"] = mask.astype(np.uint8) * 255
+    if not mask.any():
+        raise NoObjectFound("No object could be separated from the background.")
+    mask = _drop_necked_border_parts(mask, salient)
+    mask = _keep_components_touching(mask, salient)
+    mask = _fill_small_holes(mask, SMALL_HOLE_FRACTION)
+    mask = _fill_holes_unlike_backdrop(mask, (model.distance > faint) & ~model.shadow)
+    mask = _edge_aware_upsample(mask, rgb)
+    coverage = float(mask.mean())
+    if coverage < MIN_COVERAGE:
+        raise NoObjectFound(
+            f"The only object found covers {coverage:.1%} of the photo, too little to "
+            "reconstruct. Crop the photo around the object or upload a PNG with transparency."
+        )
+    if coverage > MAX_COVERAGE:
+        raise NoObjectFound(
+            "No background could be told apart from the object (it would fill the whole "
+            "photo). Leave some background around the object, upload a PNG with transparency, "
+            "or set remove_background to false to use the whole frame."
+        )
+    return mask
+
+
+def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.ndarray, float]:
+    """One GrabCut on a Lab copy seeded from the backdrop model: (mask, salient seeds, the
+    distance above which a pixel probably is not backdrop)."""
+    distance = np.where(model.shadow, 0.0, model.distance).astype(np.float32)
+    threshold = max(_otsu_threshold(distance), 3.0 * model.noise, 5.0)
+    faint_threshold = max(0.5 * threshold, 2.0 * model.noise, 3.0)
+    clearly_object = distance > threshold
+    # Fainter pixels count as probable object only where they join the clear ones (a blotch
+    # of the wall far from the object is not).
+    near_clear = cv2.dilate(clearly_object.astype(np.uint8), np.ones((7, 7), np.uint8))
+    likely_object = (distance > faint_threshold) & near_clear.astype(bool)
+    if clearly_object.mean() < MIN_COVERAGE:
+        raise NoObjectFound(
+            "No object stands out from the background. Use a photo where the object is "
+            "clearly visible against a contrasting background, or upload a PNG with transparency."
+        )
+    labels = np.full(distance.shape, cv2.GC_PR_BGD, dtype=np.uint8)
+    labels[likely_object] = cv2.GC_PR_FGD
+    # The border is background unless it looks like the object (an object cut by the frame).
+    labels[model.ring & ~likely_object] = cv2.GC_BGD
+    salient = _salient_parts(clearly_object, distance)
+    labels[_core(salient)] = cv2.GC_FGD
+
+    # GrabCut's colour models in a perceptual space: weighted Lab, packed into 8 bits.
+    lab = model.lab
+    packed = np.stack([lab[..., 0] * 2.0, lab[..., 1] + 128.0, lab[..., 2] + 128.0], axis=-1)
+    packed = np.ascontiguousarray(np.clip(packed + 0.5, 0, 255).astype(np.uint8))
+    background_model = np.zeros((1, 65), np.float64)
+    object_model = np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(GRABCUT_SEED)
+    cv2.grabCut(
+        packed,
+        labels,
+        (0, 0, 0, 0),
+        background_model,
+        object_model,
+        GRABCUT_ITERATIONS,
+        cv2.GC_INIT_WITH_MASK,
+    )
+    mask = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    return mask.astype(bool), salient, faint_threshold
+
+
+def _drop_necked_border_parts(mask: np.ndarray, salient: np.ndarray) -> np.ndarray:
+    """Drop parts joined to the object only by a thin neck when they touch the frame (a
+    slab of wall or table GrabCut grew into), unless they are the object's largest part."""
+    area = float(mask.sum())
+    radius = max(1, round(0.035 * np.sqrt(area)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    opened = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, kernel)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
+    height, width = mask.shape
+    thin = mask & ~opened.astype(bool)
+    _, thin_labels, thin_stats, _ = cv2.connectedComponentsWithStats(
+        thin.astype(np.uint8), connectivity=8
+    )
+    tx, ty, tw, th = (thin_stats[:, i] for i in range(4))
+    thin_touches = (tx == 0) | (ty == 0) | (tx + tw >= width) | (ty + th >= height)
+    thin_touches[0] = False
+    if thin_touches.any():
+        # A thin strip running to the frame is a table edge or a wall seam, not the object.
+        mask = mask & ~thin_touches[thin_labels]
+    if count <= 2:
+        return mask
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    largest = 1 + int(np.argmax(areas))
+    drop = []
+    for label in range(1, count):
+        x, y, w, h = stats[label, :4]
+        touches = x == 0 or y == 0 or x + w >= width or y + h >= height
+        if label != largest and touches:
+            drop.append(label)
+    if not drop:
+        return mask
+    dropped = np.isin(labels, drop)
+    # What the opening removed is either a thin part of the object or the neck to a dropped
+    # part: keep thin bits unless they lead to a dropped part.
+    grown = cv2.dilate(dropped.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    lost = np.unique(thin_labels[grown & thin])
+    lost = lost[lost != 0]
+    result = mask & ~dropped & ~np.isin(thin_labels, lost)
+    return result if result.any() else mask
+
+
+def _edge_aware_upsample(mask: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    """Upsample a working-resolution mask and snap its outline to the photo's edges with a
+    guided filter (where the photo shows no edge it stays the smooth upsampled outline)."""
+    height, width = rgb.shape[:2]
+    factor = width / mask.shape[1]
+    soft = cv2.resize(mask.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    if factor > 1.5:
+        soft = cv2.GaussianBlur(soft, (0, 0), 0.5 * factor)
+    # Only the band around the outline can change: work on its bounding box.
+    band = (soft > 0.02) & (soft < 0.98)
+    if not band.any():
+        return soft >= 0.5
+    ys, xs = np.nonzero(band)
+    radius = max(2, round(1.5 * factor))
+    y0, y1 = max(0, int(ys.min()) - 2 * radius), min(height, int(ys.max()) + 2 * radius + 1)
+    x0, x1 = max(0, int(xs.min()) - 2 * radius), min(width, int(xs.max()) + 2 * radius + 1)
+    guide = cv2.cvtColor(rgb[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    source = soft[y0:y1, x0:x1]
+    size = (2 * radius + 1, 2 * radius + 1)
+
+    def box(image: np.ndarray) -> np.ndarray:
+        return np.asarray(cv2.boxFilter(image, -1, size, borderType=cv2.BORDER_REFLECT))
+
+    mean_guide, mean_source = box(guide), box(source)
+    variance = box(guide * guide) - mean_guide * mean_guide
+    covariance = box(guide * source) - mean_guide * mean_source
+    slope = covariance / (variance + GUIDED_EPSILON)
+    offset = mean_source - slope * mean_guide
+    refined = box(slope) * guide + box(offset)
+    result = soft >= 0.5
+    result[y0:y1, x0:x1] = refined >= 0.5
+    return result
+
+
+def _salient_parts(clear: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """The clearly-not-backdrop parts that make the object: the strongest part (area times
+    contrast, favouring the centre, where a photographer puts the object) and parts nearly
+    as strong; a weaker part that touches the frame is backdrop (a blotch, a door frame)."""
+    # Parts a few pixels apart (an object crossing the table's edge) are one part.
+    joined = cv2.dilate(clear.astype(np.uint8), np.ones((5, 5), np.uint8))
+    count, labels, stats, centres = cv2.connectedComponentsWithStats(joined, connectivity=8)
+    if count <= 2:
+        return clear
+    height, width = clear.shape
+    contrast = np.bincount(labels.ravel(), weights=distance.ravel(), minlength=count)
+    offset = (centres[:, 0] / width - 0.5) ** 2 + (centres[:, 1] / height - 0.5) ** 2
+    score = contrast * np.exp(-offset / (2 * 0.3**2))
+    score[0] = 0.0
+    best = int(np.argmax(score))
+    x, y, w, h = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3]
+    touches = (x == 0) | (y == 0) | (x + w >= width) | (y + h >= height)
+    keep = (score >= SALIENT_SHARE * score[best]) & ~touches
+    keep[best] = True
+    keep[0] = False
+    return np.asarray(keep[labels] & clear)
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A boolean mask as an 8-bit greyscale PNG (255 = object)."""
+    ok, data = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+    if not ok:
+        raise ValueError("could not encode the mask")
+    return bytes(data.tobytes())
