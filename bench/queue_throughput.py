@@ -52,7 +52,8 @@ def explain_claim(url: str) -> str:
     import psycopg
 
     sql = query("claim_task")
-    params = {"backend": "cpu", "worker_id": "explain", "lease_seconds": 60}
+    # "backends" too, so the bench also runs against older code (claim over a list)
+    params = {"backend": "cpu", "backends": ["cpu"], "worker_id": "explain", "lease_seconds": 60}
     with psycopg.connect(url) as conn:  # a transaction, rolled back: the claim is not kept
         rows = conn.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, params).fetchall()
         conn.rollback()

@@ -102,22 +102,28 @@ class Accounts:
     def list_accounts(self) -> list[Row]:
         return self.db.fetch_all("list_accounts")
 
-    def create_key(self, account_id: str, name: str = "") -> tuple[str, Row]:
-        """Make a key for the account; returns (the key — shown once, its listing row)."""
+    def create_key(self, account_id: str, name: str = "", *, max_keys: int = 20) -> tuple[str, Row]:
+        """Make a key for the account; returns (the key — shown once, its listing row). An
+        account holds at most `max_keys` active keys: each key has its own rate window."""
         if self.get_account(account_id) is None:
             raise NotFound(f"account {account_id} not found", code="account_not_found")
         prefix, key = new_key()
-        row = self.db.fetch_one(
-            "create_api_key",
+        row = self.db.fetch_one_locked(
+            f"keys:{account_id}",
+            "create_api_key_within_limit",
             {
                 "prefix": prefix,
                 "account_id": account_id,
                 "secret_hash": hash_key(key),
                 "name": name[:100],
+                "max_keys": max_keys,
             },
         )
-        if row is None:  # pragma: no cover
-            raise Conflict("key could not be created")
+        if row is None:
+            raise Conflict(
+                f"the account already has {max_keys} active keys; revoke one first",
+                code="too_many_keys",
+            )
         return key, row
 
     def list_keys(self, account_id: str | None = None) -> list[Row]:
@@ -160,6 +166,30 @@ class Accounts:
             )
         return RateWindow(limit, max(0, limit - int(row["requests"])), retry)
 
+    def count_key_and_account(
+        self, key_prefix: str, account_id: str, key_limit: int, account_limit: int, window: int
+    ) -> RateWindow:
+        """Count one request against its key's window and its account's (all keys together);
+        RateLimited past either limit. Returns the tighter budget (the RateLimit-* headers)."""
+        rows = self.db.fetch_all(
+            "count_request_and_account",
+            {"key": key_prefix, "account": f"account:{account_id}", "window": window},
+        )
+        budget = RateWindow(key_limit, key_limit, window)
+        for row in rows:
+            limit = account_limit if row["bucket"].startswith("account:") else key_limit
+            retry = max(1, int(float(row["reset_s"]) + 0.999))
+            if row["requests"] > limit:
+                whom = "this account" if row["bucket"].startswith("account:") else "this key"
+                raise RateLimited(
+                    f"more than {limit} requests from {whom} in {window} s; retry in {retry} s",
+                    retry_after=retry,
+                )
+            remaining = max(0, limit - int(row["requests"]))
+            if remaining < budget.remaining:
+                budget = RateWindow(limit, remaining, retry)
+        return budget
+
     def prune_rate_windows(self, window_seconds: int) -> int:
         """Drop the request counters of windows that have ended; returns how many went."""
         return self.db.execute("prune_rate_windows", {"window": window_seconds})
@@ -168,9 +198,12 @@ class Accounts:
         """RateLimited when the account already has `limit` tasks queued or running."""
         row = self.db.fetch_one("active_task_count", {"account_id": account_id})
         if row is not None and row["active"] >= limit:
-            raise RateLimited(
-                f"{row['active']} tasks are already queued or running; the limit is {limit}. "
-                "Wait for one to finish.",
-                code="too_many_active_tasks",
-                retry_after=5,
-            )
+            raise self.too_many_active(limit)
+
+    @staticmethod
+    def too_many_active(limit: int) -> RateLimited:
+        return RateLimited(
+            f"{limit} tasks are already queued or running, the limit. Wait for one to finish.",
+            code="too_many_active_tasks",
+            retry_after=5,
+        )

@@ -469,7 +469,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     accounts, _server = _accounts()
     try:
         if args.action == "create":
-            key, row = accounts.create_key(args.account, args.name or "")
+            key, row = accounts.create_key(
+                args.account, args.name or "", max_keys=get_settings().max_keys_per_account
+            )
             print(
                 f"key {row['prefix']} for account {row['account_id']} (shown once, store it now):"
             )

@@ -83,6 +83,9 @@ class Housekeeping:
         """Requeue (or fail) tasks whose lease expired; counted and logged per task."""
         rows = self.queue.recover_stalled()
         for row in rows:
+            # The stalled attempt's files (written in part before its worker died) are never
+            # served: the task runs again as a new attempt, or has failed (issue 10).
+            self.artifacts.delete_prefix(artifact_keys.attempt_prefix(row["id"], row["attempt"]))
             metrics.stalled_recovered(str(row["status"]))
             log.warning(
                 "lease expired; task %s",

@@ -29,8 +29,9 @@ from serve_app.packaging import store_preview
 from serve_app.results import StoredFile, TaskResult
 from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
+from serve_app.store.changes import TaskChanges
 from serve_app.store.db import Database, Row
-from serve_app.store.tasks import TERMINAL, TaskQueue
+from serve_app.store.tasks import TERMINAL, ActiveTaskLimitReached, TaskQueue
 
 if TYPE_CHECKING:
     from serve_app.billing import Billing
@@ -123,6 +124,11 @@ class Services:
         return Accounts(self.db)
 
     @cached_property
+    def task_changes(self) -> TaskChanges:
+        """This process's one LISTEN connection for event streams (issue 10)."""
+        return TaskChanges(self.db.url)
+
+    @cached_property
     def batches(self) -> Batches:
         return Batches(BatchStore(self.db))
 
@@ -193,6 +199,8 @@ class Services:
             for key, data in zip(keys, photos, strict=True):
                 self.artifacts.put(key, data)
             row, created = self.queue.submit(
+                # checked again, atomically; a bulk job bounds its own items in flight
+                max_active=self.settings.max_active_tasks if batch_id is None else None,
                 task_id=task_id,
                 account_id=account_id,
                 backend=str(options.backend),
@@ -206,6 +214,9 @@ class Services:
                 credits=quote.credits if quote else 0,
                 meter_event=quote.meter_event if quote else None,
             )
+        except ActiveTaskLimitReached as exc:
+            self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))
+            raise self.accounts.too_many_active(exc.limit) from exc
         except BaseException:
             self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))
             raise

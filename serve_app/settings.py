@@ -49,8 +49,31 @@ class Settings(BaseSettings):
     result_retention_seconds: float = Field(default=7 * 24 * 3600, ge=0)  # 0 = keep forever
     url_fetch_timeout_seconds: float = Field(default=10.0, gt=0)
     url_max_redirects: int = Field(default=3, ge=0, le=10)
-    # Hosts image_url may reach even if they resolve to private addresses (internal buckets).
+    # host:port pairs image_url may reach even on private addresses (internal buckets); a bare
+    # host allows only ports 80 and 443.
     url_allow_hosts: str = ""
+
+    # --- tenant fairness and abuse limits (issue 10) --------------------------------------
+    rate_limit_account_requests: int = Field(
+        default=300, ge=1, description="requests per account (all its keys) per window"
+    )
+    max_keys_per_account: int = Field(default=20, ge=1, description="active API keys per account")
+    # Failed authentications per client address per window, before 429 without a lookup.
+    auth_failures_per_address: int = Field(default=20, ge=1)
+    # Behind a reverse proxy every request comes from the proxy's address: name the header it
+    # appends the client's address to (e.g. X-Forwarded-For; its last entry is used).
+    client_address_header: str = ""
+    max_streams_per_account: int = Field(
+        default=4, ge=1, description="open SSE streams per replica"
+    )
+    max_uploads_per_account: int = Field(
+        default=4, ge=1, description="request bodies and image_url fetches in flight per replica"
+    )
+    # A request body must arrive whole within body_timeout_seconds, and after a grace period at
+    # body_min_rate_bytes_per_s or faster: a client trickling bytes cannot hold a slot for long.
+    body_timeout_seconds: float = Field(default=60.0, gt=0)
+    body_min_rate_bytes_per_s: int = Field(default=16 * 1024, ge=0)
+    body_grace_seconds: float = Field(default=5.0, ge=0)
 
     # --- input limits -------------------------------------------------------------
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
@@ -162,7 +185,10 @@ class Settings(BaseSettings):
 
     @property
     def url_allow_host_set(self) -> set[str]:
-        return {h.strip().lower() for h in self.url_allow_hosts.split(",") if h.strip()}
+        """The `host:port` pairs image_url may reach on private addresses."""
+        from serve_app.fetch import parse_allow_list
+
+        return parse_allow_list(self.url_allow_hosts)
 
     @property
     def artifacts_path(self) -> Path:

@@ -18,9 +18,11 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -69,11 +71,13 @@ def signature_header(keys: tuple[str, ...], webhook_id: str, timestamp: int, bod
 
 # --- destinations ------------------------------------------------------------------------
 def check_destination(url: str, allow_hosts: set[str]) -> tuple[str, str, int, str]:
-    """(scheme, host, port, address to connect to) of a webhook URL, under the image_url rules:
-    http(s) only, no credentials, and no loopback/private/link-local/metadata address unless
-    PHOTO3D_URL_ALLOW_HOSTS names the host."""
+    """(scheme, host, port, address to connect to) of a webhook URL, under the image_url rules
+    (serve_app.fetch): http(s) only, no credentials, and every address the host resolves to
+    public unless `allow_hosts` (PHOTO3D_URL_ALLOW_HOSTS as `host:port` keys) names it."""
     if not isinstance(url, str) or len(url) > 2048:
         raise InvalidInput("url must be at most 2048 characters", code="invalid_webhook_url")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise InvalidInput("url contains control characters", code="invalid_webhook_url")
     parts = urlsplit(url)
     if parts.scheme not in _PORTS or not parts.hostname:
         raise InvalidInput("url must be an http:// or https:// URL", code="invalid_webhook_url")
@@ -83,19 +87,23 @@ def check_destination(url: str, allow_hosts: set[str]) -> tuple[str, str, int, s
         port = parts.port or _PORTS[parts.scheme]
     except ValueError as exc:
         raise InvalidInput("url has an invalid port", code="invalid_webhook_url") from exc
+    host = parts.hostname
     try:
-        # The image_url address rules, in one place (serve_app.fetch).
-        address = fetch._checked_address(parts.hostname, port, allow_hosts)
-    except fetch.ForbiddenURL as exc:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise InvalidInput(
+            f"url host {host!r} could not be resolved", code="unreachable_webhook_url"
+        ) from exc
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    if not addresses:
+        raise InvalidInput(f"url host {host!r} has no address", code="unreachable_webhook_url")
+    allowed = fetch.allow_key(host, port) in allow_hosts
+    if not allowed and not all(fetch.is_public_address(a) for a in addresses):
         raise ForbiddenWebhookURL(
             "url points to a private, loopback, link-local or reserved address; only public "
-            "addresses (or hosts in PHOTO3D_URL_ALLOW_HOSTS) may receive webhooks"
-        ) from exc
-    except InvalidInput as exc:
-        raise InvalidInput(
-            f"url host {parts.hostname!r} could not be resolved", code="unreachable_webhook_url"
-        ) from exc
-    return parts.scheme, parts.hostname, port, address
+            "addresses (or host:port pairs in PHOTO3D_URL_ALLOW_HOSTS) may receive webhooks"
+        )
+    return parts.scheme, host, port, str(addresses[0])
 
 
 # --- endpoints ---------------------------------------------------------------------------

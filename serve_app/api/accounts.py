@@ -3,23 +3,34 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from serve_app.api.deps import ERRORS, AccountDep, AdminDep, PrincipalDep, ServicesDep
+from serve_app.api.limits import has_control_characters
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["accounts"])
 
 
+def _no_control_characters(value: str) -> str:
+    if has_control_characters(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+# Text a person names things with: no NUL or other control characters (PostgreSQL refuses NUL).
+PlainText = Annotated[str, AfterValidator(_no_control_characters)]
+
+
 class KeyCreate(BaseModel):
-    name: str = Field(default="", max_length=100)
+    name: PlainText = Field(default="", max_length=100)
 
 
 class AccountCreate(BaseModel):
-    id: str = Field(min_length=1, max_length=63)
-    name: str = Field(default="", max_length=200)
+    id: PlainText = Field(min_length=1, max_length=63)
+    name: PlainText = Field(default="", max_length=200)
     is_admin: bool = False
 
 
@@ -69,7 +80,9 @@ def list_own_keys(account: AccountDep, services: ServicesDep) -> list[KeyInfo]:
 
 @router.post("/keys", response_model=NewKey, status_code=201, summary="Create an API key")
 def create_own_key(body: KeyCreate, account: AccountDep, services: ServicesDep) -> NewKey:
-    key, row = services.accounts.create_key(account, body.name)
+    key, row = services.accounts.create_key(
+        account, body.name, max_keys=services.settings.max_keys_per_account
+    )
     return NewKey(key=key, **row)
 
 
@@ -105,7 +118,9 @@ def admin_create_account(
 def admin_create_key(
     account_id: str, body: KeyCreate, admin: AdminDep, services: ServicesDep
 ) -> NewKey:
-    key, row = services.accounts.create_key(account_id, body.name)
+    key, row = services.accounts.create_key(
+        account_id, body.name, max_keys=services.settings.max_keys_per_account
+    )
     return NewKey(key=key, **row)
 
 

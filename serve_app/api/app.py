@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
@@ -30,6 +30,7 @@ from serve_app.api import (
     web,
     webhooks,
 )
+from serve_app.api.limits import AddressThrottle, EdgeGuard, InFlight
 from serve_app.errors import Photo3DError, ServiceUnavailable
 from serve_app.service import Services
 
@@ -40,6 +41,7 @@ _HTTP_CODES = {
     402: "payment_required",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -55,6 +57,32 @@ def error_response(
     )
 
 
+class RateLimitHeaders:
+    """RateLimit-Limit/Remaining/Reset on every answer to an authenticated caller (the 429
+    included), from the budget the auth dependency leaves in the request state (#15). Pure ASGI,
+    so streamed bodies pass untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_budget(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                window = scope.get("state", {}).get("rate_window")
+                if window is not None:
+                    headers = MutableHeaders(scope=message)
+                    headers["RateLimit-Limit"] = str(window.limit)
+                    headers["RateLimit-Remaining"] = str(window.remaining)
+                    headers["RateLimit-Reset"] = str(window.reset_seconds)
+            await send(message)
+
+        await self.app(scope, receive, send_with_budget)
+
+
 def static_dir() -> Path:
     return Path(str(resources.files("serve_app").joinpath("static")))
 
@@ -68,6 +96,13 @@ def create_app(services: Services) -> FastAPI:
         '`{"error": {"code": "...", "message": "..."}}`.',
     )
     app.state.services = services
+    # Tenant fairness (issue 10): per-account caps on long-held requests in this replica.
+    settings = services.settings
+    app.state.streams = InFlight("streams", settings.max_streams_per_account)
+    app.state.uploads = InFlight("uploads", settings.max_uploads_per_account)
+    app.state.auth_failures = AddressThrottle(
+        settings.auth_failures_per_address, settings.rate_limit_window_seconds
+    )
     app.include_router(health.health_router)
     for module in (tasks, files, downloads, health, accounts, batches, billing, webhooks, web):
         app.include_router(module.router)
@@ -104,32 +139,7 @@ def create_app(services: Services) -> FastAPI:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "an unexpected error occurred")
 
-    timeout = services.settings.request_timeout_seconds
-
-    @app.middleware("http")
-    async def _time_limit(request: Request, call_next: Any) -> Any:
-        # Bounds the time to the response headers; a stream's body may then run on.
-        try:
-            return await asyncio.wait_for(call_next(request), timeout)
-        except TimeoutError:
-            log.warning("%s %s timed out after %.0fs", request.method, request.url.path, timeout)
-            return error_response(
-                503,
-                "request_timeout",
-                f"the request took longer than {timeout:.0f} s; retry",
-                {"Retry-After": "5"},
-            )
-
-    @app.middleware("http")
-    async def _rate_limit_headers(request: Request, call_next: Any) -> Any:
-        # Authenticated callers see their budget on every answer (including the 429).
-        response = await call_next(request)
-        window = getattr(request.state, "rate_window", None)
-        if window is not None:
-            response.headers["RateLimit-Limit"] = str(window.limit)
-            response.headers["RateLimit-Remaining"] = str(window.remaining)
-            response.headers["RateLimit-Reset"] = str(window.reset_seconds)
-        return response
+    app.add_middleware(RateLimitHeaders)
 
     origins = services.settings.cors_origin_list
     if origins:
@@ -147,6 +157,16 @@ def create_app(services: Services) -> FastAPI:
             ],
             max_age=600,
         )
+
+    # Refuses control characters before routing, bounds every request body and the
+    # time to the response headers (a stream's body may then run on).
+    app.add_middleware(
+        EdgeGuard,
+        request_timeout=settings.request_timeout_seconds,
+        body_timeout=settings.body_timeout_seconds,
+        min_rate=settings.body_min_rate_bytes_per_s,
+        grace=settings.body_grace_seconds,
+    )
 
     # --- observability (#13): request metrics and request ids; added last = outermost --------
     observability.observe(app)

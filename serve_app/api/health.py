@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from serve_app import __version__
-from serve_app.api.deps import ERRORS, ServicesDep
+from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
 from serve_app.api.schemas import BackendInfo, Health
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["health"])
@@ -16,7 +16,7 @@ health_router = APIRouter(tags=["health"])
 @router.get(
     "/backends", response_model=list[BackendInfo], summary="Backends served here and their workers"
 )
-def list_backends(services: ServicesDep) -> list[BackendInfo]:
+def list_backends(services: ServicesDep, account: AccountDep) -> list[BackendInfo]:
     return [
         BackendInfo(name=b.name, default=b.default, workers=b.workers)
         for b in services.backend_statuses()

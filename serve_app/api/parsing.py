@@ -8,7 +8,6 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -192,14 +191,12 @@ async def _parse_json(
             raise InvalidInput(
                 "send either image(s) or image_url, not both", code="conflicting_inputs"
             )
-        photo = await run_in_threadpool(
-            lambda: fetch_image_url(
-                image_url,
-                max_bytes=settings.max_upload_bytes,
-                timeout=settings.url_fetch_timeout_seconds,
-                max_redirects=settings.url_max_redirects,
-                allow_hosts=settings.url_allow_host_set,
-            )
+        photo = await fetch_image_url(  # asynchronous, one total deadline: no thread held
+            image_url,
+            max_bytes=settings.max_upload_bytes,
+            timeout=settings.url_fetch_timeout_seconds,
+            max_redirects=settings.url_max_redirects,
+            allow_hosts=settings.url_allow_host_set,
         )
         return [photo], _json_options(payload)
     if not isinstance(raw_images, list) or not raw_images:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -12,9 +11,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
+from serve_app.api.limits import HeldStream, has_control_characters
 from serve_app.api.parsing import GENERATE_BODY, parse_generate
 from serve_app.api.schemas import Task, TaskEvent, TaskEvents, TaskList, task_from_row
-from serve_app.errors import Photo3DError
+from serve_app.errors import InvalidInput, Photo3DError
 from serve_app.service import Services
 from serve_app.store.db import Row
 from serve_app.store.tasks import TERMINAL
@@ -45,7 +45,12 @@ async def generate(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Accept one or more photos of one object; answers 202 with the queued task."""
-    photos, options = await parse_generate(request, services)
+    if idempotency_key is not None and has_control_characters(idempotency_key):
+        raise InvalidInput(
+            "the Idempotency-Key header contains control characters", code="invalid_characters"
+        )
+    with request.app.state.uploads.slot(account):  # bodies and image_url fetches in flight
+        photos, options = await parse_generate(request, services)
     row, created = await run_in_threadpool(
         services.submit, account, photos, options, idempotency_key=idempotency_key
     )
@@ -74,47 +79,55 @@ def get_task_events(task_id: str, services: ServicesDep, account: AccountDep) ->
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def stream_task(
-    task_id: str, request: Request, services: ServicesDep, account: AccountDep
+    task_id: str,
+    request: Request,
+    services: ServicesDep,
+    account: AccountDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
 ) -> StreamingResponse:
+    """Timeline events (with ids: reconnect with `Last-Event-ID` to resume after the last one
+    seen) and the task itself on each change. Woken by the replica's one task-change listener;
+    at most PHOTO3D_MAX_STREAMS_PER_ACCOUNT open streams per account and replica."""
     row = await run_in_threadpool(services.get_task, account, task_id)
+    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    release = request.app.state.streams.acquire(account)
+    changes = services.task_changes
 
     async def events() -> AsyncIterator[str]:
-        last: str | None = None
-        last_event_id = 0
-        idle = 0.0
-        current = row
-        while True:
-            try:
-                timeline = await run_in_threadpool(
-                    services.task_events, account, task_id, last_event_id
-                )
-            except Photo3DError as exc:  # deleted meanwhile
-                yield f"event: error\ndata: {json.dumps(exc.to_dict())}\n\n"
-                return
-            for event in timeline:
-                last_event_id = event["id"]
-                data = TaskEvent(**event).model_dump_json()
-                yield f"id: {last_event_id}\nevent: timeline\ndata: {data}\n\n"
-            # Compared without signatures (they change every second); sent with them.
-            body = task_from_row(current).model_dump_json(exclude={"timings"})
-            if body != last:
-                last, idle = body, 0.0
-                yield f"event: task\ndata: {view(services, account, current).model_dump_json()}\n\n"
-            if current["status"] in TERMINAL or await request.is_disconnected():
-                return
-            await asyncio.sleep(0.5)
-            idle += 0.5
-            if idle >= 15:
-                idle = 0.0
-                yield ": keep-alive\n\n"
-            try:
-                current = await run_in_threadpool(services.get_task, account, task_id)
-            except Photo3DError as exc:
-                yield f"event: error\ndata: {json.dumps(exc.to_dict())}\n\n"
-                return
+        last_event, last_body, current = after, None, row
+        async with changes.subscribe(str(row["id"])) as subscription:
+            while True:
+                try:
+                    timeline = await run_in_threadpool(
+                        services.task_events, account, task_id, last_event
+                    )
+                except Photo3DError as exc:  # deleted meanwhile
+                    yield f"event: error\ndata: {json.dumps(exc.to_dict())}\n\n"
+                    return
+                for event in timeline:
+                    last_event = event["id"]
+                    data = TaskEvent(**event).model_dump_json()
+                    yield f"id: {last_event}\nevent: timeline\ndata: {data}\n\n"
+                task = task_from_row(current)
+                body = task.model_dump_json(exclude={"timings"})
+                if body != last_body:
+                    last_body = body
+                    # Compared without signatures (they change every second); sent with them.
+                    shown = view(services, account, current).model_dump_json()
+                    yield f"event: task\ndata: {shown}\n\n"
+                if current["status"] in TERMINAL:
+                    return
+                while not await subscription.wait(15):
+                    yield ": keep-alive\n\n"
+                try:
+                    current = await run_in_threadpool(services.get_task, account, task_id)
+                except Photo3DError as exc:
+                    yield f"event: error\ndata: {json.dumps(exc.to_dict())}\n\n"
+                    return
 
-    return StreamingResponse(
+    return HeldStream(
         events(),
+        release=release,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -115,6 +115,15 @@ class Database:
         with self.connection() as conn:
             return conn.execute(query(name), params or {}).rowcount
 
+    def fetch_one_locked(
+        self, lock: str, name: str, params: dict[str, Any] | None = None
+    ) -> Row | None:
+        """Run query `name` in a transaction holding the advisory lock `lock`: a check and a
+        write in one query (count, then insert) cannot interleave with another holder's."""
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
+            return conn.execute(query(name), params or {}).fetchone()
+
     def ping(self) -> None:
         """Raise ServiceUnavailable unless the database answers."""
         with self.connection() as conn:

@@ -22,6 +22,14 @@ STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 
 
+class ActiveTaskLimitReached(Exception):
+    """The account already has `limit` tasks queued or running; nothing was inserted."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"active task limit {limit} reached")
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class Claim:
     """A task a worker owns until its lease expires; `attempt` is the fencing token."""
@@ -91,12 +99,16 @@ class TaskQueue:
         idempotency_key: str | None = None,
         batch_id: str | None = None,
         request_hash: str | None = None,
+        max_active: int | None = None,
         credits: int = 0,
         meter_event: str | None = None,
     ) -> tuple[Row, bool]:
         """Insert a queued task; returns (row, created). An idempotency key already used by this
         account returns the original task and created=False. With billing, `credits` are
-        reserved (or `meter_event` noted) in the insert's own transaction."""
+        reserved (or `meter_event` noted) in the insert's own transaction. Without billing and
+        with `max_active`, the account's queued and running tasks are counted and the task
+        inserted under one per-account lock, so concurrent submissions cannot pass the limit
+        together (ActiveTaskLimitReached)."""
         params = {
             "id": task_id,
             "account_id": account_id,
@@ -113,11 +125,20 @@ class TaskQueue:
             from serve_app.store.ledger import insert_task_reserving
 
             row = insert_task_reserving(self.db, params, credits=credits, meter_event=meter_event)
-        else:
+            max_active = None  # the reserving path has no atomic count (see the report of #10)
+        elif max_active is None:
             row = self.db.fetch_one("insert_task", params)
+        else:
+            row = self.db.fetch_one_locked(
+                f"tasks:{account_id}",
+                "insert_task_within_limit",
+                {**params, "max_active": max_active},
+            )
         if row is not None:
             return row, True
         existing = self.by_idempotency_key(account_id, idempotency_key or "")
+        if existing is None and max_active is not None:
+            raise ActiveTaskLimitReached(max_active)
         if existing is None:  # the original was deleted between the two statements
             raise InvalidInput("idempotency key conflict; retry", code="idempotency_conflict")
         return existing, False

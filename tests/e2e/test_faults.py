@@ -118,8 +118,9 @@ def test_generators_killed_repeatedly_under_load(stack: Stack) -> None:
 
 def test_ingress_killed_while_tasks_run(stack: Stack) -> None:
     ids = submit_many(stack, 10)
-    (ingress,) = [p for p in stack.processes("ServeReplica:photo3d:Ingress")][:1] or [None]
-    assert ingress is not None, "no ingress replica process found"
+    # This stack's own ingress replica (a descendant of its `photo3d serve`), never another's.
+    (ingress,) = stack.processes("ServeReplica:photo3d:Ingress")
+    killed = ingress.pid
     ingress.kill()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -127,6 +128,9 @@ def test_ingress_killed_while_tasks_run(stack: Stack) -> None:
             if httpx.get(f"{stack.url}/health", timeout=2).status_code == 200:
                 break
         time.sleep(0.5)
+    else:
+        raise AssertionError(f"the stack did not recover from the ingress kill\n{stack.log()}")
+    assert [p.pid for p in stack.processes("ServeReplica:photo3d:Ingress")] != [killed]
     assert_all_succeeded_once(stack, ids)
     with stack.client() as client:
         assert client.get(f"/api/v1/task/{ids[0]}").json()["status"] == "succeeded"
@@ -156,6 +160,8 @@ def test_postgres_restarted_under_load(stack: Stack, server: tuple[str, Any]) ->
             if httpx.get(f"{stack.url}/health", timeout=5).status_code == 200:
                 break
         time.sleep(0.5)
+    else:
+        raise AssertionError(f"not healthy after the database restart\n{stack.log()}")
     after = submit_many(stack, 10)
     assert_all_succeeded_once(stack, before + after)
 

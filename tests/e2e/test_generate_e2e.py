@@ -192,6 +192,8 @@ def test_generator_killed_mid_task_is_retried_and_succeeds_once(stack: Stack) ->
         attempts = sorted(
             p.name for p in (stack.run_dir / "artifacts" / "tasks" / task_id).iterdir()
         )
+        # The kill lands before this attempt writes; a kill after a partial write is in
+        # tests/integration/test_recovery.py.
         assert attempts == ["attempt-2"]
 
 

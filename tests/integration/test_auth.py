@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,12 +61,15 @@ def test_every_route_but_health_and_page_needs_a_key(client: TestClient) -> None
         ("GET", "/api/v1/task/00000000-0000-0000-0000-000000000000"),
         ("GET", "/api/v1/account"),
         ("GET", "/api/v1/keys"),
+        ("GET", "/api/v1/backends"),
     ]:
         response = client.request(method, path)
         assert response.status_code == 401, path
         assert response.json()["error"]["code"] == "missing_api_key"
         assert response.headers["www-authenticate"] == "Bearer"
-    assert client.get("/health").status_code in (200, 503)
+    # /health is public: no worker runs here, so it answers "unavailable", not 401.
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["database"] == "ok"
     bad = client.get("/api/v1/tasks", headers={"Authorization": "Bearer p3d_aaaaaaaa_" + "x" * 32})
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
     assert (
@@ -111,6 +115,7 @@ def test_another_accounts_task_is_404_on_every_route(
         ("GET", "/result/glb"),
         ("GET", "/result/stl"),
         ("GET", "/preview"),
+        ("GET", "/turntable"),
         ("POST", "/cancel"),
         ("DELETE", ""),
     ]:
@@ -148,6 +153,15 @@ def test_admin_routes(client: TestClient, services: Services) -> None:
     assert client.get("/api/v1/account", headers=dave).status_code == 401
 
 
+def wait_for_fresh_window(window: int, needed: float = 15) -> None:
+    """Sleep into the next rate window when fewer than `needed` seconds are left of this one, so
+    a test's requests never straddle a window boundary (windows start at multiples of `window`
+    seconds since the epoch, on the database's clock: this machine's)."""
+    left = window - time.time() % window
+    if left < needed:
+        time.sleep(left + 0.05)
+
+
 def test_rate_limit_answers_429_with_retry_after(database_url: str, tmp_path: Path) -> None:
     settings = Settings(
         database_url=database_url,
@@ -158,6 +172,7 @@ def test_rate_limit_answers_429_with_retry_after(database_url: str, tmp_path: Pa
     )
     with app_client(settings) as (services, client):
         headers = key_for(services, "eve")
+        wait_for_fresh_window(60)
         codes = [client.get("/api/v1/tasks", headers=headers).status_code for _ in range(5)]
         assert codes == [200, 200, 200, 429, 429]
         limited = client.get("/api/v1/tasks", headers=headers)

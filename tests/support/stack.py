@@ -23,9 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
+    """A port free now; another process may take it before we bind it, so run_stack retries
+    with a new one when the server reports it taken."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+PORT_TAKEN = ("address already in use", "errno 98")
 
 
 @dataclass
@@ -38,7 +43,7 @@ class Stack:
     metrics_port: int = 0  # Ray's metrics export (Prometheus text) on 127.0.0.1
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+        return httpx.Client(base_url=self.url, **{"timeout": 30, **kwargs})
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-20000:]
@@ -72,10 +77,17 @@ class Stack:
         raise AssertionError(f"task {task_id} did not reach {until}: {body}\n{self.log()}")
 
 
-def write_config(path: Path, extra_backends: dict[str, float]) -> Path:
-    """serve_config.yaml plus fake backends (name -> CPUs), with CPUs sized for a 2-core CI."""
+def write_config(
+    path: Path, extra_backends: dict[str, float], ingress: dict[str, Any] | None = None
+) -> Path:
+    """serve_config.yaml plus fake backends (name -> CPUs), with CPUs sized for a 2-core CI;
+    `ingress` overrides fields of the Ingress deployment (num_replicas, max_ongoing_requests)."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
+    for deployment in app["deployments"]:
+        if deployment["name"] == "Ingress" and ingress:
+            deployment.update(ingress)
+            deployment["ray_actor_options"]["num_cpus"] = 0.1
     for name, cpus in extra_backends.items():
         app["args"]["backends"].append(name)
         app["deployments"].append(
@@ -100,18 +112,48 @@ def run_stack(
     extra_backends: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 240,
+    ingress: dict[str, Any] | None = None,
     serve_args: list[str] | None = None,
     config_path: Path | None = None,
 ) -> Iterator[Stack]:
     """Run `photo3d serve` until the block ends; fails with the server log if it never starts.
-    `serve_args` replace the default `--num-cpus 2`; `config_path` the written test config."""
+    `serve_args` replace the default `--num-cpus 2`; `config_path` the written test config
+    (`ingress` overrides fields of its Ingress deployment). A port taken between choosing and
+    binding it is retried with another."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    metrics_port = free_port()
     extra = extra_backends or {}
     config = config_path or write_config(
-        run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra}
+        run_dir / "serve_config.test.yaml", {name: 0.5 for name in extra}, ingress
     )
+    for attempt in range(3):
+        try:
+            stack = _start(run_dir, database_url, config, extra, env, timeout, serve_args)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+            continue
+        try:
+            yield stack
+        finally:
+            stop_stack(stack.process)
+        return
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _start(
+    run_dir: Path,
+    database_url: str,
+    config: Path,
+    extra: dict[str, str],
+    env: dict[str, str] | None,
+    timeout: float,
+    serve_args: list[str] | None = None,
+) -> Stack:
+    port = free_port()
+    metrics_port = free_port()
     full_env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -120,6 +162,8 @@ def run_stack(
         "PHOTO3D_METRICS_PORT": str(metrics_port),
         "PHOTO3D_SERVE_CONFIG": str(config),
         "PHOTO3D_EXTRA_BACKENDS": ",".join(f"{k}={v}" for k, v in extra.items()),
+        # The same deployments on every host: a GPU host would add the TRELLIS backends.
+        "PHOTO3D_BACKENDS": ",".join(["cpu", *extra]),
         "PHOTO3D_LEASE_SECONDS": "3",
         "PHOTO3D_HEARTBEAT_SECONDS": "0.5",
         "PHOTO3D_POLL_SECONDS": "1",
@@ -147,16 +191,20 @@ def run_stack(
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
+                if any(taken in stack.log().lower() for taken in PORT_TAKEN):
+                    raise _PortTaken(port)
                 raise AssertionError(f"photo3d serve exited ({process.returncode}):\n{stack.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{stack.url}/health", timeout=2).status_code == 200:
-                    break
+            # Our own server says it runs on this port (not another stack that took it).
+            if f"running at {stack.url}" in stack.log():
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{stack.url}/health", timeout=2).status_code == 200:
+                        return stack
             if time.monotonic() > deadline:
                 raise AssertionError(f"stack not healthy after {timeout}s:\n{stack.log()}")
             time.sleep(0.5)
-        yield stack
-    finally:
+    except BaseException:
         stop_stack(process)
+        raise
 
 
 def stop_stack(process: subprocess.Popen[bytes]) -> None:

@@ -243,3 +243,40 @@ LIMIT %(limit)s;
 -- name: mark_expired
 UPDATE tasks SET expired_at = clock_timestamp(), result = NULL, updated_at = clock_timestamp()
 WHERE id = %(id)s AND expired_at IS NULL;
+
+-- ---------------------------------------------------------------------------------------------
+-- Limits that hold under races (issue 10). Each runs under a per-account advisory lock
+-- (Database.fetch_one_locked), so the count and the insert cannot interleave with another's.
+
+-- name: insert_task_within_limit
+-- The task is inserted only while the account has fewer than max_active interactive tasks
+-- queued or running (as active_task_count counts them: bulk jobs bound their own).
+INSERT INTO tasks (id, account_id, backend, priority, options, inputs, max_attempts,
+                   idempotency_key, batch_id, request_hash)
+SELECT %(id)s, %(account_id)s, %(backend)s, %(priority)s, %(options)s, %(inputs)s,
+       %(max_attempts)s, %(idempotency_key)s, %(batch_id)s, %(request_hash)s
+WHERE (SELECT count(*) FROM tasks
+       WHERE account_id = %(account_id)s AND status IN ('queued', 'running')
+         AND batch_id IS NULL) < %(max_active)s
+ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING *;
+
+-- name: create_api_key_within_limit
+INSERT INTO api_keys (prefix, account_id, secret_hash, name)
+SELECT %(prefix)s, %(account_id)s, %(secret_hash)s, %(name)s
+WHERE (SELECT count(*) FROM api_keys
+       WHERE account_id = %(account_id)s AND revoked_at IS NULL) < %(max_keys)s
+RETURNING prefix, account_id, name, created_at, last_used_at, revoked_at;
+
+-- name: count_request_and_account
+-- Counts one request against its key's window and its account's window in one statement.
+WITH w AS (
+    SELECT to_timestamp(floor(extract(epoch FROM clock_timestamp()) / %(window)s) * %(window)s)
+           AS start
+)
+INSERT INTO rate_windows (key_prefix, window_start, requests)
+SELECT bucket, w.start, 1 FROM w, unnest(ARRAY[%(key)s::text, %(account)s::text]) AS bucket
+ON CONFLICT (key_prefix, window_start) DO UPDATE SET requests = rate_windows.requests + 1
+RETURNING key_prefix AS bucket, requests,
+          extract(epoch FROM window_start + make_interval(secs => %(window)s) - clock_timestamp())
+              AS reset_s;
