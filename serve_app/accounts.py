@@ -49,6 +49,15 @@ def _rebuild_rate_limited(message: str, code: str, retry_after: int) -> RateLimi
 
 
 @dataclass(frozen=True)
+class RateWindow:
+    """The caller's request budget: the RateLimit-Limit/Remaining/Reset headers (#15)."""
+
+    limit: int
+    remaining: int
+    reset_seconds: int
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who is calling: an account, and the key used (None in local single-user mode)."""
 
@@ -143,34 +152,43 @@ class Accounts:
             raise Unauthorized("the API key is not valid or was revoked", code="invalid_api_key")
         return Principal(row["account_id"], row["prefix"], bool(row["is_admin"]))
 
-    def count_request(self, bucket: str, limit: int, window_seconds: int) -> None:
-        """Count one request in the bucket's window; RateLimited past `limit`."""
+    def count_request(self, bucket: str, limit: int, window_seconds: int) -> RateWindow:
+        """Count one request in the bucket's window; RateLimited past `limit`. Returns what the
+        RateLimit-* response headers say."""
         row = self.db.fetch_one("count_request", {"key": bucket, "window": window_seconds})
-        if row is not None and row["requests"] > limit:
-            retry = max(1, int(float(row["reset_s"]) + 0.999))
+        if row is None:  # pragma: no cover - the upsert always returns its row
+            return RateWindow(limit, limit, window_seconds)
+        retry = max(1, int(float(row["reset_s"]) + 0.999))
+        if row["requests"] > limit:
             raise RateLimited(
                 f"more than {limit} requests in {window_seconds} s; retry in {retry} s",
                 retry_after=retry,
             )
+        return RateWindow(limit, max(0, limit - int(row["requests"])), retry)
 
     def count_key_and_account(
         self, key_prefix: str, account_id: str, key_limit: int, account_limit: int, window: int
-    ) -> None:
+    ) -> RateWindow:
         """Count one request against its key's window and its account's (all keys together);
-        RateLimited past either limit."""
+        RateLimited past either limit. Returns the tighter budget (the RateLimit-* headers)."""
         rows = self.db.fetch_all(
             "count_request_and_account",
             {"key": key_prefix, "account": f"account:{account_id}", "window": window},
         )
+        budget = RateWindow(key_limit, key_limit, window)
         for row in rows:
             limit = account_limit if row["bucket"].startswith("account:") else key_limit
+            retry = max(1, int(float(row["reset_s"]) + 0.999))
             if row["requests"] > limit:
-                retry = max(1, int(float(row["reset_s"]) + 0.999))
                 whom = "this account" if row["bucket"].startswith("account:") else "this key"
                 raise RateLimited(
                     f"more than {limit} requests from {whom} in {window} s; retry in {retry} s",
                     retry_after=retry,
                 )
+            remaining = max(0, limit - int(row["requests"]))
+            if remaining < budget.remaining:
+                budget = RateWindow(limit, remaining, retry)
+        return budget
 
     def prune_rate_windows(self, window_seconds: int) -> int:
         """Drop the request counters of windows that have ended; returns how many went."""

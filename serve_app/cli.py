@@ -587,6 +587,241 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# --- API client commands (#15): submit, status, tasks, download, cancel against a server ---------
+# Exit codes scripts can rely on.
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1  # the task ended failed or canceled
+EXIT_REFUSED = 2  # the server refused the request (bad photo/option, not found, bad key)
+EXIT_UNAVAILABLE = 3  # server unreachable, overloaded (429) or unavailable (503)
+EXIT_TIMEOUT = 4  # --wait gave up before the task ended
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from serve_app.client import Client
+
+    return Client(args.server, timeout=args.http_timeout)
+
+
+def _api_call(func: Any) -> Any:
+    """Run an API command, turning client errors into a message and an exit code."""
+
+    def run(args: argparse.Namespace) -> int:
+        from serve_app.client import (
+            APIError,
+            RateLimitError,
+            ServiceUnavailableError,
+            TaskFailedError,
+            WaitTimeout,
+        )
+
+        try:
+            code: int = func(args)
+            return code
+        except TaskFailedError as exc:
+            print(f"task failed ({exc.code}): {exc.message}", file=sys.stderr)
+            return EXIT_TASK_FAILED
+        except WaitTimeout as exc:
+            print(f"gave up waiting: {exc}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        except (RateLimitError, ServiceUnavailableError) as exc:
+            print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        except APIError as exc:
+            print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
+            return EXIT_REFUSED
+        except (OSError, ValueError) as exc:  # unreadable photo, bad --options JSON
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
+
+    return run
+
+
+class ProgressBar:
+    """Task progress on stderr: a redrawn bar on a terminal, one line per change otherwise."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, task: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        fraction = float(task.get("progress") or 0)
+        stage = task.get("stage") or task["status"]
+        where = task.get("queue_position")
+        label = f"queued, {where} ahead" if task["status"] == "queued" and where else stage
+        filled = int(fraction * 30)
+        line = f"[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}%  {label}"
+        if self.tty:
+            print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
+        elif label != self.last:
+            print(line, file=sys.stderr, flush=True)
+        self.last = label
+
+    def done(self) -> None:
+        if self.tty and not self.quiet and self.last:
+            print(file=sys.stderr)
+
+
+def _summary(task: dict[str, Any]) -> str:
+    parts = [f"{task['id']}  {task['status']}"]
+    if task["status"] in ("queued", "running"):
+        parts.append(f"{float(task['progress']) * 100:.0f}% {task.get('stage') or ''}".strip())
+    if task.get("error"):
+        parts.append(f"{task['error']['code']}: {task['error']['message']}")
+    if task.get("result"):
+        parts.append("files: " + ", ".join(f["format"] for f in task["result"]["files"]))
+    return "  ".join(parts)
+
+
+def _format_of(args: argparse.Namespace) -> str:
+    if args.format:
+        return str(args.format)
+    if args.output and Path(args.output).suffix:
+        return Path(args.output).suffix.lstrip(".").lower()
+    return "glb"
+
+
+@_api_call
+def cmd_submit(args: argparse.Namespace) -> int:
+    import json
+
+    if bool(args.photos) == bool(args.url):
+        raise ValueError("give photo files or --url (one of them)")
+    options: dict[str, Any] = json.loads(args.options) if args.options else {}
+    if not isinstance(options, dict):
+        raise ValueError("--options must be a JSON object")
+    for name in ("backend", "seed", "face_limit", "texture_size"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    fmt = _format_of(args) if (args.output or args.format) else None
+    if fmt and fmt not in ("preview", "turntable"):
+        options["formats"] = sorted({"glb", fmt, *options.get("formats", [])})
+    with _client(args) as client:
+        if args.url:
+            task = client.submit(
+                image_url=args.url, options=options, idempotency_key=args.idempotency_key
+            )
+        else:
+            task = client.submit(
+                list(args.photos), options=options, idempotency_key=args.idempotency_key
+            )
+        if not (args.wait or args.output):
+            print(json.dumps(task, indent=2) if args.json else task["id"])
+            return EXIT_OK
+        print(f"task {task['id']} queued", file=sys.stderr)
+        bar = ProgressBar(args.quiet)
+        try:
+            task = client.wait(task["id"], timeout=args.timeout, on_update=bar)
+        finally:
+            bar.done()
+        if task["status"] != "succeeded":
+            error = task.get("error") or {"code": task["status"], "message": task["status"]}
+            print(
+                f"task {task['id']} {task['status']} ({error['code']}): {error['message']}",
+                file=sys.stderr,
+            )
+            return EXIT_TASK_FAILED
+        if args.output:
+            out = client.download(task["id"], fmt or "glb", args.output)
+            print(f"wrote {out}", file=sys.stderr)
+        print(json.dumps(task, indent=2) if args.json else task["id"])
+    return EXIT_OK
+
+
+@_api_call
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        task = client.get(args.task_id)
+    print(json.dumps(task, indent=2) if args.json else _summary(task))
+    return EXIT_OK
+
+
+@_api_call
+def cmd_tasks(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        page = client.list_tasks(status=args.status, limit=args.limit)
+    if args.json:
+        print(json.dumps(page, indent=2))
+    else:
+        for task in page["tasks"]:
+            print(f"{task['created_at'][:19]}  {_summary(task)}")
+    return EXIT_OK
+
+
+@_api_call
+def cmd_download(args: argparse.Namespace) -> int:
+    fmt = _format_of(args)
+    out = args.output or f"{args.task_id}.{'png' if fmt == 'preview' else fmt}"
+    with _client(args) as client:
+        path = client.download(args.task_id, fmt, out)
+    print(path)
+    return EXIT_OK
+
+
+@_api_call
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        task = client.cancel(args.task_id)
+    print(_summary(task))
+    return EXIT_OK
+
+
+def add_client_commands(sub: Any) -> None:
+    """`photo3d submit|status|tasks|download|cancel`: the API client on the command line."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server",
+        default=os.environ.get("PHOTO3D_SERVER"),
+        help="API server (default: $PHOTO3D_SERVER or http://127.0.0.1:8000); "
+        "the key comes from $PHOTO3D_API_KEY",
+    )
+    common.add_argument("--http-timeout", type=float, default=60.0, help=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", help="print the task(s) as JSON")
+    formats = [*FORMATS, "preview", "turntable"]
+
+    p = sub.add_parser("submit", parents=[common], help="send photos to a photo3d server")
+    p.add_argument("photos", nargs="*", help="photo file(s) of one object (JPEG/PNG/WebP/HEIC)")
+    p.add_argument("--url", help="the photo's URL instead of files")
+    p.add_argument("--wait", action="store_true", help="wait for the result, showing progress")
+    p.add_argument("-o", "--output", help="download the result here (implies --wait)")
+    p.add_argument("--format", choices=formats, help="result format (default: from -o, or glb)")
+    p.add_argument("--backend")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--face-limit", type=int)
+    p.add_argument("--texture-size", type=int)
+    p.add_argument("--options", help="more options as a JSON object")
+    p.add_argument("--idempotency-key", help="retrying with the same key returns the same task")
+    p.add_argument("--timeout", type=float, help="seconds to wait before giving up (exit 4)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", parents=[common], help="a task's status")
+    p.add_argument("task_id")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("tasks", parents=[common], help="your tasks, newest first")
+    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("download", parents=[common], help="download a task's result")
+    p.add_argument("task_id")
+    p.add_argument("--format", choices=formats, help="default: from -o, or glb")
+    p.add_argument("-o", "--output", help="file to write (default: <id>.<format>)")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("cancel", parents=[common], help="cancel a queued or running task")
+    p.add_argument("task_id")
+    p.set_defaults(func=cmd_cancel)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="photo3d", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -658,6 +893,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug-dir", help="also write the object mask and segmentation intermediates here"
     )
     p.set_defaults(func=cmd_generate)
+
+    add_client_commands(sub)
     return parser
 
 

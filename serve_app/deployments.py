@@ -56,6 +56,7 @@ class Ingress:
         if self.services.settings.billing_enabled and self.services.settings.stripe_secret_key:
             # Metered usage goes to Stripe from the outbox; several replicas share it safely.
             self.services.billing.start_meter_reporter()
+        self.webhook_dispatcher = start_webhook_dispatcher(self.services)
 
     def __serve_build_asgi_app__(self) -> Any:
         from serve_app.api.app import create_app
@@ -65,7 +66,28 @@ class Ingress:
     def __del__(self) -> None:
         if "billing" in vars(self.services):
             self.services.billing.stop_meter_reporter()
+        dispatcher = getattr(self, "webhook_dispatcher", None)
+        if dispatcher is not None:
+            dispatcher.stop(timeout=5)
         self.services.close()
+
+
+def start_webhook_dispatcher(services: Any) -> Any:
+    """The webhook delivery loop of this ingress replica (#15), unless turned off.
+
+    It runs here, not in a deployment of its own: every installation has an ingress, replicas
+    share the outbox through SKIP LOCKED (more replicas, more delivery slots), and its threads
+    are its own, so neither requests nor generation wait on a slow endpoint."""
+    if not services.settings.webhook_dispatcher:
+        return None
+    from functools import partial
+
+    from serve_app.api.webhooks import task_payload
+    from serve_app.webhooks import WebhookDispatcher
+
+    return WebhookDispatcher(
+        services.webhooks.store, services.settings, partial(task_payload, services)
+    ).start()
 
 
 @serve.deployment(

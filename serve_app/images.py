@@ -9,13 +9,30 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import pillow_heif
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve_app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 from serve_app.settings import Settings
 
+# HEIC/HEIF (iPhone photos) decode through pillow-heif's opener; AVIF through Pillow's own
+# plugin (pillow-heif 1.x left AVIF to Pillow). Both honour the same limits as every photo.
+pillow_heif.register_heif_opener()
+
 # Magic bytes of the formats we accept; anything else is refused before Pillow sees it.
-_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+_FORMATS = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "HEIF": "image/heic",
+    "AVIF": "image/avif",
+}
+# Data-URI types accepted besides _FORMATS' own.
+_MEDIA_ALIASES = {"image/heif", "image/heic-sequence", "image/heif-sequence"}
+# ISO-BMFF brands (the `ftyp` box) of HEIF still images and of AVIF.
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+FORMAT_NAMES = "JPEG, PNG, WebP, HEIC/HEIF or AVIF"
 _DATA_URI = re.compile(
     r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[\w.-]+)*)(?P<b64>;base64)?,", re.I
 )
@@ -49,11 +66,20 @@ def sniff_format(data: bytes) -> str | None:
         return "PNG"
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if len(data) >= 16 and data[4:8] == b"ftyp":
+        box = int.from_bytes(data[:4], "big")
+        major = data[8:12]
+        # The compatible brands follow the major brand and a 4-byte minor version.
+        compatible = {data[i : i + 4] for i in range(16, min(box, 64, len(data)) - 3, 4)}
+        if major in _AVIF_BRANDS or (major not in _HEIF_BRANDS and compatible & _AVIF_BRANDS):
+            return "AVIF"
+        if major in _HEIF_BRANDS or compatible & _HEIF_BRANDS:
+            return "HEIF"
     return None
 
 
 def load_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Decode a JPEG/PNG/WebP photo, apply EXIF orientation, return it as RGB or RGBA.
+    """Decode a JPEG/PNG/WebP/HEIC/AVIF photo, apply its orientation, return RGB or RGBA.
 
     Raises InvalidImage / UnsupportedMediaType / PayloadTooLarge with a clear message."""
     if not data:
@@ -66,7 +92,7 @@ def load_image(data: bytes, limits: ImageLimits) -> Image.Image:
     fmt = sniff_format(data)
     if fmt is None:
         raise UnsupportedMediaType(
-            "the file is not a JPEG, PNG or WebP image", code="unsupported_image_type"
+            f"the file is not a {FORMAT_NAMES} image", code="unsupported_image_type"
         )
     try:
         with warnings.catch_warnings():
@@ -86,7 +112,8 @@ def load_image(data: bytes, limits: ImageLimits) -> Image.Image:
                     f"{limits.min_side} px",
                     code="image_too_small",
                 )
-            if getattr(image, "n_frames", 1) > 1:
+            # A HEIF file may hold several images (bursts, depth); its primary one is the photo.
+            if fmt != "HEIF" and getattr(image, "n_frames", 1) > 1:
                 raise InvalidImage(
                     "animated images are not supported; send a single photo",
                     code="animated_image",
@@ -122,7 +149,7 @@ STORED_INPUT_LIMITS = ImageLimits(
     max_bytes=1 << 40, max_pixels=1 << 40, max_side=1 << 20, min_side=1
 )
 
-_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "AVIF": ".avif"}
 
 
 def stored_suffix(data: bytes) -> str:
@@ -155,10 +182,10 @@ def decode_base64_image(value: str, max_bytes: int) -> bytes:
                 "data URI must look like data:image/png;base64,<data>", code="invalid_data_uri"
             )
         media_type = (match["type"] or "").lower()
-        if media_type not in _FORMATS.values():
+        if media_type not in {*_FORMATS.values(), *_MEDIA_ALIASES}:
             raise UnsupportedMediaType(
-                f"data URI type {media_type or '(none)'} is not image/jpeg, image/png "
-                "or image/webp",
+                f"data URI type {media_type or '(none)'} is not image/jpeg, image/png, "
+                "image/webp, image/heic, image/heif or image/avif",
                 code="unsupported_image_type",
             )
         payload = value[match.end() :]

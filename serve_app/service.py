@@ -4,6 +4,8 @@ result files, and report readiness. Each API handler calls one method here."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from serve_app.store.tasks import TERMINAL, ActiveTaskLimitReached, TaskQueue
 
 if TYPE_CHECKING:
     from serve_app.billing import Billing
+    from serve_app.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +143,15 @@ class Services:
         """Signs the download links the API hands out (issue #14)."""
         return signer_from_settings(self.settings)
 
+    # --- #15 integrators -----------------------------------------------------------------
+    @cached_property
+    def webhooks(self) -> Webhooks:
+        """Webhook endpoints of accounts (the dispatcher is started by the ingress)."""
+        from serve_app.store.webhooks import WebhookStore
+        from serve_app.webhooks import Webhooks
+
+        return Webhooks(WebhookStore(self.db), self.settings)
+
     # --- generation ----------------------------------------------------------------
     def submit(
         self,
@@ -163,11 +175,12 @@ class Services:
         limits = ImageLimits.from_settings(self.settings)
         for data in photos:  # decoded in full to refuse what the worker could not read
             load_image(data, limits)
+        digest = request_hash(photos, options.model_dump(mode="json"))
         if idempotency_key is not None:
             # A retry must not store its photos again: answer with the original task.
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
             if task_by_key is not None:
-                return task_by_key, False
+                return check_same_request(task_by_key, digest, idempotency_key), False
         if batch_id is None:  # a bulk job bounds its own items in flight
             self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
         # Billing (off by default): 402 before anything is stored; the reservation itself is
@@ -197,6 +210,7 @@ class Services:
                 priority=priority,
                 idempotency_key=idempotency_key,
                 batch_id=batch_id,
+                request_hash=digest,
                 credits=quote.credits if quote else 0,
                 meter_event=quote.meter_event if quote else None,
             )
@@ -208,7 +222,7 @@ class Services:
             raise
         if not created:
             self.artifacts.delete_prefix(artifact_keys.inputs_prefix(task_id))
-            return row, False
+            return check_same_request(row, digest, idempotency_key or ""), False
         metrics.task_submitted(str(options.backend))
         log.info(
             "task queued",
@@ -373,6 +387,26 @@ class Services:
         """The caller's account name (its id when the account has no row, as in local mode)."""
         row = self.accounts.get_account(principal.account_id) or {}
         return str(row.get("name", principal.account_id))
+
+
+def request_hash(photos: list[bytes], options: dict[str, Any]) -> str:
+    """sha256 of what a generation request asks for: its photos and its (validated) options."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for photo in photos:
+        digest.update(hashlib.sha256(photo).digest())
+    return digest.hexdigest()
+
+
+def check_same_request(task: Row, digest: str, idempotency_key: str) -> Row:
+    """The task a reused Idempotency-Key names, unless the request differs from the first one
+    (then 422: answering with the first task would silently drop this one)."""
+    if task.get("request_hash") not in (None, digest):
+        raise InvalidInput(
+            f"Idempotency-Key {idempotency_key[:64]!r} was already used with a different "
+            "request; use a new key for a new request",
+            code="idempotency_key_reused",
+        )
+    return task
 
 
 def parse_task_id(value: str) -> uuid.UUID:

@@ -151,6 +151,21 @@ class Settings(BaseSettings):
     def billing_enabled(self) -> bool:
         return self.billing if self.billing is not None else self.stripe_secret_key is not None
 
+    # --- webhooks (#15) ------------------------------------------------------------------
+    # Each ingress replica runs a delivery loop (off = deliver from elsewhere, or not at all).
+    webhook_dispatcher: bool = True
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_response_bytes: int = Field(default=64 * 1024, ge=0)  # read, then hang up
+    webhook_concurrency: int = Field(default=8, ge=1, le=64)  # deliveries at once per replica
+    webhook_endpoint_concurrency: int = Field(default=2, ge=1)  # in flight per endpoint
+    webhook_poll_seconds: float = Field(default=1.0, gt=0)
+    webhook_retry_base_seconds: float = Field(default=5.0, ge=0)  # first retry; x4 each time
+    webhook_retry_max_seconds: float = Field(default=5 * 3600, gt=0)
+    webhook_retry_window_seconds: float = Field(default=24 * 3600, gt=0)  # then give up
+    webhook_retention_seconds: float = Field(default=7 * 24 * 3600, gt=0)  # delivery log
+    webhook_max_endpoints: int = Field(default=10, ge=1)  # per account
+    webhook_secret_grace_seconds: float = Field(default=24 * 3600, ge=0)  # old secret after rotate
+
     @field_validator("database_url", "artifact_url", "s3_public_endpoint")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:

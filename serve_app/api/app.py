@@ -11,7 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app import __version__
 from serve_app.accounts import RateLimited, Unauthorized
@@ -23,8 +25,10 @@ from serve_app.api import (
     files,
     health,
     observability,
+    openapi,
     tasks,
     web,
+    webhooks,
 )
 from serve_app.api.limits import AddressThrottle, EdgeGuard, InFlight
 from serve_app.errors import Photo3DError, ServiceUnavailable
@@ -53,6 +57,32 @@ def error_response(
     )
 
 
+class RateLimitHeaders:
+    """RateLimit-Limit/Remaining/Reset on every answer to an authenticated caller (the 429
+    included), from the budget the auth dependency leaves in the request state (#15). Pure ASGI,
+    so streamed bodies pass untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_budget(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                window = scope.get("state", {}).get("rate_window")
+                if window is not None:
+                    headers = MutableHeaders(scope=message)
+                    headers["RateLimit-Limit"] = str(window.limit)
+                    headers["RateLimit-Remaining"] = str(window.remaining)
+                    headers["RateLimit-Reset"] = str(window.reset_seconds)
+            await send(message)
+
+        await self.app(scope, receive, send_with_budget)
+
+
 def static_dir() -> Path:
     return Path(str(resources.files("serve_app").joinpath("static")))
 
@@ -74,8 +104,10 @@ def create_app(services: Services) -> FastAPI:
         settings.auth_failures_per_address, settings.rate_limit_window_seconds
     )
     app.include_router(health.health_router)
-    for module in (tasks, files, downloads, health, accounts, batches, billing, web):
+    for module in (tasks, files, downloads, health, accounts, batches, billing, webhooks, web):
         app.include_router(module.router)
+    app.webhooks.include_router(webhooks.events_router)
+    openapi.install(app)
 
     @app.exception_handler(Photo3DError)
     async def _domain_error(request: Request, exc: Photo3DError) -> JSONResponse:
@@ -107,6 +139,8 @@ def create_app(services: Services) -> FastAPI:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "an unexpected error occurred")
 
+    app.add_middleware(RateLimitHeaders)
+
     origins = services.settings.cors_origin_list
     if origins:
         app.add_middleware(
@@ -114,7 +148,13 @@ def create_app(services: Services) -> FastAPI:
             allow_origins=origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
-            expose_headers=["Location", "Retry-After"],
+            expose_headers=[
+                "Location",
+                "Retry-After",
+                "RateLimit-Limit",
+                "RateLimit-Remaining",
+                "RateLimit-Reset",
+            ],
             max_age=600,
         )
 

@@ -7,7 +7,14 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 
 from serve_app import logs
-from serve_app.accounts import LOCAL_ACCOUNT, Forbidden, Principal, Unauthorized
+from serve_app.accounts import (
+    LOCAL_ACCOUNT,
+    Forbidden,
+    Principal,
+    RateLimited,
+    RateWindow,
+    Unauthorized,
+)
 from serve_app.api.limits import AddressThrottle
 from serve_app.api.schemas import ErrorResponse
 from serve_app.service import Services
@@ -56,18 +63,25 @@ def current_principal(
         if exc.code == "invalid_api_key":  # a key that cost a lookup (a missing one costs none)
             throttle.record_failure(address)
         raise
-    if principal.key_prefix is None:
-        services.accounts.count_request(
-            principal.account_id, settings.rate_limit_requests, settings.rate_limit_window_seconds
-        )
-    else:  # per key, and per account so that more keys do not mean more requests
-        services.accounts.count_key_and_account(
-            principal.key_prefix,
-            principal.account_id,
-            settings.rate_limit_requests,
-            settings.rate_limit_account_requests,
-            settings.rate_limit_window_seconds,
-        )
+    try:
+        if principal.key_prefix is None:
+            window = services.accounts.count_request(
+                principal.account_id,
+                settings.rate_limit_requests,
+                settings.rate_limit_window_seconds,
+            )
+        else:  # per key, and per account so that more keys do not mean more requests
+            window = services.accounts.count_key_and_account(
+                principal.key_prefix,
+                principal.account_id,
+                settings.rate_limit_requests,
+                settings.rate_limit_account_requests,
+                settings.rate_limit_window_seconds,
+            )
+    except RateLimited as exc:
+        request.state.rate_window = RateWindow(settings.rate_limit_requests, 0, exc.retry_after)
+        raise
+    request.state.rate_window = window  # app.py turns it into RateLimit-* headers (#15)
     return principal
 
 

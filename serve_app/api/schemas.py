@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -11,6 +12,17 @@ from pydantic import BaseModel, Field
 from serve_app import results
 from serve_app.formats import FORMATS
 from serve_app.store.db import Row
+
+
+class TaskStatus(StrEnum):
+    """queued → running → succeeded | failed | canceled (running may go back to queued to
+    retry)."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
 
 
 class ErrorBody(BaseModel):
@@ -59,7 +71,7 @@ class Timings(BaseModel):
 
 class Task(BaseModel):
     id: str
-    status: str = Field(description="queued | running | succeeded | failed | canceled")
+    status: TaskStatus
     backend: str
     progress: float = Field(description="0..1")
     stage: str | None = None
@@ -89,7 +101,7 @@ class TaskEvent(BaseModel):
     id: int
     at: dt.datetime
     attempt: int
-    status: str
+    status: TaskStatus
     stage: str | None = None
     progress: float | None = None
     message: str | None = None

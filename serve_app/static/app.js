@@ -27,7 +27,14 @@ import {
 
 const MAX_PHOTOS = 8;
 const MAX_BYTES = 20 * 1024 * 1024;
-const SERVER_TYPES = new Set(["image/jpeg", "image/png", "image/webp"]);
+const SERVER_TYPES = new Set([
+  "image/jpeg",
+  "image/png",
+  "image/webp",
+  "image/heic",
+  "image/heif",
+  "image/avif",
+]);
 const PAGE_SIZE = 12;
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -149,7 +156,7 @@ const createError = $("#create-error");
 const generateButton = $("#generate-button");
 const pendingTasks = new Map(); // task id -> task JSON from POST, so the view needs no GET
 
-/** Re-encode an image the server does not read (HEIC on Safari, GIF, BMP, AVIF) as PNG. */
+/** Re-encode an image the server does not read (GIF, BMP, TIFF) as PNG. */
 async function toServerFormat(file) {
   if (SERVER_TYPES.has(file.type)) return file;
   try {
@@ -210,6 +217,8 @@ function renderPhotos() {
   photos.forEach((photo, index) => {
     const item = template.content.firstElementChild.cloneNode(true);
     const img = $("img", item);
+    // A HEIC photo the browser cannot show (the server reads it): no broken-image icon.
+    img.addEventListener("error", () => (img.hidden = true), { once: true });
     img.src = photo.url;
     img.alt = `Photo ${index + 1}: ${photo.file.name}`;
     $(".photo-name", item).textContent = photo.file.name;

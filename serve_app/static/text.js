@@ -44,13 +44,13 @@ const ADVANCED = "Check the values under “Advanced options”.";
 const ERRORS = {
   unsupported_image_type: [
     "That file isn’t a photo we can read",
-    "Use a JPEG, PNG or WebP image. If your phone saves HEIC photos, export the photo as JPEG first.",
+    "Use a JPEG, PNG, WebP, HEIC or AVIF image.",
   ],
   not_an_image: [
     "That file isn’t a photo",
-    "Choose a JPEG, PNG or WebP image of the object you want in 3D.",
+    "Choose a JPEG, PNG, WebP, HEIC or AVIF image of the object you want in 3D.",
   ],
-  unsupported_media_type: ["That file type isn’t supported", "Use a JPEG, PNG or WebP image."],
+  unsupported_media_type: ["That file type isn’t supported", "Use a JPEG, PNG, WebP, HEIC or AVIF image."],
   image_too_large: [
     "The photo is too large",
     "Use a photo under 20 MB: export it as JPEG or make it smaller, then try again.",

@@ -98,6 +98,7 @@ class TaskQueue:
         priority: int = 0,
         idempotency_key: str | None = None,
         batch_id: str | None = None,
+        request_hash: str | None = None,
         max_active: int | None = None,
         credits: int = 0,
         meter_event: str | None = None,
@@ -118,6 +119,7 @@ class TaskQueue:
             "max_attempts": max_attempts,
             "idempotency_key": idempotency_key,
             "batch_id": batch_id,
+            "request_hash": request_hash,
         }
         if credits or meter_event:
             from serve_app.store.ledger import insert_task_reserving

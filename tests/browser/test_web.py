@@ -219,7 +219,7 @@ def test_errors_are_explained(page: Any, stack: Stack, screenshots: Path) -> Non
         "document.querySelector('#create-error').innerText)"
     )
     text = alert.inner_text()
-    assert "JPEG, PNG or WebP" in text or "couldn’t be opened" in text
+    assert "JPEG, PNG, WebP" in text or "couldn’t be opened" in text
     assert "Traceback" not in text
 
     # A photo with no object fails on the worker; the task page explains it.

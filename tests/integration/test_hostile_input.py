@@ -85,16 +85,17 @@ FILE_CASES: list[tuple[str, bytes, int, str]] = [
         "unsupported_image_type",
     ),
     (
+        # HEIC and AVIF are accepted photo types (#15); a header with no image is corrupt.
         "heic",
         b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\0" * 64,
-        415,
-        "unsupported_image_type",
+        422,
+        "corrupt_image",
     ),
     (
         "avif",
         b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + b"\0" * 64,
-        415,
-        "unsupported_image_type",
+        422,
+        "corrupt_image",
     ),
     ("pdf", b"%PDF-1.7\n1 0 obj<<>>endobj\n", 415, "unsupported_image_type"),
     ("zip", b"PK\x03\x04" + b"\0" * 100, 415, "unsupported_image_type"),

@@ -126,3 +126,47 @@ def test_base64_errors(value: str, code: str) -> None:
 def test_base64_too_large_is_refused_before_decoding() -> None:
     with pytest.raises(PayloadTooLarge):
         decode_base64_image("A" * 5000, 1000)
+
+
+# --- HEIC/HEIF (iPhone) and AVIF ---------------------------------------------------------
+def _heif(image: Image.Image, fmt: str, orientation: int | None = None) -> bytes:
+    """Real HEIC (pillow-heif's libheif encoder) or AVIF (Pillow's libavif) bytes."""
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return encode(image, fmt, exif=exif.tobytes(), quality=90)
+
+
+@pytest.mark.parametrize(("fmt", "media_type"), [("HEIF", "heic"), ("AVIF", "avif")])
+def test_accepts_heic_and_avif(fmt: str, media_type: str) -> None:
+    data = _heif(Image.new("RGB", (96, 64), (200, 30, 30)), fmt)
+    assert data[4:8] == b"ftyp"
+    image = load_image(data, LIMITS)
+    assert image.size == (96, 64) and image.mode == "RGB"
+    red, green, _ = image.getpixel((48, 32))
+    assert red > 150 and green < 90  # decoded, not a blank stand-in
+    uri = f"data:image/{media_type};base64," + base64.b64encode(data).decode()
+    assert decode_base64_image(uri, LIMITS.max_bytes) == data
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_orientation_is_applied(fmt: str) -> None:
+    # A phone held upright stores a landscape sensor image plus "rotate 90°".
+    data = _heif(Image.new("RGB", (80, 40), "white"), fmt, orientation=6)
+    assert load_image(data, LIMITS).size == (40, 80)
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_obey_the_pixel_limits(fmt: str) -> None:
+    data = _heif(Image.new("RGB", (600, 100), "white"), fmt)
+    small = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, max_side=500, min_side=16)
+    with pytest.raises(PayloadTooLarge) as err:
+        load_image(data, small)
+    assert err.value.code == "image_too_many_pixels"
+
+
+def test_truncated_heic_is_a_clear_error() -> None:
+    data = _heif(Image.new("RGB", (64, 64), "white"), "HEIF")
+    with pytest.raises(InvalidImage) as err:
+        load_image(data[: len(data) // 2], LIMITS)
+    assert err.value.code == "corrupt_image"

@@ -10,15 +10,33 @@ SET status = 'running', finished_at = NULL, source = EXCLUDED.source,
 RETURNING *;
 
 -- name: update_batch
-UPDATE batches
-SET total = coalesce(%(total)s, total),
-    rejected = coalesce(%(rejected)s, rejected),
-    status = coalesce(%(status)s, status),
-    finished_at = CASE WHEN coalesce(%(status)s, status) = 'running' THEN NULL
-                       ELSE clock_timestamp() END,
-    updated_at = clock_timestamp()
-WHERE account_id = %(account_id)s AND id = %(id)s
-RETURNING *;
+-- The statement that ends a batch also writes its batch.completed webhook messages (#15), so
+-- the event commits with the status change. `before` locks the row first (the UPDATE joins it)
+-- and holds the status it had then, so a batch ending twice at once sends one event.
+WITH before AS (
+    SELECT account_id, id, status AS old_status FROM batches
+    WHERE account_id = %(account_id)s AND id = %(id)s
+    FOR UPDATE
+), updated AS (
+    UPDATE batches b
+    SET total = coalesce(%(total)s, b.total),
+        rejected = coalesce(%(rejected)s, b.rejected),
+        status = coalesce(%(status)s, b.status),
+        finished_at = CASE WHEN coalesce(%(status)s, b.status) = 'running' THEN NULL
+                           ELSE clock_timestamp() END,
+        updated_at = clock_timestamp()
+    FROM before
+    WHERE b.account_id = before.account_id AND b.id = before.id
+    RETURNING b.*
+), webhook_messages AS (
+    INSERT INTO webhook_outbox (endpoint_id, event, batch_id, snapshot)
+    SELECT e.id, 'batch.completed', u.id,
+           jsonb_build_object('id', u.id, 'status', u.status, 'finished_at', u.finished_at)
+    FROM updated u, before o, webhook_endpoints e
+    WHERE o.old_status = 'running' AND u.status <> 'running'
+      AND e.account_id = u.account_id AND 'batch.completed' = ANY (e.events)
+)
+SELECT * FROM updated;
 
 -- name: batch_summary
 -- One batch with its task counts; the account scopes it (another account's batch is not found).

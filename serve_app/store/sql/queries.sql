@@ -2,9 +2,9 @@
 
 -- name: insert_task
 INSERT INTO tasks (id, account_id, backend, priority, options, inputs, max_attempts,
-                   idempotency_key, batch_id)
+                   idempotency_key, batch_id, request_hash)
 VALUES (%(id)s, %(account_id)s, %(backend)s, %(priority)s, %(options)s, %(inputs)s,
-        %(max_attempts)s, %(idempotency_key)s, %(batch_id)s)
+        %(max_attempts)s, %(idempotency_key)s, %(batch_id)s, %(request_hash)s)
 ON CONFLICT (account_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING *;
 
@@ -252,9 +252,9 @@ WHERE id = %(id)s AND expired_at IS NULL;
 -- The task is inserted only while the account has fewer than max_active interactive tasks
 -- queued or running (as active_task_count counts them: bulk jobs bound their own).
 INSERT INTO tasks (id, account_id, backend, priority, options, inputs, max_attempts,
-                   idempotency_key, batch_id)
+                   idempotency_key, batch_id, request_hash)
 SELECT %(id)s, %(account_id)s, %(backend)s, %(priority)s, %(options)s, %(inputs)s,
-       %(max_attempts)s, %(idempotency_key)s, %(batch_id)s
+       %(max_attempts)s, %(idempotency_key)s, %(batch_id)s, %(request_hash)s
 WHERE (SELECT count(*) FROM tasks
        WHERE account_id = %(account_id)s AND status IN ('queued', 'running')
          AND batch_id IS NULL) < %(max_active)s
