@@ -24,7 +24,7 @@ from serve_app.store.db import Database
 from tests.support import pg
 from tests.support.images import object_photo
 from tests.support.receiver import run_receiver
-from tests.support.requires import require
+from tests.support.required import require
 from tests.support.stack import FAKE_SLOW, ROOT, Stack, free_port, run_stack
 
 standardwebhooks = require("standardwebhooks", "pip install -e .[dev]")

@@ -24,7 +24,7 @@ from serve_app.settings import Settings
 from tests.integration.test_api_worker import make_worker
 from tests.support.app import open_services
 from tests.support.images import object_photo
-from tests.support.requires import require
+from tests.support.required import require
 
 
 @pytest.fixture

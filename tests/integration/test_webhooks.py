@@ -21,7 +21,7 @@ from serve_app.settings import Settings
 from serve_app.webhooks import WebhookDispatcher
 from tests.support.images import object_photo
 from tests.support.receiver import Received, Receiver, run_receiver
-from tests.support.requires import require
+from tests.support.required import require
 from tests.support.stack import free_port
 
 standardwebhooks = require("standardwebhooks", "pip install -e .[dev]")

@@ -3,7 +3,9 @@ skips with the reason; in CI (`CI=true`) it fails, so CI cannot go green on skip
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import NoReturn
 
 import pytest
@@ -18,3 +20,11 @@ def missing(reason: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"required part missing in CI: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require(module: str, install: str) -> ModuleType:
+    """Import `module`; outside CI skip the test when it is missing, in CI fail it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing(f"{module} is not installed ({install})")
