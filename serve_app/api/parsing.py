@@ -18,45 +18,6 @@ from serve_app.images import decode_base64_image
 from serve_app.service import Services
 from serve_app.settings import Settings
 
-GENERATE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "One or more photos (JPEG, PNG, WebP).",
-                        },
-                        "options": {
-                            "type": "string",
-                            "description": "Options as a JSON object (or send each "
-                            "option as its own form field).",
-                        },
-                    },
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image": {
-                            "type": "string",
-                            "description": "Base64 or data:image/...;base64, URI.",
-                        },
-                        "images": {"type": "array", "items": {"type": "string"}},
-                        "options": {"type": "object"},
-                    },
-                }
-            },
-        },
-    }
-}
-
 _LIST_FIELDS = {"formats"}
 
 

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serve_app.api.deps import ERRORS, AccountDep, ServicesDep
 from serve_app.api.limits import HeldStream, has_control_characters
-from serve_app.api.parsing import GENERATE_BODY, parse_generate
+from serve_app.api.parsing import parse_generate
 from serve_app.api.schemas import Task, TaskEvent, TaskEvents, TaskList, task_from_row
 from serve_app.errors import InvalidInput, Photo3DError
 from serve_app.service import Services
@@ -35,7 +35,6 @@ def view(services: Services, account: str, row: Row) -> Task:
     "/generate",
     status_code=202,
     response_model=Task,
-    openapi_extra=GENERATE_BODY,
     summary="Queue a photo-to-3D generation",
 )
 async def generate(
