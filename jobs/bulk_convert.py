@@ -25,10 +25,12 @@ job itself failed (no photos, database unreachable, …), never because some ite
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import hashlib
 import html
 import json
+import os
 import sys
 import time
 import uuid
@@ -78,9 +80,41 @@ def _csv_options(row: dict[str, str]) -> dict[str, Any]:
     return options
 
 
-def iter_items(source: Path) -> Iterator[Item]:
-    """The items of a folder (recursively, in path order) or of a CSV / JSON Lines manifest,
-    yielded one at a time (a catalogue's paths are read lazily, its photos never all at once)."""
+def _s3_client() -> Any:
+    """An S3 client from the standard AWS variables (AWS_ENDPOINT_URL, keys, region), as the
+    S3 artifact store makes it."""
+    from serve_app.artifacts import _s3_client as s3_client
+
+    return s3_client(os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def _split_s3(url: str) -> tuple[str, str]:
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise SystemExit(f"{url}: name a bucket, e.g. s3://photos/catalogue/")
+    return bucket, prefix
+
+
+def iter_s3_items(url: str) -> Iterator[Item]:
+    """The photos under an S3 prefix (recursively, in key order), listed a page at a time."""
+    bucket, prefix = _split_s3(url)
+    pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        for entry in page.get("Contents", []):
+            key = entry["Key"]
+            if Path(key).suffix.lower() in PHOTO_SUFFIXES:
+                relative = Path(key.removeprefix(prefix).lstrip("/"))
+                yield Item(f"s3://{bucket}/{key}", _name_for(relative))
+
+
+def iter_items(source: Path | str) -> Iterator[Item]:
+    """The items of a folder (recursively, in path order), an S3 prefix (`s3://bucket/prefix`)
+    or a CSV / JSON Lines manifest, yielded one at a time (a catalogue's paths are read lazily,
+    its photos never all at once)."""
+    if isinstance(source, str) and source.startswith("s3://"):
+        yield from iter_s3_items(source)
+        return
+    source = Path(source)
     if source.is_dir():
         for path in sorted(source.rglob("*")):
             if path.is_file() and path.suffix.lower() in PHOTO_SUFFIXES:
@@ -117,15 +151,22 @@ def read_photo(item: Item, settings: Settings) -> bytes:
     if item.photo.startswith(("http://", "https://")):
         from serve_app.fetch import fetch_image_url
 
-        return fetch_image_url(
+        fetching = fetch_image_url(
             item.photo,
             max_bytes=settings.max_upload_bytes,
             timeout=settings.url_fetch_timeout_seconds,
             max_redirects=settings.url_max_redirects,
             allow_hosts=settings.url_allow_host_set,
         )
+        return asyncio.run(fetching)
     if not item.photo:
         raise OSError("the manifest row names no photo")
+    if item.photo.startswith("s3://"):
+        bucket, key = _split_s3(item.photo)
+        body = _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+        data: bytes = body.read(settings.max_upload_bytes + 1)  # never more than the limit
+        body.close()
+        return data  # one byte over the limit: the service refuses it with a clear code
     return Path(item.photo).read_bytes()
 
 
@@ -315,15 +356,18 @@ def write_report(report: dict[str, Any], output: Path) -> None:
     )
 
 
-def default_batch_id(account: str, source: Path, options: dict[str, Any]) -> str:
+def default_batch_id(account: str, source: str, options: dict[str, Any]) -> str:
     """The same command names the same batch, so rerunning it resumes that batch."""
-    key = json.dumps([account, str(source.resolve()), options], sort_keys=True)
+    where = source if source.startswith("s3://") else str(Path(source).resolve())
+    key = json.dumps([account, where, options], sort_keys=True)
     return f"bulk-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--input", required=True, type=Path, help="folder of photos or manifest")
+    parser.add_argument(
+        "--input", required=True, help="folder of photos, CSV/JSONL manifest, or s3://bucket/prefix"
+    )
     parser.add_argument("--output", required=True, type=Path, help="where results and report go")
     parser.add_argument("--backend", help="backend (default: the server default)")
     parser.add_argument("--formats", default="glb", help="comma separated, e.g. glb,stl,usdz")
@@ -336,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    if not args.input.exists():
+    if not args.input.startswith("s3://") and not Path(args.input).exists():
         print(f"{args.input} does not exist", file=sys.stderr)
         return 2
     options: dict[str, Any] = {"formats": [f.strip() for f in args.formats.split(",") if f.strip()]}
@@ -356,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"batch {batch_id}: converting {args.input} into {args.output}", flush=True)
     try:
-        report = job.run(iter_items(args.input), str(args.input))
+        report = job.run(iter_items(args.input), args.input)
     except BaseException:
         services.batches.update(args.account, batch_id, status="failed")
         raise
