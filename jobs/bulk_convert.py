@@ -306,11 +306,11 @@ class BulkJob:
             item["error"] = {"code": row["error_code"], "message": row.get("error_message") or ""}
         result = TaskResult.of_row(row) if row.get("expired_at") is None else None
         if result is not None:
-            item.update(self._copy_outputs(entry["name"], result))
+            item.update(self._copy_outputs(entry["name"], entry["task_id"], result))
         self._count(status)
         self.items.append(item)
 
-    def _copy_outputs(self, name: str, result: TaskResult) -> dict[str, Any]:
+    def _copy_outputs(self, name: str, task_id: str, result: TaskResult) -> dict[str, Any]:
         """Copy each format and the preview to the output folder: <name>.glb, <name>_obj.zip…"""
         artifacts = self.services.artifacts
         files = {}
@@ -319,7 +319,10 @@ class BulkJob:
             target.write_bytes(artifacts.get(info.key))
             files[fmt] = target.name
         preview = self.output / f"{name}.preview.png"
-        preview.write_bytes(artifacts.get(result.preview.key))
+        # The worker renders the preview just after the task succeeds; the service renders it
+        # now if this comes first.
+        shown = self.services.artifact(self.account, task_id, "preview")
+        preview.write_bytes(artifacts.get(shown.key))
         return {"files": files, "preview": preview.name, "seconds": result.timings.total_s}
 
 
