@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from serve_app.accounts import Accounts
+from serve_app.cli import ray_temp_dir
 from serve_app.monitoring import start_prometheus
 from serve_app.store.db import Database
 from tests.support import pg
@@ -283,11 +284,12 @@ def test_logs_are_json_with_ids_and_never_carry_a_key(monitored: Monitored) -> N
     with stack.client(headers={"Authorization": f"Bearer {monitored.key}"}) as client:
         task_id = submit(client, "cpu", 7, **{"X-Request-ID": "ops-trace-7"})
         assert stack.wait_for_task(client, task_id)["status"] == "succeeded"
-    secret = monitored.key.rsplit("_", 1)[1]
-    files = [stack.log_path, *sorted((stack.run_dir / "ray").glob("session_*/logs/**/*"))]
+    secret = monitored.key.split("_", 2)[2]  # the 32 characters after p3d_<prefix>_ (may hold "_")
+    ray_dir = ray_temp_dir(stack.run_dir)  # <run dir>/ray, or a short one for deep paths
     records: list[dict[str, Any]] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        files = [stack.log_path, *sorted(ray_dir.glob("session_*/logs/**/*"))]
         records = []
         for path in files:
             if not path.is_file():
@@ -298,8 +300,8 @@ def test_logs_are_json_with_ids_and_never_carry_a_key(monitored: Monitored) -> N
             records += json_lines(data.decode(errors="replace"))
         about_request = [r for r in records if r.get("request_id") == "ops-trace-7"]
         about_task = [r for r in records if r.get("task_id") == task_id and "attempt" in r]
-        if about_request and about_task:
-            break
+        if about_request and any("succeeded" in r.get("message", "") for r in about_task):
+            break  # the worker's line may land a moment after the API shows the task done
         time.sleep(1)
     queued = [r for r in about_request if r.get("message") == "task queued"]
     assert queued and queued[0]["account_id"] == "acme" and queued[0]["task_id"] == task_id

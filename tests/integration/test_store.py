@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serve_app.accounts import Accounts
-from serve_app.errors import Conflict, Photo3DError
+from serve_app.errors import Conflict, InvalidInput, Photo3DError
 from serve_app.housekeeping import Housekeeping
 from serve_app.service import Services
 from serve_app.settings import Settings
@@ -162,7 +162,13 @@ def test_housekeeping_prunes_ended_rate_windows(services: Services, database_url
     assert left == ["live-key"]  # the ended window is gone, the current one still counts
 
 
-def test_a_value_the_database_cannot_hold_is_a_422(client: TestClient) -> None:
+def test_a_value_the_database_cannot_hold_is_a_422(
+    client: TestClient, services: Services
+) -> None:
+    # The API refuses control characters before the database sees them...
     response = client.post("/api/v1/keys", json={"name": "a\x00b"})
     assert response.status_code == 422
-    assert response.json()["error"]["code"] == "invalid_value"
+    # ...and where a value still reaches PostgreSQL, its DataError is a 4xx, never a 500.
+    with pytest.raises(InvalidInput) as refused:
+        services.db.fetch_one("get_account", {"id": "a\x00b"})
+    assert refused.value.code == "invalid_value" and refused.value.http_status == 422
