@@ -199,19 +199,7 @@ def _legacy_grabcut_mask(rgb: np.ndarray) -> np.ndarray:
     mask = _fill_small_holes(mask, SMALL_HOLE_FRACTION)
     mask = _fill_holes_unlike_backdrop(mask, distance > 0.5 * threshold)
     mask = _upsample_smooth(mask, (width, height))
-    coverage = float(mask.mean())
-    if coverage < MIN_COVERAGE:
-        raise NoObjectFound(
-            f"The only object found covers {coverage:.1%} of the photo, too little to "
-            "reconstruct. Crop the photo around the object or upload a PNG with transparency."
-        )
-    if coverage > MAX_COVERAGE:
-        raise NoObjectFound(
-            "No background could be told apart from the object (it would fill the whole "
-            "photo). Leave some background around the object, upload a PNG with transparency, "
-            "or set remove_background to false to use the whole frame."
-        )
-    return mask
+    return _checked_coverage(mask)
 
 
 def _core(salient: np.ndarray) -> np.ndarray:
@@ -391,19 +379,7 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     mask = _fill_small_holes(mask, SMALL_HOLE_FRACTION)
     mask = _fill_holes_unlike_backdrop(mask, (model.distance > faint) & ~model.shadow)
     mask = _edge_aware_upsample(mask, rgb)
-    coverage = float(mask.mean())
-    if coverage < MIN_COVERAGE:
-        raise NoObjectFound(
-            f"The only object found covers {coverage:.1%} of the photo, too little to "
-            "reconstruct. Crop the photo around the object or upload a PNG with transparency."
-        )
-    if coverage > MAX_COVERAGE:
-        raise NoObjectFound(
-            "No background could be told apart from the object (it would fill the whole "
-            "photo). Leave some background around the object, upload a PNG with transparency, "
-            "or set remove_background to false to use the whole frame."
-        )
-    return mask
+    return _checked_coverage(mask)
 
 
 def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.ndarray, float]:
@@ -554,3 +530,21 @@ def encode_mask(mask: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("could not encode the mask")
     return bytes(data.tobytes())
+
+
+def _checked_coverage(mask: np.ndarray) -> np.ndarray:
+    """The mask, unless the object it found is too small or fills the frame (both segmentation
+    paths refuse the same cases with the same advice)."""
+    coverage = float(mask.mean())
+    if coverage < MIN_COVERAGE:
+        raise NoObjectFound(
+            f"The only object found covers {coverage:.1%} of the photo, too little to "
+            "reconstruct. Crop the photo around the object or upload a PNG with transparency."
+        )
+    if coverage > MAX_COVERAGE:
+        raise NoObjectFound(
+            "No background could be told apart from the object (it would fill the whole "
+            "photo). Leave some background around the object, upload a PNG with transparency, "
+            "or set remove_background to false to use the whole frame."
+        )
+    return mask
