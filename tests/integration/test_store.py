@@ -162,9 +162,7 @@ def test_housekeeping_prunes_ended_rate_windows(services: Services, database_url
     assert left == ["live-key"]  # the ended window is gone, the current one still counts
 
 
-def test_a_value_the_database_cannot_hold_is_a_422(
-    client: TestClient, services: Services
-) -> None:
+def test_a_value_the_database_cannot_hold_is_a_422(client: TestClient, services: Services) -> None:
     # The API refuses control characters before the database sees them...
     response = client.post("/api/v1/keys", json={"name": "a\x00b"})
     assert response.status_code == 422
