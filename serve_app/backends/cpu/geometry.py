@@ -26,6 +26,18 @@ from serve_app.errors import GenerationFailed, NoObjectFound
 # and a disc a half-flattened ball (4 would make it a sphere). Measured on scanned objects
 # (bench/quality.py), 1.5-2 fits best; thicker (3-4.5) loses on all but the bulkiest.
 INFLATION = 2.0
+# The hidden side (issue #17): depth relative to the local width (see _depth_scale).
+# Bulkiness = widest inscribed radius / sqrt(area of its part): a disc is 0.56, a 1:4
+# rectangle 0.25; at or below BULK_THIN the profile is DEPTH_SCALE_MIN deep, at or above
+# BULK_ROUND fully round.
+BULK_THIN = 0.22
+BULK_ROUND = 0.37
+DEPTH_SCALE_MIN = 0.5
+# Solidity (area / convex hull area) from which an outline counts as flat-sided, and the
+# depth scale such objects get at most.
+SOLIDITY_CURVED = 0.90
+SOLIDITY_FLAT = 0.96
+FLAT_DEPTH_SCALE = 0.7
 # Half-height of the wall along the outline, in cells: gives thin parts some body.
 RIM_HALF_HEIGHT = 0.5
 # Relief from shading: height in units of the object's size per unit of band-passed lightness.
@@ -66,7 +78,7 @@ def inflate_silhouette(
     # limit), fall back to ever coarser grids that fit the limit without decimating.
     budget = min(max(GRID_FACES_PER_LIMIT * face_limit, MIN_GRID_FACES), MAX_GRID_FACES)
     for _ in range(24):
-        sheet = _front_sheet(mask, budget, relief)
+        sheet = _front_sheet(mask, budget, relief, legacy)
         if _closed_face_count(sheet) <= face_limit:
             return _close(sheet, legacy)
         decimated = _decimate_sheet(sheet, face_limit) if budget > face_limit else None
@@ -89,7 +101,9 @@ class _Sheet:
     base: _BaseDepth  # the smooth profile without relief, for the back
 
 
-def _front_sheet(mask: np.ndarray, grid_faces: float, relief: np.ndarray | None) -> _Sheet:
+def _front_sheet(
+    mask: np.ndarray, grid_faces: float, relief: np.ndarray | None, legacy: bool = False
+) -> _Sheet:
     cells, origin, cell_size = _cell_grid(mask, grid_faces)
     cells = _remove_pinches(cells)
     if not cells.any():
@@ -101,7 +115,7 @@ def _front_sheet(mask: np.ndarray, grid_faces: float, relief: np.ndarray | None)
     used = around.any(axis=0)
     interior = np.logical_and.reduce(around, axis=0)
 
-    height = _poisson_height(interior, cell_size)
+    height = (_poisson_height if legacy else _profile_height)(interior, cell_size)
     rows, cols = np.nonzero(used)
     index = np.full(used.shape, -1, dtype=np.int64)
     index[rows, cols] = np.arange(len(rows))
@@ -326,6 +340,66 @@ def _remove_pinches(cells: np.ndarray) -> np.ndarray:
         cells[:-1, :-1] |= anti
         cells[1:, 1:] |= anti
     raise GenerationFailed("Could not build a manifold outline from the object mask.")
+
+
+def _profile_height(interior: np.ndarray, cell_size: tuple[float, float]) -> np.ndarray:
+    """Height of the front above the silhouette's plane (the back mirrors it).
+
+    Every inside point carries a ball as wide as the silhouette there (its distance to the
+    outline); the surface is the top of their union, scaled by `_depth_scale`. So depth
+    follows the local width: a limb or handle is a round tube, a compact body (an animal's
+    trunk, a stone) as deep as it is wide, where the Poisson profile of the legacy path made
+    a disc only 0.7 of that.
+    """
+    if not interior.any():
+        return np.zeros(interior.shape)
+    distance = cv2.distanceTransform(
+        np.pad(interior, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
+    )[1:-1, 1:-1].astype(np.float64)
+    step = 0.5 * (cell_size[0] + cell_size[1])
+    return _ball_height(interior, distance) * step * _depth_scale(interior, distance)
+
+
+def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
+    """How deep the object is relative to its local width, guessed from its silhouette.
+
+    - Bulkiness: the widest inscribed disc against the size of the part it lies in
+      (radius / sqrt(area)). A thin, spread-out outline (scissors, a flat tool, a leaf seen
+      at an angle) is mostly a plate: DEPTH_SCALE_MIN. A compact one (an animal, a
+      stone) gets round cross-sections (1.0); in between it is interpolated.
+    - Flat faces: a nearly convex outline (solidity close to 1: a bottle, a box, a can) is
+      taken as a manufactured object with flat sides, at most FLAT_DEPTH_SCALE deep.
+    Chosen with bench/quality.py on six scans (docs/cpu-backend.md): a heuristic, not a
+    measurement of the object.
+    """
+    peak = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    _, labels = cv2.connectedComponents(interior.astype(np.uint8), connectivity=4)
+    part = labels == labels[peak]
+    bulk = float(distance[peak]) / float(np.sqrt(part.sum()))
+    ramp = (bulk - BULK_THIN) / (BULK_ROUND - BULK_THIN)
+    scale = DEPTH_SCALE_MIN + (1.0 - DEPTH_SCALE_MIN) * float(np.clip(ramp, 0.0, 1.0))
+    rows, cols = np.nonzero(part)
+    hull = cv2.convexHull(np.column_stack([cols, rows]).astype(np.float32))
+    solidity = min(1.0, len(rows) / max(float(cv2.contourArea(hull)), 1.0))
+    flat = float(np.clip((solidity - SOLIDITY_CURVED) / (SOLIDITY_FLAT - SOLIDITY_CURVED), 0, 1))
+    return scale - flat * max(scale - FLAT_DEPTH_SCALE, 0.0)
+
+
+def _ball_height(interior: np.ndarray, distance: np.ndarray) -> np.ndarray:
+    """Top of the union of balls of radius distance[q] centred on every interior vertex q,
+    in cells: h(p)^2 = max_q distance[q]^2 - |p - q|^2, computed separably (rows, then
+    columns; a squared distance splits into its two axes)."""
+    squared = np.where(interior, distance**2, -np.inf)
+    reach = int(np.ceil(distance.max())) + 1
+    for axis in (1, 0):
+        best = squared.copy()
+        view, source = np.moveaxis(best, axis, 0), np.moveaxis(squared, axis, 0)
+        for offset in range(1, min(reach, view.shape[0])):
+            penalty = float(offset * offset)
+            np.maximum(view[offset:], source[:-offset] - penalty, out=view[offset:])
+            np.maximum(view[:-offset], source[offset:] - penalty, out=view[:-offset])
+        squared = best
+    return np.where(interior, np.sqrt(np.maximum(squared, 0.0)), 0.0)
 
 
 def _poisson_height(interior: np.ndarray, cell_size: tuple[float, float]) -> np.ndarray:
