@@ -1,0 +1,98 @@
+"""The CPU backend's hidden side (issue #17): how deep the inflated shape is for its outline."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import trimesh
+
+from serve_app.backends.cpu import geometry
+from serve_app.backends.cpu.geometry import inflate_silhouette, is_closed_manifold
+
+SIZE = 400
+
+
+def disc(cx: int = SIZE // 2, radius: int = 150) -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.circle(mask, (cx, SIZE // 2), radius, 1, -1)
+    return mask.astype(bool)
+
+
+def animal() -> np.ndarray:
+    """A four-legged animal side-on: a body 160 px high, legs, a head."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(mask, (200, 180), (130, 80), 0, 0, 360, 1, -1)
+    for x in (100, 150, 250, 300):
+        mask[200:330, x - 12 : x + 12] = 1
+    cv2.circle(mask, (330, 120), 45, 1, -1)
+    return mask.astype(bool)
+
+
+def bar() -> np.ndarray:
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[190:210, 20:380] = True
+    return mask
+
+
+def thickness(mask: np.ndarray, *, legacy: bool = False) -> tuple[float, trimesh.Trimesh]:
+    mesh = inflate_silhouette(mask, 20_000, legacy=legacy)
+    assert is_closed_manifold(mesh.faces)
+    loaded = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    return float(np.ptp(mesh.vertices[:, 2])), loaded
+
+
+def test_animal_trunk_is_about_as_deep_as_it_is_high() -> None:
+    depth, mesh = thickness(animal())
+    legacy_depth, _ = thickness(animal(), legacy=True)
+    # The trunk is 160 px high: round, as deep as that (the legacy profile was shallower).
+    assert 0.9 * 160 <= depth <= 1.1 * 160
+    assert depth > 1.08 * legacy_depth
+    assert mesh.is_watertight and mesh.is_winding_consistent and mesh.volume > 0
+
+
+def test_convex_outline_is_taken_as_flat_sided_but_still_bulky() -> None:
+    """A disc could be a ball or a can seen end-on: it gets depth comparable to its width."""
+    depth, mesh = thickness(disc())
+    assert 0.6 * 300 <= depth <= 0.8 * 300
+    assert mesh.is_watertight and mesh.volume > 0
+
+
+def test_thin_bar_stays_thin() -> None:
+    depth, mesh = thickness(bar())
+    assert depth <= 0.7 * 20  # no fatter than the bar is wide
+    assert depth <= 0.05 * 360
+    assert mesh.is_watertight and mesh.volume > 0
+
+
+def test_thin_ring_stays_thin() -> None:
+    """A handle loop or the ring of a pair of scissors: a plate, not a doughnut."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.circle(mask, (SIZE // 2, SIZE // 2), 150, 1, 16)
+    depth, mesh = thickness(mask.astype(bool))
+    assert depth <= 16
+    assert mesh.is_watertight and mesh.volume > 0
+
+
+def test_each_part_gets_its_own_depth() -> None:
+    """Two objects in one photo (a pair of shoes): each as deep as it would be alone."""
+    pair = disc(100, 80) | disc(300, 80)
+    alone, _ = thickness(disc(100, 80))
+    both, mesh = thickness(pair)
+    assert both == pytest.approx(alone, rel=0.05)
+    assert mesh.is_watertight
+
+
+def test_ball_height_matches_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    interior = cv2.GaussianBlur(rng.random((40, 50)), (0, 0), 3) > 0.5
+    distance = cv2.distanceTransform(
+        np.pad(interior, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
+    )[1:-1, 1:-1].astype(np.float64)
+    fast = geometry._ball_height(interior, distance)
+    rows, cols = np.nonzero(interior)
+    ys, xs = np.mgrid[0:40, 0:50]
+    squared = distance[rows, cols, None, None] ** 2 - (ys - rows[:, None, None]) ** 2
+    squared = squared - (xs - cols[:, None, None]) ** 2
+    slow = np.where(interior, np.sqrt(np.maximum(squared.max(axis=0), 0.0)), 0.0)
+    assert np.allclose(fast, slow)
