@@ -41,7 +41,7 @@ from scipy.spatial import cKDTree
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.backends.base import GenerationOptions
-from serve_app.backends.cpu import CPUBackend
+from serve_app.backends.cpu import CPUBackend, geometry
 from serve_app.backends.cpu.segment import segment_image
 from serve_app.errors import Photo3DError
 from serve_app.settings import Settings
@@ -544,6 +544,8 @@ class Case:
     style: str
     size: int
     methods: tuple[str, ...] = DEFAULT_METHODS
+    # Overrides of serve_app.backends.cpu.geometry constants (name, value), for sweeps.
+    geometry: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -564,6 +566,8 @@ class Result:
 def evaluate(case: Case) -> list[Result]:
     """All methods on one (scan, view, background) case."""
     cv2.setNumThreads(1)
+    for name, value in case.geometry:
+        setattr(geometry, name, value)
     scan = load_scan(case.path, case.up)
     azimuth, elevation = VIEWS[case.view]
     view = render(scan, azimuth, elevation, case.size)
@@ -708,7 +712,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("meshes", type=Path, help="directory searched for *.obj")
     parser.add_argument("--size", type=int, default=512, help="render size in pixels")
-    parser.add_argument("--views", type=int, default=len(VIEWS))
+    parser.add_argument(
+        "--views",
+        default=str(len(VIEWS)),
+        help="a count (the first N views) or comma-separated view indices (0-4)",
+    )
     parser.add_argument(
         "--up",
         choices=("auto", "y", "z"),
@@ -726,22 +734,44 @@ def main() -> int:
         default=",".join(DEFAULT_METHODS),
         help="reconstructions, comma-separated: " + ", ".join(METHODS),
     )
-    parser.add_argument("--scans", default="", help="only scans whose path contains this")
+    parser.add_argument(
+        "--scans", default="", help="only scans whose path contains one of these (comma-separated)"
+    )
+    parser.add_argument(
+        "--geometry",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a constant of serve_app/backends/cpu/geometry.py (sweeps); repeatable",
+    )
     args = parser.parse_args()
     styles = tuple(x for x in args.styles.split(",") if x)
     methods = tuple(x for x in args.methods.split(",") if x)
     if not set(styles) <= set(STYLES) or not set(methods) <= set(METHODS):
         parser.error("unknown style or method")
 
-    paths = [p for p in sorted(args.meshes.rglob("*.obj")) if args.scans in str(p)]
+    wanted = [x for x in args.scans.split(",") if x] or [""]
+    paths = [p for p in sorted(args.meshes.rglob("*.obj")) if any(w in str(p) for w in wanted)]
     if not paths:
         print(f"no .obj files under {args.meshes}", file=sys.stderr)
         return 2
-    views = min(args.views, len(VIEWS))
+    if "," in args.views or not args.views.isdigit():
+        view_indices = [int(x) for x in args.views.split(",") if x]
+    else:
+        view_indices = list(range(min(int(args.views), len(VIEWS))))
+    if not view_indices or not all(0 <= v < len(VIEWS) for v in view_indices):
+        parser.error("unknown view")
+    overrides = []
+    for item in args.geometry:
+        name, _, value = item.partition("=")
+        if not hasattr(geometry, name):
+            parser.error(f"no constant {name} in serve_app/backends/cpu/geometry.py")
+        overrides.append((name, float(value)))
+    views = len(view_indices)
     cases = [
-        Case(path, args.up, view, style, args.size, methods)
+        Case(path, args.up, view, style, args.size, methods, tuple(overrides))
         for path in paths
-        for view in range(views)
+        for view in view_indices
         for style in styles
     ]
     started = time.perf_counter()
