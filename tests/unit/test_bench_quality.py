@@ -1,0 +1,40 @@
+"""bench/quality.py runs on a subset (views by index, a geometry override) and reports both
+backends side by side."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import trimesh
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quality_bench_subset_with_geometry_override(tmp_path: Path) -> None:
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    capsule = trimesh.creation.capsule(height=1.0, radius=0.4)
+    capsule.export(meshes / "capsule.obj")
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "quality.py"),
+        str(meshes),
+        "--size=160",
+        "--views=1,4",
+        "--styles=transparent",
+        "--jobs=1",
+        "--geometry=DEPTH_SCALE_MIN=0.6",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert "1 scans × 2 views × 1 backgrounds" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| transparent |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["cpu-legacy", "cpu"]
+    assert "| capsule |" in result.stdout
+
+    bad = subprocess.run(
+        [*command[:3], "--geometry=NOT_A_CONSTANT=1"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2
+    assert "NOT_A_CONSTANT" in bad.stderr
