@@ -60,7 +60,7 @@ def test_convex_outline_is_taken_as_flat_sided_but_still_bulky() -> None:
 
 def test_thin_bar_stays_thin() -> None:
     depth, mesh = thickness(bar())
-    assert depth <= 0.7 * 20  # no fatter than the bar is wide
+    assert depth <= 20  # no fatter than the bar is wide (a tube at most)
     assert depth <= 0.05 * 360
     assert mesh.is_watertight and mesh.volume > 0
 
@@ -71,6 +71,18 @@ def test_thin_ring_stays_thin() -> None:
     cv2.circle(mask, (SIZE // 2, SIZE // 2), 150, 1, 16)
     depth, mesh = thickness(mask.astype(bool))
     assert depth <= 16
+    assert mesh.is_watertight and mesh.volume > 0
+
+
+def test_plate_of_uneven_width_stays_flat() -> None:
+    """Scissors: a tapering blade and two handle rings. Thin and of uneven width, so a plate
+    (half as deep as wide), not a tube."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.fillPoly(mask, [np.array([[60, 190], [60, 215], [330, 205]])], 1)
+    cv2.circle(mask, (330, 170), 45, 1, 14)
+    cv2.circle(mask, (330, 250), 45, 1, 14)
+    depth, mesh = thickness(mask.astype(bool))
+    assert depth <= 0.6 * 26  # the blade's root is 26 px wide
     assert mesh.is_watertight and mesh.volume > 0
 
 

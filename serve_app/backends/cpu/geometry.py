@@ -33,6 +33,12 @@ INFLATION = 2.0
 BULK_THIN = 0.22
 BULK_ROUND = 0.37
 DEPTH_SCALE_MIN = 0.5
+# Evenness = mean distance to the outline / the largest: 0.5 for a strip of even width. A
+# thin outline of even width is a tube (a banana, a pen, a cable), up to TUBE_DEPTH_SCALE
+# deep; one of uneven width (scissors, a flat tool) a plate.
+EVENNESS_PLATE = 0.37
+EVENNESS_TUBE = 0.42
+TUBE_DEPTH_SCALE = 0.85
 # Solidity (area / convex hull area) from which an outline counts as flat-sided, and the
 # depth scale such objects get at most.
 SOLIDITY_CURVED = 0.90
@@ -367,6 +373,8 @@ def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
       (radius / sqrt(area)). A thin, spread-out outline (scissors, a flat tool, a leaf seen
       at an angle) is mostly a plate: DEPTH_SCALE_MIN. A compact one (an animal, a
       stone) gets round cross-sections (1.0); in between it is interpolated.
+    - Evenness: a thin outline of even width (a banana, a pen, a cable) is a tube, not a
+      plate: at least TUBE_DEPTH_SCALE.
     - Flat faces: a nearly convex outline (solidity close to 1: a bottle, a box, a can) is
       taken as a manufactured object with flat sides, at most FLAT_DEPTH_SCALE deep.
     Chosen with bench/quality.py on six scans (docs/cpu-backend.md): a heuristic, not a
@@ -378,6 +386,9 @@ def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
     bulk = float(distance[peak]) / float(np.sqrt(part.sum()))
     ramp = (bulk - BULK_THIN) / (BULK_ROUND - BULK_THIN)
     scale = DEPTH_SCALE_MIN + (1.0 - DEPTH_SCALE_MIN) * float(np.clip(ramp, 0.0, 1.0))
+    evenness = float(distance[part].mean()) / float(distance[peak])
+    tube = (evenness - EVENNESS_PLATE) / (EVENNESS_TUBE - EVENNESS_PLATE)
+    scale = max(scale, TUBE_DEPTH_SCALE * float(np.clip(tube, 0.0, 1.0)))
     rows, cols = np.nonzero(part)
     hull = cv2.convexHull(np.column_stack([cols, rows]).astype(np.float32))
     solidity = min(1.0, len(rows) / max(float(cv2.contourArea(hull)), 1.0))
