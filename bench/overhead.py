@@ -4,6 +4,7 @@ to start.
     .venv/bin/python bench/overhead.py [--tasks 30] [--rates 1,5] [--backends fake-zero,cpu]
     .venv/bin/python bench/overhead.py --idle 60       # CPU seconds of an idle stack
     .venv/bin/python bench/overhead.py --cold 3        # `photo3d serve` to /health 200
+    .venv/bin/python bench/overhead.py --steps         # each step of the worker, in-process
 
 Overhead: the real stack (`photo3d serve`: Ray Serve, the Ingress, one generator per backend)
 on an embedded PostgreSQL, with the CPU backend and the FAKE zero-cost backend (tests/support/
@@ -154,6 +155,71 @@ def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
                     )
 
 
+# --- steps --------------------------------------------------------------------------------
+def steps(args: argparse.Namespace, admin: str, work: Path) -> None:
+    """The worker engine in this process (no Ray, no HTTP) on the bench's PostgreSQL: each
+    step of one task timed by wrapping the call that does it."""
+    from serve_app import worker as worker_module
+    from serve_app.service import Services
+    from serve_app.settings import Settings
+    from serve_app.worker import Worker
+    from tests.support.fake_backends import ZeroCostFakeBackend
+
+    timings: dict[str, list[float]] = {}
+
+    def timed(name: str, fn):  # type: ignore[no-untyped-def]
+        def wrapper(*a, **k):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timings.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+
+        return wrapper
+
+    photo = object_photo(args.side, seed=3, fmt="JPEG")
+    for url in pg.clone_database(admin, prefix="steps"):
+        settings = Settings(database_url=url, run_dir=work / "steps")
+        services = Services.from_settings(settings)
+        services.db.open(wait=True)
+        backend = ZeroCostFakeBackend(settings)
+        backend.load()
+        worker = Worker(
+            queue=services.queue,
+            artifacts=services.artifacts,
+            backend=backend,  # type: ignore[arg-type]
+            heartbeat_seconds=settings.heartbeat_seconds,
+            poll_seconds=settings.poll_seconds,
+            task_timeout_seconds=60,
+        )
+        queue = services.queue
+        queue.claim = timed("claim (UPDATE ... SKIP LOCKED)", queue.claim)  # type: ignore[method-assign]
+        services.artifacts.get = timed("read the photo", services.artifacts.get)  # type: ignore[method-assign]
+        worker_module.load_stored_input = timed("decode the photo", worker_module.load_stored_input)
+        worker_module.package_asset = timed("package + store the GLB", worker_module.package_asset)
+        queue.succeed = timed("finish (succeeded, triggers)", queue.succeed)  # type: ignore[method-assign]
+        worker._process = timed("whole attempt, claim excluded", worker._process)  # type: ignore[method-assign]
+        worker._render_preview = timed("preview (after succeeded)", worker._render_preview)  # type: ignore[method-assign]
+        for _ in range(args.tasks):
+            key = f"inputs/{uuid.uuid4().hex}/photo-0.jpg"
+            services.artifacts.put(key, photo)
+            queue.submit(
+                task_id=uuid.uuid4(),
+                account_id="local",
+                backend=backend.name,
+                options={"backend": backend.name},
+                inputs=[key],
+                max_attempts=1,
+            )
+            worker.run_once()
+        services.db.close()
+    print(f"{args.tasks} tasks, one at a time, FAKE zero-cost backend, {args.side}² JPEG")
+    print("| step | p50 ms | p99 ms |")
+    print("|---|---|---|")
+    for name, values in timings.items():
+        print(f"| {name} | {pct(values, 0.5):.1f} | {pct(values, 0.99):.1f} |")
+
+
 # --- idle ----------------------------------------------------------------------------------
 def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
     out = {}
@@ -179,9 +245,22 @@ def postgres_pid(server: object) -> int | None:
     return int((Path(pgdata) / "postmaster.pid").read_text().split()[0])
 
 
+# run_stack's short test timings, back to the service's defaults for the idle figure.
+DEFAULT_TIMINGS = (
+    "lease_seconds",
+    "heartbeat_seconds",
+    "poll_seconds",
+    "retry_backoff_seconds",
+    "worker_alive_seconds",
+)
+
+
 def idle(args: argparse.Namespace, admin: str, server: object, work: Path) -> None:
+    from serve_app.settings import Settings
+
+    env = {f"PHOTO3D_{k.upper()}": str(Settings.model_fields[k].default) for k in DEFAULT_TIMINGS}
     for url in pg.clone_database(admin, prefix="idle"):
-        with run_stack(work / "i", url, extra_backends=ZERO) as stack:
+        with run_stack(work / "i", url, extra_backends=ZERO, env=env) as stack:
             time.sleep(args.settle)
             pg_pid = postgres_pid(server)
             parts = {"stack": stack.process.pid, "postgres": pg_pid}
@@ -259,6 +338,7 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=0, help="measure idle CPU over N s")
     parser.add_argument("--settle", type=float, default=20, help="seconds before the idle window")
     parser.add_argument("--cold", type=int, default=0, help="measure N cold starts")
+    parser.add_argument("--steps", action="store_true", help="time each step of the worker")
     args = parser.parse_args()
     header()
     with tempfile.TemporaryDirectory(prefix="p3d-overhead-") as tmp:
@@ -268,7 +348,9 @@ def main() -> int:
             return 0
         admin, server = pg.admin_url(work / "pg")
         pg.make_template(admin)
-        if args.idle:
+        if args.steps:
+            steps(args, admin, work)
+        elif args.idle:
             idle(args, admin, server, work)
         else:
             overhead(args, admin, work)

@@ -130,7 +130,9 @@ class ZeroCostFakeBackend:
         from tests.support.meshes import uv_sphere
 
         texture = np.full((64, 64, 3), (190, 60, 40), np.uint8)
-        self.glb = uv_sphere(texture).export(file_type="glb")
+        glb = uv_sphere(texture).export(file_type="glb")
+        assert isinstance(glb, bytes)
+        self.glb = glb
 
     def check_health(self) -> None:
         pass
