@@ -157,8 +157,9 @@ def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
 
 # --- steps --------------------------------------------------------------------------------
 def steps(args: argparse.Namespace, admin: str, work: Path) -> None:
-    """The worker engine in this process (no Ray, no HTTP) on the bench's PostgreSQL: each
-    step of one task timed by wrapping the call that does it."""
+    """The worker engine in this process (no Ray, no HTTP), started as a replica starts it, on
+    the bench's PostgreSQL: one task at a time, each step timed by wrapping the call that does
+    it ("whole attempt" is the claim loop's time per task, from claim to the next claim)."""
     from serve_app import worker as worker_module
     from serve_app.service import Services
     from serve_app.settings import Settings
@@ -198,12 +199,14 @@ def steps(args: argparse.Namespace, admin: str, work: Path) -> None:
         worker_module.load_stored_input = timed("decode the photo", worker_module.load_stored_input)
         worker_module.package_asset = timed("package + store the GLB", worker_module.package_asset)
         queue.succeed = timed("finish (succeeded, triggers)", queue.succeed)  # type: ignore[method-assign]
-        worker._process = timed("whole attempt, claim excluded", worker._process)  # type: ignore[method-assign]
+        worker._process = timed("whole attempt in the claim loop", worker._process)  # type: ignore[method-assign]
         worker._render_preview = timed("preview (after succeeded)", worker._render_preview)  # type: ignore[method-assign]
+        worker.start()  # as in a replica: the claim loop and its helper threads
+        ends = []
         for _ in range(args.tasks):
             key = f"inputs/{uuid.uuid4().hex}/photo-0.jpg"
             services.artifacts.put(key, photo)
-            queue.submit(
+            row, _created = queue.submit(
                 task_id=uuid.uuid4(),
                 account_id="local",
                 backend=backend.name,
@@ -211,7 +214,15 @@ def steps(args: argparse.Namespace, admin: str, work: Path) -> None:
                 inputs=[key],
                 max_attempts=1,
             )
-            worker.run_once()
+            while (row := queue.get(row["id"], "local")) and row["status"] != "succeeded":
+                time.sleep(0.002)
+            generated = row["result"]["timings"]["generate_s"]
+            ends.append((row["finished_at"] - row["created_at"]).total_seconds() - generated)
+            # One task at a time: wait for its preview too, so steps do not overlap.
+            while not (queue.get(row["id"], "local") or {})["result"]["preview"].get("ready"):
+                time.sleep(0.01)
+        worker.stop(timeout=10)
+        timings["submit -> succeeded, minus generation"] = [e * 1000 for e in ends]
         services.db.close()
     print(f"{args.tasks} tasks, one at a time, FAKE zero-cost backend, {args.side}² JPEG")
     print("| step | p50 ms | p99 ms |")
