@@ -3,6 +3,8 @@ to start.
 
     .venv/bin/python bench/overhead.py [--tasks 30] [--rates 1,5] [--backends fake-zero,cpu]
     .venv/bin/python bench/overhead.py --idle 60       # CPU seconds of an idle stack
+    .venv/bin/python bench/overhead.py --idle 60 --foreign-rate 5   # ... while another
+                                                 # backend (no generator here) gets 5 tasks/s
     .venv/bin/python bench/overhead.py --cold 3        # `photo3d serve` to /health 200
     .venv/bin/python bench/overhead.py --steps         # each step of the worker, in-process
 
@@ -266,6 +268,30 @@ DEFAULT_TIMINGS = (
 )
 
 
+FOREIGN = "other"  # a backend no generator of the stack runs
+
+
+def queue_foreign(url: str, seconds: float, rate: float) -> int:
+    """Sleep `seconds`; with a rate, meanwhile INSERT that many tasks a second for a backend
+    none of the stack's generators runs (each INSERT sends the NOTIFY every worker listens to).
+    The inserts run in this process, outside the stack's processes."""
+    if rate <= 0:
+        time.sleep(seconds)
+        return 0
+    count = 0
+    started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        while (now := time.monotonic()) < started + seconds:
+            time.sleep(max(0.0, started + count / rate - now))
+            conn.execute(
+                "INSERT INTO tasks (id, account_id, backend, options, inputs, max_attempts) "
+                "VALUES (gen_random_uuid(), 'local', %s, '{}', '[]', 1)",
+                (FOREIGN,),
+            )
+            count += 1
+    return count
+
+
 def idle(args: argparse.Namespace, admin: str, server: object, work: Path) -> None:
     from serve_app.settings import Settings
 
@@ -276,9 +302,14 @@ def idle(args: argparse.Namespace, admin: str, server: object, work: Path) -> No
             pg_pid = postgres_pid(server)
             parts = {"stack": stack.process.pid, "postgres": pg_pid}
             before = {name: cpu_seconds(tree(pid)) for name, pid in parts.items() if pid}
-            time.sleep(args.idle)
+            inserted = queue_foreign(url, args.idle, args.foreign_rate)
             after = {name: cpu_seconds(tree(pid)) for name, pid in parts.items() if pid}
-            print(f"idle window {args.idle:g} s after {args.settle:g} s settling")
+            print(f"idle window {args.idle:g} s after {args.settle:g} s settling", end="")
+            print(
+                f"; {inserted} tasks queued for backend {FOREIGN!r} (no generator) meanwhile"
+                if inserted
+                else ""
+            )
             print("| processes | count | CPU s in window | CPU % of one core |")
             print("|---|---|---|---|")
             for name in after:
@@ -291,7 +322,7 @@ def idle(args: argparse.Namespace, admin: str, server: object, work: Path) -> No
             top = sorted(
                 ((t - before["stack"].get(p, 0.0), p) for p, t in after["stack"].items()),
                 reverse=True,
-            )[:6]
+            )[:8]
             for used, pid in top:
                 with contextlib.suppress(psutil.Error):
                     name = " ".join(psutil.Process(pid).cmdline())[:90]
@@ -348,6 +379,9 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=256, help="photo side in pixels")
     parser.add_argument("--idle", type=float, default=0, help="measure idle CPU over N s")
     parser.add_argument("--settle", type=float, default=20, help="seconds before the idle window")
+    parser.add_argument(
+        "--foreign-rate", type=float, default=0, help="tasks/s for another backend while idle"
+    )
     parser.add_argument("--cold", type=int, default=0, help="measure N cold starts")
     parser.add_argument("--steps", action="store_true", help="time each step of the worker")
     args = parser.parse_args()
