@@ -6,6 +6,7 @@ enqueue numbers (migration 0012), so some tests lower the cap to see the estimat
 
 from __future__ import annotations
 
+import threading
 import uuid
 from importlib import resources
 
@@ -205,3 +206,32 @@ def test_listing_pages_through_filters_newest_first(queue: TaskQueue) -> None:
     assert pages(status="queued", batch_id="b1") == [
         t for t, b in reversed(made) if b == "b1" and rows[t]["status"] == "queued"
     ]
+
+
+def test_concurrent_first_tasks_of_a_new_level_all_get_numbers(db: Database) -> None:
+    """Eight submissions race to open a new (backend, priority) level: one creates its sequence,
+    none fails, and the numbers are distinct."""
+    queue = TaskQueue(db, lease_seconds=30.0, backoff_seconds=0.0)
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            start.wait()
+            submit(queue, backend="brand-new", priority=3)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with psycopg.connect(db.url, autocommit=True) as conn:
+        numbers = sorted(
+            r[0] for r in conn.execute("SELECT queue_seq FROM tasks WHERE backend = 'brand-new'")
+        )
+        levels = conn.execute("SELECT count(*) FROM queue_levels WHERE backend = 'brand-new'")
+        assert levels.fetchone() == (1,)
+    assert numbers == list(range(1, 9))
