@@ -9,9 +9,9 @@
 
 -- One sequence per level (backend, priority), created when the level gets its first task. A
 -- sequence, not a counter row: nextval takes no lock, so concurrent submissions never wait on each
--- other, and a bulk INSERT of many tasks stays linear (a counter row updated again and again in
--- one transaction made a 30,000-task INSERT 5-9x slower). Numbers of inserts that were rolled
--- back, or skipped by ON CONFLICT, are gaps: the estimate stays an upper bound.
+-- other, and a bulk INSERT of many tasks stays linear (a counter row, updated again and again in
+-- one transaction, made it quadratic). Numbers of inserts that were rolled back, or skipped by
+-- ON CONFLICT, are gaps: the estimate stays an upper bound.
 CREATE TABLE queue_levels (
     backend  text NOT NULL,
     priority integer NOT NULL,
