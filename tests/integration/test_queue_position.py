@@ -95,12 +95,18 @@ def test_position_falls_as_workers_claim(queue: TaskQueue) -> None:
 
 def test_a_retried_task_keeps_its_place_at_the_front(queue: TaskQueue) -> None:
     ids = [submit(queue) for _ in range(3)]
+    batch = submit(queue, priority=BATCH, batch_id="b")
     claim = queue.claim("w", ["cpu"])
     assert claim is not None and claim.id == ids[0]
     assert positions(queue, ids[1:]) == [0, 1]
     row = queue.fail(claim, code="backend_error", message="boom", permanent=False)
     assert row is not None and row["status"] == "queued"
     assert positions(queue, ids) == [0, 1, 2]  # oldest first, as the claim takes them
+    # Past the cap, the estimate counts it too (a retried task has no enqueue number).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tasks_module, "QUEUE_POSITION_EXACT_UP_TO", 1)
+        assert position(queue, ids[2]) == (2, True)
+        assert position(queue, batch) == (3, True)  # three interactive tasks ahead
 
 
 def test_canceling_a_task_moves_those_behind_it(queue: TaskQueue) -> None:

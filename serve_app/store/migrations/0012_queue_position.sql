@@ -40,7 +40,7 @@ END;
 $$;
 
 -- NULL for tasks that are not queued, and for a task queued again for a retry: it keeps its
--- place at the front (claims order by age), where the exact count covers it.
+-- place near the front (claims order by age); the estimate adds the level's retrying tasks.
 ALTER TABLE tasks ADD COLUMN queue_seq bigint;
 
 -- Number the tasks already queued, in claim order, without waking every listener per row.
@@ -66,9 +66,9 @@ BEGIN
 END;
 $$;
 
--- The head of each level: min(queue_seq) of its queued tasks, one index descent.
-CREATE INDEX tasks_queue_seq_idx ON tasks (backend, priority, queue_seq)
-    WHERE status = 'queued' AND queue_seq IS NOT NULL;
+-- The head of each level, min(queue_seq) of its queued tasks, is one index descent; so is the
+-- count of its tasks waiting for a retry (queue_seq NULL, sorted last).
+CREATE INDEX tasks_queue_seq_idx ON tasks (backend, priority, queue_seq) WHERE status = 'queued';
 
 CREATE FUNCTION tasks_number_queued() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

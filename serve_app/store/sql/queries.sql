@@ -121,24 +121,32 @@ RETURNING *;
 -- priority and older) is counted exactly up to %(exact_up_to)s tasks, which stays cheap however
 -- deep the queue. A part past that is estimated from the enqueue numbers (queue_seq, one sequence
 -- per backend and priority, migration 0012): for a level, its newest number minus the number of
--- its oldest queued task, an upper bound that also counts the tasks that left the middle of the
--- queue (canceled, deleted); queue_position_estimated says which it is.
+-- its oldest queued task, plus its tasks queued again for a retry (they have no number). An upper
+-- bound: it also counts the tasks that left the middle of the queue (canceled, deleted);
+-- queue_position_estimated says which it is.
 SELECT t.*,
        ahead.higher + ahead.same AS queue_position,
        ahead.estimated AS queue_position_estimated
 FROM tasks t
 LEFT JOIN LATERAL (
     SELECT CASE WHEN hi.n < %(exact_up_to)s THEN hi.n ELSE greatest(hi.n, (
-               SELECT coalesce(sum(pg_sequence_last_value(l.seq::regclass) - head.seq + 1), 0)
+               SELECT coalesce(sum(coalesce(pg_sequence_last_value(l.seq::regclass) - head.seq + 1,
+                                            0) + retrying.n), 0)
                FROM queue_levels l,
                     LATERAL (SELECT min(h.queue_seq) AS seq FROM tasks h
-                             WHERE h.status = 'queued' AND h.queue_seq IS NOT NULL
-                               AND h.backend = l.backend AND h.priority = l.priority) head
+                             WHERE h.status = 'queued'
+                               AND h.backend = l.backend AND h.priority = l.priority) head,
+                    LATERAL (SELECT count(*) AS n FROM tasks r
+                             WHERE r.status = 'queued' AND r.queue_seq IS NULL
+                               AND r.backend = l.backend AND r.priority = l.priority) retrying
                WHERE l.backend = t.backend AND l.priority > t.priority)) END AS higher,
            CASE WHEN same.n < %(exact_up_to)s THEN same.n ELSE greatest(same.n, (
                SELECT t.queue_seq - min(h.queue_seq) FROM tasks h
-               WHERE h.status = 'queued' AND h.queue_seq IS NOT NULL
-                 AND h.backend = t.backend AND h.priority = t.priority)) END AS same,
+               WHERE h.status = 'queued'
+                 AND h.backend = t.backend AND h.priority = t.priority) + (
+               SELECT count(*) FROM tasks r
+               WHERE r.status = 'queued' AND r.queue_seq IS NULL
+                 AND r.backend = t.backend AND r.priority = t.priority)) END AS same,
            hi.n >= %(exact_up_to)s OR same.n >= %(exact_up_to)s AS estimated
     FROM (SELECT count(*) AS n FROM (
               SELECT 1 FROM tasks q
