@@ -688,7 +688,8 @@ class ProgressBar:
         fraction = float(task.get("progress") or 0)
         stage = task.get("stage") or task["status"]
         where = task.get("queue_position")
-        label = f"queued, {where} ahead" if task["status"] == "queued" and where else stage
+        about = "about " if task.get("queue_position_estimated") else ""
+        label = f"queued, {about}{where} ahead" if task["status"] == "queued" and where else stage
         filled = int(fraction * 30)
         line = f"[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}%  {label}"
         if self.tty:
