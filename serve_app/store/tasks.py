@@ -21,6 +21,9 @@ from serve_app.store.db import Database, Row, query, translate_errors
 from serve_app.store.listen import QUEUED_CHANNEL, Listener
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+# A queued task's position is counted exactly up to this many tasks ahead (of higher priority, and
+# of its own priority); past it, get_task estimates it from enqueue numbers (queries.sql).
+QUEUE_POSITION_EXACT_UP_TO = 1000
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -161,7 +164,11 @@ class TaskQueue:
 
     # --- readers -------------------------------------------------------------------
     def get(self, task_id: uuid.UUID, account_id: str) -> Row | None:
-        return self.db.fetch_one("get_task", {"id": task_id, "account_id": account_id})
+        """The task with, when queued, its queue_position (and queue_position_estimated)."""
+        return self.db.fetch_one(
+            "get_task",
+            {"id": task_id, "account_id": account_id, "exact_up_to": QUEUE_POSITION_EXACT_UP_TO},
+        )
 
     def list_tasks(
         self,

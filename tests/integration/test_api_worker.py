@@ -76,8 +76,9 @@ def test_options_as_form_fields_are_typed(client: TestClient) -> None:
 
 def test_queue_position_counts_tasks_ahead(client: TestClient) -> None:
     ids = [submit(client)["id"] for _ in range(3)]
-    positions = [client.get(f"/api/v1/task/{i}").json()["queue_position"] for i in ids]
-    assert positions == [0, 1, 2]
+    tasks = [client.get(f"/api/v1/task/{i}").json() for i in ids]
+    assert [t["queue_position"] for t in tasks] == [0, 1, 2]
+    assert [t["queue_position_estimated"] for t in tasks] == [False, False, False]  # exact
 
 
 def test_event_stream_follows_the_task_to_its_end(client: TestClient, services: Services) -> None:
