@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/api.py [--photo PHOTO.jpg] [--requests 400] [--concurrency 1,8,32]
 
-photo3d: the real stack (`photo3d serve`: embedded PostgreSQL, Ray Serve, the Ingress), with
-the account limits raised and the tasks sent to a backend whose generator has no replica (so no
-generation competes for the CPUs). Bare: one uvicorn process with a FastAPI app that parses the
+photo3d: the real stack (`photo3d serve`: embedded PostgreSQL, Ray Serve, the Ingress), loaded
+on its own port ("direct": the Ingress replica, Ray's direct ingress, the default) and through
+Ray Serve's proxy in front of the same replica ("proxy"), with the account limits raised and
+the tasks sent to a backend whose generator has no replica (so no generation competes for the
+CPUs). Bare: one uvicorn process with a FastAPI app that parses the
 multipart upload, checks the image header with Pillow, writes the file, INSERTs the task row into
 the same PostgreSQL and answers 202 JSON; its GET reads the row back. Both answer the same
 requests from `hey` (Debian's package) at each concurrency. Prints the machine and the commit.
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,23 +123,67 @@ def start_bare(database_url: str, work: Path) -> tuple[subprocess.Popen[bytes], 
     raise SystemExit("the bare app did not start")
 
 
-def run_both(label: str, urls: dict[str, str], make_args, concurrencies, n) -> list[dict]:
+def cpu_seconds(root_pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants, PostgreSQL left out (both
+    apps share one server). Less sensitive to other load on the machine than requests/s."""
+    total = 0.0
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
+        try:
+            if "postgres" in proc.name():
+                continue
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def run_both(
+    label: str, urls: dict[str, str], make_args, concurrencies, n, pids: dict[str, int]
+) -> list[dict]:
+    """Each concurrency against every target in turn; one table row per target, with its ratio
+    to the bare app measured just before or after it, and the server's CPU per request."""
     rows = []
     for c in concurrencies:
         row: dict = {"what": label, "c": c}
         for name, url in urls.items():
             target, body = make_args(name, url)
             hey(target, n=max(c, n // 10), c=c, body=body)  # warm-up
+            before = cpu_seconds(pids[name])
             row[name] = hey(target, n=n, c=c, body=body)
+            answered = sum(int(v) for v in row[name]["codes"].values()) or 1
+            row[name]["cpu_ms"] = (cpu_seconds(pids[name]) - before) * 1000 / answered
         rows.append(row)
-        p, b = row["photo3d"], row["bare"]
-        print(
-            f"| {label} | {c} | {p['rps']:.1f} | {p['p50_ms']:.0f} | {p['p99_ms']:.0f} | "
-            f"{b['rps']:.1f} | {b['p50_ms']:.0f} | {b['p99_ms']:.0f} | {p['rps'] / b['rps']:.2f} |"
-            f" {p['codes']} |",
-            flush=True,
-        )
+        b = row["bare"]
+        for name in urls:
+            if name == "bare":
+                continue
+            p = row[name]
+            print(
+                f"| {label} | {name} | {c} | {p['rps']:.1f} | {p['p50_ms']:.0f} | "
+                f"{p['p99_ms']:.0f} | {p['cpu_ms']:.1f} | {b['rps']:.1f} | {b['p50_ms']:.0f} | "
+                f"{b['p99_ms']:.0f} | {b['cpu_ms']:.1f} | {p['rps'] / b['rps']:.2f} | "
+                f"{p['codes']} |",
+                flush=True,
+            )
     return rows
+
+
+def wait_for(url: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} did not answer")
 
 
 def main() -> int:
@@ -147,6 +194,11 @@ def main() -> int:
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for photo3d serve (e.g. Ray's)"
     )
+    parser.add_argument(
+        "--no-proxy",
+        action="store_true",
+        help="leave out the run through Ray's proxy (photo3d's default is direct ingress)",
+    )
     args = parser.parse_args()
     if shutil.which("hey") is None:
         raise SystemExit("needs `hey` (apt-get install hey)")
@@ -156,6 +208,7 @@ def main() -> int:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; commit {commit}")
+    print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"photo: {len(photo)} bytes; {args.requests} requests per run after a warm-up")
     with tempfile.TemporaryDirectory(prefix="p3d-api-") as tmp:
         work = Path(tmp)
@@ -173,8 +226,14 @@ def main() -> int:
             "PHOTO3D_BACKENDS": f"cpu,{PAUSED}",
             "PHOTO3D_MAX_ACTIVE_TASKS": "100000000",
             "PHOTO3D_RATE_LIMIT_REQUESTS": "1000000000",
+            "PHOTO3D_RATE_LIMIT_ACCOUNT_REQUESTS": "1000000000",
+            "PHOTO3D_MAX_UPLOADS_PER_ACCOUNT": "1000",  # one tenant here: its fair share is all
             **dict(item.split("=", 1) for item in args.env),
         }
+        # Direct ingress (the default) still runs Ray's proxy on the side, in front of the same
+        # replica: the two paths are measured side by side.
+        proxy_port = free_port()
+        env["PHOTO3D_PROXY_PORT"] = str(proxy_port)
         if args.env:
             print(f"photo3d serve with {' '.join(args.env)}")
         clones = [pg.clone_database(admin, prefix=p) for p in ("api", "bare")]
@@ -182,19 +241,25 @@ def main() -> int:
         bare, bare_url = start_bare(bare_db, work)
         try:
             with run_stack(work / "s", photo3d_db, env=env) as stack:
-                urls = {"photo3d": stack.url, "bare": bare_url}
-                print("| request | c | photo3d req/s | p50 ms | p99 ms | bare req/s | p50 ms "
-                      "| p99 ms | ratio | photo3d codes |")  # fmt: skip
-                print("|---|---|---|---|---|---|---|---|---|---|")
+                direct = env.get("PHOTO3D_INGRESS_MODE", "direct") == "direct"
+                urls = {"direct" if direct else "proxy": stack.url, "bare": bare_url}
+                if direct and not args.no_proxy:
+                    urls["proxy"] = f"http://127.0.0.1:{proxy_port}"
+                    wait_for(f"{urls['proxy']}/health")
+                pids = dict.fromkeys(urls, stack.process.pid) | {"bare": bare.pid}
+                print("| request | path | c | req/s | p50 ms | p99 ms | CPU ms/req | bare req/s "
+                      "| p50 ms | p99 ms | CPU ms/req | ratio | codes |")  # fmt: skip
+                print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
                 run_both(
                     "POST /generate",
                     urls,
                     lambda name, url: (
-                        f"{url}/api/v1/generate" if name == "photo3d" else f"{url}/generate",
-                        bodies[name],
+                        f"{url}/generate" if name == "bare" else f"{url}/api/v1/generate",
+                        bodies["bare" if name == "bare" else "photo3d"],
                     ),
                     concurrencies,
                     args.requests,
+                    pids,
                 )
                 with httpx.Client() as client:
                     task = client.post(
@@ -209,13 +274,14 @@ def main() -> int:
                     "GET /task/{id}",
                     urls,
                     lambda name, url: (
-                        f"{url}/api/v1/task/{task}"
-                        if name == "photo3d"
-                        else f"{url}/task/{bare_task}",
+                        f"{url}/task/{bare_task}"
+                        if name == "bare"
+                        else f"{url}/api/v1/task/{task}",
                         None,
                     ),
                     concurrencies,
                     args.requests * 2,
+                    pids,
                 )
         finally:
             os.killpg(bare.pid, 9)

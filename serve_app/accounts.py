@@ -155,7 +155,10 @@ class Accounts:
     def count_request(self, bucket: str, limit: int, window_seconds: int) -> RateWindow:
         """Count one request in the bucket's window; RateLimited past `limit`. Returns what the
         RateLimit-* response headers say."""
-        row = self.db.fetch_one("count_request", {"key": bucket, "window": window_seconds})
+        rows = self.db.fetch_all_unflushed(
+            "count_request", {"key": bucket, "window": window_seconds}
+        )
+        row = rows[0] if rows else None
         if row is None:  # pragma: no cover - the upsert always returns its row
             return RateWindow(limit, limit, window_seconds)
         retry = max(1, int(float(row["reset_s"]) + 0.999))
@@ -171,7 +174,7 @@ class Accounts:
     ) -> RateWindow:
         """Count one request against its key's window and its account's (all keys together);
         RateLimited past either limit. Returns the tighter budget (the RateLimit-* headers)."""
-        rows = self.db.fetch_all(
+        rows = self.db.fetch_all_unflushed(
             "count_request_and_account",
             {"key": key_prefix, "account": f"account:{account_id}", "window": window},
         )

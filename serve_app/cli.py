@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -152,6 +153,38 @@ def serve_deploy_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def use_direct_ingress(config: dict[str, Any], settings: Settings) -> str | None:
+    """Let the Ingress replica answer on settings.port itself (Ray Serve's direct ingress) and
+    move Ray's proxy to an internal loopback port. Returns why it cannot, or None.
+
+    Ray reads these variables in its controller and replicas, which inherit this process's
+    environment: so only for a cluster this process starts. The replica's port range is the
+    one port; a replica that is replaced gets it back at once (no quarantine: that is for
+    HAProxy's server lists) and drains without Ray's 30 s wait for a load balancer."""
+    ingress: dict[str, Any] = next(
+        (d for app in config["applications"] for d in app.get("deployments", [])
+         if d.get("name") == "Ingress"),
+        {},
+    )  # fmt: skip
+    if ingress.get("autoscaling_config") or int(ingress.get("num_replicas", 1)) != 1:
+        return "the Ingress has more than one replica (direct ingress serves one per machine)"
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(settings.port)
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(settings.port + 1)  # exclusive
+    os.environ.setdefault("RAY_SERVE_PORT_QUARANTINE_S", "0")
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+    port = settings.proxy_port
+    if not port:
+        with socket.socket() as probe:  # Ray's proxy still runs on the head node: to the side
+            probe.bind((settings.host, 0))
+            port = probe.getsockname()[1]
+    config["http_options"]["port"] = port
+    print(
+        f"Ingress on {settings.host}:{settings.port} (direct); Ray's proxy on :{port}", flush=True
+    )
+    return None
+
+
 def deploy_config(config: dict[str, Any]) -> None:
     """Start Serve (public API) and deploy the config's applications without waiting.
 
@@ -294,6 +327,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
     config = serve_deploy_config(settings)
+
+    if settings.ingress_mode == "direct" and not args.address:
+        refused = use_direct_ingress(config, settings)
+        if refused:
+            print(f"note: HTTP goes through Ray's proxy: {refused}", flush=True)
 
     import ray
     from ray import serve
@@ -650,7 +688,8 @@ class ProgressBar:
         fraction = float(task.get("progress") or 0)
         stage = task.get("stage") or task["status"]
         where = task.get("queue_position")
-        label = f"queued, {where} ahead" if task["status"] == "queued" and where else stage
+        about = "about " if task.get("queue_position_estimated") else ""
+        label = f"queued, {about}{where} ahead" if task["status"] == "queued" and where else stage
         filled = int(fraction * 30)
         line = f"[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}%  {label}"
         if self.tty:

@@ -24,7 +24,7 @@ from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
 from serve_app.downloads import REDIRECT_GRACE_SECONDS, DownloadSigner, signer_from_settings
 from serve_app.errors import Gone, InvalidInput, NotFound, Photo3DError
-from serve_app.images import ImageLimits, load_image, stored_suffix
+from serve_app.images import ImageLimits, check_image, stored_suffix
 from serve_app.packaging import store_preview
 from serve_app.results import StoredFile, TaskResult
 from serve_app.settings import Settings
@@ -173,8 +173,8 @@ class Services:
             )
         options = parse_options(raw_options, self.settings, self.backends)
         limits = ImageLimits.from_settings(self.settings)
-        for data in photos:  # decoded in full to refuse what the worker could not read
-            load_image(data, limits)
+        for data in photos:  # decoded to refuse what the worker could not read
+            check_image(data, limits)
         digest = request_hash(photos, options.model_dump(mode="json"))
         if idempotency_key is not None:
             # A retry must not store its photos again: answer with the original task.

@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = None  # default: <run_dir>/artifacts
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # How HTTP reaches the Ingress under `photo3d serve` on one machine. "direct": the Ingress
+    # replica itself listens on `port` (Ray Serve's direct ingress; one Ingress replica, no proxy
+    # hop: ~3x the GET rate on 2 cores, docs/performance.md). "proxy": through Ray Serve's HTTP
+    # proxy, which can spread requests over several Ingress replicas. A Ray cluster joined with
+    # --address, and Kubernetes, always use the proxy.
+    ingress_mode: Literal["direct", "proxy"] = "direct"
+    proxy_port: int = Field(default=0, ge=0, le=65535)  # Ray's proxy in direct mode; 0 = any free
     dashboard_port: int = Field(default=8265, ge=0, le=65535)  # Ray's job server; 0 = off
     serve_config: Path = Path("serve_config.yaml")
 

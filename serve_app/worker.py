@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from queue import Empty, Full, Queue
 from typing import Any
 
 from PIL import Image
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 
 # Errors that retrying cannot fix: the input or the options are the problem.
 PERMANENT_ERRORS: tuple[type[Photo3DError], ...] = (InvalidInput,)
+
+# Issue 11: previews waiting for the worker's preview thread. Past this many (tasks finishing
+# faster than their previews render), a preview is left to be rendered on first request.
+PREVIEW_BACKLOG = 16
+# The preview thread runs at a lower CPU priority than the claim loop and the generation.
+PREVIEW_NICENESS = 10
 
 
 def new_worker_id(backend: str) -> str:
@@ -90,6 +97,12 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._current: _Attempt | None = None
+        # Issue 11: previews render on a thread of their own, after the task has succeeded,
+        # so the claim loop takes the next task at once (see _preview_loop).
+        self._previews: Queue[tuple[Claim, dict[str, Any], dict[str, Any] | None]] = Queue(
+            maxsize=PREVIEW_BACKLOG
+        )
+        self._preview_thread: threading.Thread | None = None
         self.tasks_done = 0
         self.last_error: str | None = None
 
@@ -100,6 +113,10 @@ class Worker:
         self._thread = threading.Thread(target=self.run_forever, name="photo3d-worker", daemon=True)
         self._thread.start()
         threading.Thread(target=self._presence, name="photo3d-presence", daemon=True).start()
+        self._preview_thread = threading.Thread(
+            target=self._preview_loop, name="photo3d-previews", daemon=True
+        )
+        self._preview_thread.start()
         threading.Thread(
             target=self.housekeeping.run_until,
             args=(self._stop,),
@@ -123,6 +140,8 @@ class Worker:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._preview_thread is not None:  # the preview being rendered; the rest on request
+            self._preview_thread.join(min(timeout, 5.0) if timeout is not None else 5.0)
         with contextlib.suppress(Photo3DError):
             self.queue.unregister_worker(self.worker_id)
         self.queue.close()
@@ -140,7 +159,8 @@ class Worker:
         while not self._stop.is_set():
             try:
                 if not self.run_once():
-                    self.queue.wait_for_work(self.poll_seconds)
+                    # Only this backend's tasks end the wait (issue 11: idle means idle).
+                    self.queue.wait_for_work(self.poll_seconds, [self.backend.name])
             except Photo3DError as exc:
                 self.last_error = exc.message
                 log.warning("worker %s: %s", self.worker_id, exc.message)
@@ -182,7 +202,7 @@ class Worker:
                 self.tasks_done += 1
                 metrics.task_finished(self.backend.name, "succeeded")
                 log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
-                self._render_preview(claim, result)
+                self._queue_preview(claim, result)
             else:
                 metrics.task_finished(self.backend.name, "lost", "lease_lost")
                 # A newer attempt, a cancel or a stall recovery owns the task: our files go.
@@ -198,6 +218,33 @@ class Worker:
             attempt.done.set()
             self._current = None
             beat.join(timeout=self.heartbeat_seconds + 5)
+
+    # --- previews (issue 11: off the claim loop) -------------------------------------
+    def _queue_preview(self, claim: Claim, result: dict[str, Any]) -> None:
+        """Hand the preview to the preview thread, so the next task is claimed at once. A
+        worker driven without start() (tests, tools) renders it here; with the backlog full
+        it is left to be rendered on first request."""
+        if result["preview"].get("ready", True):  # the backend made one: stored already
+            return
+        if self._preview_thread is None:
+            self._render_preview(claim, result)
+            return
+        try:
+            self._previews.put_nowait((claim, result, logs.current()))
+        except Full:
+            log.info("task %s: preview backlog full; it renders on request", claim.id)
+
+    def _preview_loop(self) -> None:
+        """Render queued previews, one at a time, at a lower CPU priority than generation."""
+        with contextlib.suppress(OSError, AttributeError):  # Linux: the priority of a thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREVIEW_NICENESS)
+        while not self._stop.is_set():
+            try:
+                claim, result, context = self._previews.get(timeout=0.5)
+            except Empty:
+                continue
+            with logs.context(**(context or {})):
+                self._render_preview(claim, result)
 
     def _render_preview(self, claim: Claim, result: dict[str, Any]) -> None:
         """Render the preview after the task has succeeded, so it never delays the result; if

@@ -25,6 +25,7 @@ TASK_EXAMPLE = {
     "progress": 1.0,
     "stage": "done",
     "queue_position": None,
+    "queue_position_estimated": None,
     "attempt": 1,
     "max_attempts": 3,
     "created_at": "2026-01-05T10:00:00Z",

@@ -75,7 +75,19 @@ class Task(BaseModel):
     backend: str
     progress: float = Field(description="0..1")
     stage: str | None = None
-    queue_position: int | None = Field(None, description="Tasks ahead of this one (queued only).")
+    queue_position: int | None = Field(
+        None,
+        description=(
+            "Tasks ahead of this one (queued only): the same backend's queued tasks of higher"
+            " priority, then older ones of the same priority. Exact up to 1000 of each; past"
+            " that an estimate from enqueue numbers, at most the tasks queued ahead since"
+            " (see queue_position_estimated)."
+        ),
+    )
+    queue_position_estimated: bool | None = Field(
+        None,
+        description="True when queue_position is an estimate (a deep queue), false when exact.",
+    )
     attempt: int
     max_attempts: int
     created_at: dt.datetime
@@ -180,6 +192,7 @@ def task_from_row(
         progress=float(row["progress"]),
         stage=row.get("stage"),
         queue_position=row.get("queue_position"),
+        queue_position_estimated=row.get("queue_position_estimated"),
         attempt=row["attempt"],
         max_attempts=row["max_attempts"],
         created_at=row["created_at"],

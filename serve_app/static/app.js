@@ -586,8 +586,10 @@ class TaskView {
     $("#progress-queue").textContent = ahead === 0 ? "Next" : String((ahead ?? 0) + 1);
     let text;
     if (task.status === "queued") {
+      // A deep queue's position is an estimate (queue_position_estimated): say "about".
+      const about = task.queue_position_estimated ? "about " : "";
       text = ahead
-        ? `Waiting in line: number ${ahead + 1}`
+        ? `Waiting in line: ${about}number ${ahead + 1}`
         : "Next in line: waiting for a free worker";
     } else {
       text = stageText(task.stage) || "Starting";
@@ -950,8 +952,10 @@ const gallery = {
     let meta = task.backend;
     if (task.status === "running")
       meta += ` · ${stageText(task.stage) || "working"} ${Math.round(task.progress * 100)}%`;
-    if (task.status === "queued" && task.queue_position != null)
-      meta += ` · number ${task.queue_position + 1} in line`;
+    if (task.status === "queued" && task.queue_position != null) {
+      const about = task.queue_position_estimated ? "about " : "";
+      meta += ` · ${about}number ${task.queue_position + 1} in line`;
+    }
     if (task.status === "failed" && task.error) meta += ` · ${explainError(task.error.code).title}`;
     $(".card-meta", item).textContent = meta;
     $(".card-download", item).hidden = task.status !== "succeeded";

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterator
 from functools import lru_cache
 from importlib import resources
@@ -20,6 +21,17 @@ from serve_app.errors import Conflict, InvalidInput, ServiceUnavailable
 log = logging.getLogger(__name__)
 
 Row = dict[str, Any]
+
+# A connection used this recently is not checked with a round trip when it is taken from the
+# pool again: under load every checkout would pay one (`SELECT 1`) for a connection that just
+# worked. One idle longer is checked, so a restarted server's dead connections are replaced.
+CHECK_IDLE_SECONDS = 2.0
+
+
+def check_if_idle(conn: psycopg.Connection[Any]) -> None:
+    """The pool's checkout check, skipped for a connection returned moments ago."""
+    if time.monotonic() - getattr(conn, "_photo3d_returned_at", 0.0) > CHECK_IDLE_SECONDS:
+        ConnectionPool.check_connection(conn)
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +86,7 @@ class Database:
             max_size=max_size,
             timeout=timeout,
             open=False,
-            check=ConnectionPool.check_connection,
+            check=check_if_idle,
             kwargs={
                 "row_factory": dict_row,
                 "autocommit": True,
@@ -99,6 +111,7 @@ class Database:
         """A pooled autocommit connection; errors are translated."""
         with translate_errors(), self.pool.connection() as conn:
             yield conn  # type: ignore[misc]
+            conn._photo3d_returned_at = time.monotonic()  # type: ignore[attr-defined]
 
     def fetch_all(self, name: str, params: dict[str, Any] | None = None) -> list[Row]:
         """Run query `name` and return every row."""
@@ -109,6 +122,15 @@ class Database:
         """Run query `name` and return its first row, or None."""
         with self.connection() as conn:
             return conn.execute(query(name), params or {}).fetchone()
+
+    def fetch_all_unflushed(self, name: str, params: dict[str, Any] | None = None) -> list[Row]:
+        """Run write `name` without waiting for its commit to reach the disk
+        (`synchronous_commit = off`): for counters a crash may lose the last fraction of a second
+        of (rate windows), never for tasks, money or keys. It saves the commit's fsync, the
+        largest part of a small request's time, and holds the row's lock that much shorter."""
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit TO off")
+            return conn.execute(query(name), params or {}).fetchall()
 
     def execute(self, name: str, params: dict[str, Any] | None = None) -> int:
         """Run statement `name` that returns no rows; return the number of rows affected."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,9 @@ from serve_app.store.db import Database, Row, query, translate_errors
 from serve_app.store.listen import QUEUED_CHANNEL, Listener
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+# A queued task's position is counted exactly up to this many tasks ahead (of higher priority, and
+# of its own priority); past it, get_task estimates it from enqueue numbers (queries.sql).
+QUEUE_POSITION_EXACT_UP_TO = 1000
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 
 
@@ -159,7 +164,11 @@ class TaskQueue:
 
     # --- readers -------------------------------------------------------------------
     def get(self, task_id: uuid.UUID, account_id: str) -> Row | None:
-        return self.db.fetch_one("get_task", {"id": task_id, "account_id": account_id})
+        """The task with, when queued, its queue_position (and queue_position_estimated)."""
+        return self.db.fetch_one(
+            "get_task",
+            {"id": task_id, "account_id": account_id, "exact_up_to": QUEUE_POSITION_EXACT_UP_TO},
+        )
 
     def list_tasks(
         self,
@@ -294,12 +303,22 @@ class TaskQueue:
     def unregister_worker(self, worker_id: str) -> None:
         self.db.execute("delete_worker", {"id": worker_id})
 
-    def wait_for_work(self, timeout: float) -> bool:
+    def wait_for_work(self, timeout: float, backends: Collection[str] | None = None) -> bool:
         """Sleep until a NOTIFY says a task was queued (True), or `timeout` passes (False):
-        the caller polls the queue either way, so a lost notification only costs latency."""
+        the caller polls the queue either way, so a lost notification only costs latency.
+        With `backends`, a task queued for another backend does not end the wait (the
+        notification's payload is the task's backend), so an idle worker does no work for it."""
         if self._work_listener is None:
             self._work_listener = Listener(self.db.url, [QUEUED_CHANNEL])
-        return bool(self._work_listener.wait(timeout))
+        deadline = time.monotonic() + timeout
+        while True:
+            notes = self._work_listener.wait(max(0.0, deadline - time.monotonic()))
+            if not notes:
+                return False
+            if backends is None or any(payload in backends for _, payload in notes):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def close(self) -> None:
         """Drop the listening connection, if one was opened."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
+import httpx
 import psycopg
 import trimesh
 
@@ -220,3 +222,27 @@ def test_generators_scale_on_the_queue_backlog(stack: Stack) -> None:
         assert most == 2, "the backlog of 20 tasks did not bring a second cpu replica"
         for task_id in ids:
             assert stack.wait_for_task(client, task_id)["status"] == "succeeded"
+
+
+def listening_ports(processes: list) -> set[int]:
+    return {
+        conn.laddr.port
+        for proc in processes
+        for conn in proc.net_connections(kind="tcp")
+        if conn.status == "LISTEN"
+    }
+
+
+def test_the_ingress_replica_itself_answers_on_the_service_port(stack: Stack) -> None:
+    """Direct ingress (the default on one machine): no Ray proxy hop on the service port, and
+    Ray's proxy still serves the same app on a loopback port beside it."""
+    log = stack.log_path.read_text(errors="replace")
+    found = re.search(r"Ingress on 127\.0\.0\.1:(\d+) \(direct\); Ray's proxy on :(\d+)", log)
+    assert found, "photo3d serve did not say it serves the Ingress directly"
+    service_port, proxy_port = int(found[1]), int(found[2])
+    assert stack.url.endswith(f":{service_port}")
+    assert service_port in listening_ports(stack.processes("ServeReplica:photo3d:Ingress"))
+    assert service_port not in listening_ports(stack.processes("ProxyActor"))
+    with stack.client() as client:
+        assert client.get("/health").status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{proxy_port}/health", timeout=10).status_code == 200

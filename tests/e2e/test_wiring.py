@@ -73,6 +73,8 @@ def listen_connections(database_url: str) -> int:
 
 def test_two_ingress_replicas_share_tasks_and_streams(stack: Stack) -> None:
     assert len(stack.processes("ServeReplica:photo3d:Ingress")) == 2
+    # Direct ingress serves one replica per machine: with two, Ray's proxy spreads the requests.
+    assert "HTTP goes through Ray's proxy" in stack.log_path.read_text(errors="replace")
     ids = [submit(stack, 10 + i) for i in range(3)]
     finals: dict[str, str] = {}
 

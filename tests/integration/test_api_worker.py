@@ -76,8 +76,9 @@ def test_options_as_form_fields_are_typed(client: TestClient) -> None:
 
 def test_queue_position_counts_tasks_ahead(client: TestClient) -> None:
     ids = [submit(client)["id"] for _ in range(3)]
-    positions = [client.get(f"/api/v1/task/{i}").json()["queue_position"] for i in ids]
-    assert positions == [0, 1, 2]
+    tasks = [client.get(f"/api/v1/task/{i}").json() for i in ids]
+    assert [t["queue_position"] for t in tasks] == [0, 1, 2]
+    assert [t["queue_position_estimated"] for t in tasks] == [False, False, False]  # exact
 
 
 def test_event_stream_follows_the_task_to_its_end(client: TestClient, services: Services) -> None:
@@ -287,3 +288,100 @@ def test_task_succeeds_before_its_preview_and_the_preview_follows(
     late = client.get(f"/api/v1/task/{orphan['id']}/preview")
     assert late.status_code == 200 and late.content.startswith(b"\x89PNG")
     assert Image.open(io.BytesIO(late.content)).size[0] > 0
+
+
+def wait_until(check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def queue_photo_task(services: Services, backend: str) -> uuid.UUID:
+    key = f"inputs/{uuid.uuid4().hex}/photo-0.png"
+    services.artifacts.put(key, object_photo(64))
+    row, _ = services.queue.submit(
+        task_id=uuid.uuid4(),
+        account_id="local",
+        backend=backend,
+        options={"backend": backend},
+        inputs=[key],
+        max_attempts=1,
+    )
+    return uuid.UUID(str(row["id"]))
+
+
+def status_of(services: Services, task_id: uuid.UUID) -> str:
+    return str(services.queue.get(task_id, "local")["status"])  # type: ignore[index]
+
+
+def test_idle_worker_does_no_work_for_another_backends_tasks(services: Services) -> None:
+    """Issue 11: every queued task sends a NOTIFY; a worker wakes (and claims) only for its own
+    backend's. Counted in-process: its claim calls."""
+    from tests.support.fake_backends import ZeroCostFakeBackend
+
+    claims: list[list[str]] = []
+    claim = services.queue.claim
+
+    def counted(worker_id: str, backends: list[str]):  # type: ignore[no-untyped-def]
+        claims.append(backends)
+        return claim(worker_id, backends)
+
+    services.queue.claim = counted  # type: ignore[method-assign]
+    worker = make_worker(services, ZeroCostFakeBackend(services.settings))
+    worker.poll_seconds = 120  # no polling rounds during the test: only NOTIFYs wake it
+    worker.start()
+    try:
+        # Listening (the first claim found nothing; the listener's LISTEN has run).
+        wait_until(
+            lambda: (
+                services.queue._work_listener is not None
+                and services.queue._work_listener._conn is not None
+            )
+        )
+        others = [queue_photo_task(services, "cpu") for _ in range(5)]
+        mine = queue_photo_task(services, "fake-zero")
+        wait_until(lambda: status_of(services, mine) == "succeeded")
+        # The first look, the claim its own task's NOTIFY woke, and at most the look for more
+        # after it: none for the five tasks of the other backend, which stay queued.
+        assert len(claims) <= 3, claims
+        assert all(status_of(services, task) == "queued" for task in others)
+    finally:
+        worker._stop.set()
+        queue_photo_task(services, "fake-zero")  # wakes the loop, which now sees the stop
+        worker.stop(timeout=10)
+
+
+def test_next_task_is_claimed_while_the_previous_preview_renders(services: Services) -> None:
+    """Issue 11: the preview renders on a thread of its own after the task succeeded, so it
+    delays neither that task nor the next one; it is marked ready once rendered."""
+    from tests.support.fake_backends import ZeroCostFakeBackend
+
+    release = threading.Event()
+    worker = make_worker(services, ZeroCostFakeBackend(services.settings))
+    render = worker._render_preview
+
+    def held_render(claim, result) -> None:  # type: ignore[no-untyped-def]
+        release.wait(60)
+        render(claim, result)
+
+    worker._render_preview = held_render  # type: ignore[method-assign]
+    first = queue_photo_task(services, "fake-zero")
+    second = queue_photo_task(services, "fake-zero")
+    worker.start()
+    try:
+        # Both succeed while the first preview is still held.
+        wait_until(lambda: status_of(services, second) == "succeeded")
+        assert status_of(services, first) == "succeeded"
+        assert not release.is_set()
+        for task in (first, second):
+            row = services.queue.get(task, "local")
+            assert row is not None and row["result"]["preview"]["ready"] is False
+        release.set()
+        for task in (first, second):
+            wait_until(
+                lambda task=task: services.queue.get(task, "local")["result"]["preview"]["ready"]  # type: ignore[index]
+            )
+    finally:
+        release.set()
+        worker.stop(timeout=10)

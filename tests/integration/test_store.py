@@ -52,6 +52,18 @@ def test_wait_for_work_wakes_on_a_queued_task(queue: TaskQueue) -> None:
     assert queue.wait_for_work(30) is True  # the NOTIFY ends the wait
 
 
+def test_wait_for_work_of_one_backend_sleeps_through_another_backends_tasks(
+    queue: TaskQueue,
+) -> None:
+    """Issue 11: an idle worker of one backend is not woken by tasks queued for another."""
+    assert queue.wait_for_work(0, ["cpu"]) is False  # now listening
+    for _ in range(3):
+        submit(queue, "trellis")
+    assert queue.wait_for_work(1.0, ["cpu"]) is False  # three NOTIFYs, none for cpu
+    submit(queue, "cpu")
+    assert queue.wait_for_work(30, ["cpu"]) is True
+
+
 def test_wait_for_work_outlives_a_dead_database(tmp_path: Path) -> None:
     # A port nobody listens on: the wait is a plain sleep, never an exception.
     db = Database("postgresql://nobody@127.0.0.1:9/none", timeout=1)

@@ -112,3 +112,33 @@ class FailingFakeBackend:
     ) -> GeneratedAsset:
         progress(0.2, "inspecting")
         raise InvalidInput("FAKE: this photo cannot be reconstructed", code="fake_unusable_photo")
+
+
+class ZeroCostFakeBackend:
+    """FAKE: returns the same small textured GLB at once, without looking at the photo, so a
+    benchmark measures what the service adds around a generation (bench/overhead.py)."""
+
+    name = "fake-zero"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.glb = b""
+
+    def load(self) -> None:
+        import numpy as np
+
+        from tests.support.meshes import uv_sphere
+
+        texture = np.full((64, 64, 3), (190, 60, 40), np.uint8)
+        glb = uv_sphere(texture).export(file_type="glb")
+        assert isinstance(glb, bytes)
+        self.glb = glb
+
+    def check_health(self) -> None:
+        pass
+
+    def generate(
+        self, images: list[Image.Image], options: GenerationOptions, progress: ProgressCallback
+    ) -> GeneratedAsset:
+        progress(1.0, "done")
+        return GeneratedAsset(glb=self.glb, stats={"faces": 0})

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 
 import pytest
 from PIL import Image
 
 from serve_app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from serve_app.images import ImageLimits, decode_base64_image, load_image
+from serve_app.images import ImageLimits, check_image, decode_base64_image, load_image
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, max_side=4000, min_side=16)
+
+# The ingress checks an upload with check_image (a JPEG at 1/8 scale) and the worker reads it with
+# load_image: both must refuse the same photos with the same error.
+Reader = Callable[[bytes, ImageLimits], object]
+READERS = pytest.mark.parametrize("read", [load_image, check_image], ids=["load", "check"])
 
 
 def encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -60,43 +66,48 @@ def test_palette_and_16bit_become_rgb() -> None:
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, InvalidImage, "corrupt_image"),
     ],
 )
-def test_refuses_non_images(data: bytes, error: type, code: str) -> None:
+@READERS
+def test_refuses_non_images(data: bytes, error: type, code: str, read: Reader) -> None:
     with pytest.raises(error) as info:
-        load_image(data, LIMITS)
+        read(data, LIMITS)
     assert info.value.code == code
 
 
-def test_refuses_truncated_jpeg() -> None:
+@READERS
+def test_refuses_truncated_jpeg(read: Reader) -> None:
     data = encode(Image.effect_noise((256, 256), 50).convert("RGB"), "JPEG")
     with pytest.raises(InvalidImage) as info:
-        load_image(data[: len(data) // 2], LIMITS)
+        read(data[: len(data) // 2], LIMITS)
     assert info.value.code == "corrupt_image"
 
 
-def test_refuses_too_many_pixels_without_decoding() -> None:
+@READERS
+def test_refuses_too_many_pixels_without_decoding(read: Reader) -> None:
     # A 5000x5000 PNG of one colour is tiny on disk but 25 Mpx: a decompression bomb here.
     data = encode(Image.new("L", (5000, 5000)), "PNG")
     assert len(data) < LIMITS.max_bytes
     with pytest.raises(PayloadTooLarge) as info:
-        load_image(data, LIMITS)
+        read(data, LIMITS)
     assert info.value.code == "image_too_many_pixels"
 
 
-def test_refuses_tiny_and_too_many_bytes() -> None:
+@READERS
+def test_refuses_tiny_and_too_many_bytes(read: Reader) -> None:
     with pytest.raises(InvalidImage) as info:
-        load_image(encode(Image.new("RGB", (4, 4)), "PNG"), LIMITS)
+        read(encode(Image.new("RGB", (4, 4)), "PNG"), LIMITS)
     assert info.value.code == "image_too_small"
     small = ImageLimits(max_bytes=1000, max_pixels=10**6, max_side=1000, min_side=1)
     with pytest.raises(PayloadTooLarge):
-        load_image(encode(Image.effect_noise((200, 200), 60).convert("RGB"), "PNG"), small)
+        read(encode(Image.effect_noise((200, 200), 60).convert("RGB"), "PNG"), small)
 
 
-def test_refuses_animated_webp() -> None:
+@READERS
+def test_refuses_animated_webp(read: Reader) -> None:
     frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
     out = io.BytesIO()
     frames[0].save(out, format="WEBP", save_all=True, append_images=frames[1:])
     with pytest.raises(InvalidImage) as info:
-        load_image(out.getvalue(), LIMITS)
+        read(out.getvalue(), LIMITS)
     assert info.value.code == "animated_image"
 
 
@@ -170,3 +181,11 @@ def test_truncated_heic_is_a_clear_error() -> None:
     with pytest.raises(InvalidImage) as err:
         load_image(data[: len(data) // 2], LIMITS)
     assert err.value.code == "corrupt_image"
+
+
+def test_check_image_accepts_what_load_image_reads() -> None:
+    photo = Image.effect_noise((640, 480), 40).convert("RGB")
+    for fmt in ("JPEG", "PNG", "WEBP"):
+        data = encode(photo, fmt)
+        check_image(data, LIMITS)
+        assert load_image(data, LIMITS).size == (640, 480)

@@ -116,15 +116,48 @@ WHERE id = %(id)s AND account_id = %(account_id)s AND status IN ('queued', 'runn
 RETURNING *;
 
 -- name: get_task
--- Queue position counts the tasks a worker of the same backend will take before this one.
+-- queue_position: the queued tasks a worker of the same backend takes before this one (higher
+-- priority first, then older), never another backend's. Each part (higher priority; same
+-- priority and older) is counted exactly up to %(exact_up_to)s tasks, which stays cheap however
+-- deep the queue. A part past that is estimated from the enqueue numbers (queue_seq, one sequence
+-- per backend and priority, migration 0012): for a level, its newest number minus the number of
+-- its oldest queued task, plus its tasks queued again for a retry (they have no number). An upper
+-- bound: it also counts the tasks that left the middle of the queue (canceled, deleted);
+-- queue_position_estimated says which it is.
 SELECT t.*,
-       CASE WHEN t.status = 'queued' THEN (
-           SELECT count(*) FROM tasks q
-           WHERE q.status = 'queued' AND q.backend = t.backend
-             AND (q.priority > t.priority
-                  OR (q.priority = t.priority AND (q.created_at, q.id) < (t.created_at, t.id)))
-       ) END AS queue_position
+       ahead.higher + ahead.same AS queue_position,
+       ahead.estimated AS queue_position_estimated
 FROM tasks t
+LEFT JOIN LATERAL (
+    SELECT CASE WHEN hi.n < %(exact_up_to)s THEN hi.n ELSE greatest(hi.n, (
+               SELECT coalesce(sum(coalesce(pg_sequence_last_value(l.seq::regclass) - head.seq + 1,
+                                            0) + retrying.n), 0)
+               FROM queue_levels l,
+                    LATERAL (SELECT min(h.queue_seq) AS seq FROM tasks h
+                             WHERE h.status = 'queued'
+                               AND h.backend = l.backend AND h.priority = l.priority) head,
+                    LATERAL (SELECT count(*) AS n FROM tasks r
+                             WHERE r.status = 'queued' AND r.queue_seq IS NULL
+                               AND r.backend = l.backend AND r.priority = l.priority) retrying
+               WHERE l.backend = t.backend AND l.priority > t.priority)) END AS higher,
+           CASE WHEN same.n < %(exact_up_to)s THEN same.n ELSE greatest(same.n, (
+               SELECT t.queue_seq - min(h.queue_seq) FROM tasks h
+               WHERE h.status = 'queued'
+                 AND h.backend = t.backend AND h.priority = t.priority) + (
+               SELECT count(*) FROM tasks r
+               WHERE r.status = 'queued' AND r.queue_seq IS NULL
+                 AND r.backend = t.backend AND r.priority = t.priority)) END AS same,
+           hi.n >= %(exact_up_to)s OR same.n >= %(exact_up_to)s AS estimated
+    FROM (SELECT count(*) AS n FROM (
+              SELECT 1 FROM tasks q
+              WHERE q.status = 'queued' AND q.backend = t.backend AND q.priority > t.priority
+              LIMIT %(exact_up_to)s) x) hi,
+         (SELECT count(*) AS n FROM (
+              SELECT 1 FROM tasks q
+              WHERE q.status = 'queued' AND q.backend = t.backend AND q.priority = t.priority
+                AND (q.created_at, q.id) < (t.created_at, t.id)
+              LIMIT %(exact_up_to)s) x) same
+) ahead ON t.status = 'queued'
 WHERE t.id = %(id)s AND t.account_id = %(account_id)s;
 
 -- name: get_task_any_account
