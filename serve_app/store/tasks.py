@@ -110,10 +110,10 @@ class TaskQueue:
     ) -> tuple[Row, bool]:
         """Insert a queued task; returns (row, created). An idempotency key already used by this
         account returns the original task and created=False. With billing, `credits` are
-        reserved (or `meter_event` noted) in the insert's own transaction. Without billing and
-        with `max_active`, the account's queued and running tasks are counted and the task
-        inserted under one per-account lock, so concurrent submissions cannot pass the limit
-        together (ActiveTaskLimitReached)."""
+        reserved (or `meter_event` noted) in the insert's own transaction. With `max_active`, the
+        account's queued and running tasks are counted and the task inserted (and paid for)
+        under one per-account lock, so concurrent submissions cannot pass the limit together
+        (ActiveTaskLimitReached)."""
         params = {
             "id": task_id,
             "account_id": account_id,
@@ -129,8 +129,19 @@ class TaskQueue:
         if credits or meter_event:
             from serve_app.store.ledger import insert_task_reserving
 
-            row = insert_task_reserving(self.db, params, credits=credits, meter_event=meter_event)
-            max_active = None  # the reserving path has no atomic count (see the report of #10)
+            if max_active is None:
+                row = insert_task_reserving(
+                    self.db, params, credits=credits, meter_event=meter_event
+                )
+            else:  # the count, the insert and the reservation in one locked transaction
+                row = insert_task_reserving(
+                    self.db,
+                    {**params, "max_active": max_active},
+                    credits=credits,
+                    meter_event=meter_event,
+                    insert_query="insert_task_within_limit",
+                    lock=f"tasks:{account_id}",
+                )
         elif max_active is None:
             row = self.db.fetch_one("insert_task", params)
         else:

@@ -280,6 +280,30 @@ def test_fifty_concurrent_submissions_against_ten_credits(services: Services) ->
     assert len(list(inputs.iterdir())) == 10  # a refused submission leaves no photo behind
 
 
+def test_fifty_concurrent_paid_submissions_against_an_active_limit_of_five(
+    billing_settings: Settings,
+) -> None:
+    """With billing on, the active-task limit holds under a race exactly as without it, and a
+    refused submission reserves nothing."""
+    limited = billing_settings.model_copy(update={"max_active_tasks": 5, "db_pool_max": 16})
+    with open_services(limited) as services:
+        services.billing.grant("local", 100, "test")
+        with serve(services) as base, httpx.Client(base_url=base, timeout=60) as http:
+
+            def one(i: int) -> httpx.Response:
+                return http.post(
+                    "/api/v1/generate", files={"image": (f"{i}.png", PHOTO, "image/png")}
+                )
+
+            with ThreadPoolExecutor(max_workers=50) as pool:
+                responses = list(pool.map(one, range(50)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(202) == 5 and codes.count(429) == 45, codes
+        assert [e["kind"] for e in ledger(services)].count("reserve") == 5
+        assert assert_ledger_sums(services) == 95
+        assert len(httpx_tasks(services)) == 5
+
+
 def httpx_tasks(services: Services) -> list[dict]:
     with TestClient(create_app(services)) as client:
         return client.get("/api/v1/tasks", params={"limit": 100}).json()["tasks"]
