@@ -157,41 +157,8 @@ def _legacy_grabcut_mask(rgb: np.ndarray) -> np.ndarray:
     # fainter ones (a white vase on a grey table) are left for GrabCut to decide.
     threshold = max(_otsu_threshold(distance), 4.0 * noise, 6.0)
     faint_threshold = max(0.5 * threshold, 4.0 * noise, 6.0)
-    clearly_object = distance > threshold
-    # Fainter pixels count as probable object only where they join the clear ones (a blotch
-    # of the wall far from the object is not).
-    near_clear = cv2.dilate(clearly_object.astype(np.uint8), np.ones((7, 7), np.uint8))
-    likely_object = (distance > faint_threshold) & near_clear.astype(bool)
-    if clearly_object.mean() < MIN_COVERAGE:
-        raise NoObjectFound(
-            "No object stands out from the background. Use a photo where the object is "
-            "clearly visible against a contrasting background, or upload a PNG with transparency."
-        )
-
-    labels = np.full((small_h, small_w), cv2.GC_PR_BGD, dtype=np.uint8)
-    labels[likely_object] = cv2.GC_PR_FGD
-    # The border is background unless it looks like the object (an object cut by the frame).
-    labels[ring & ~likely_object] = cv2.GC_BGD
-    # A solid core of the prior stays object, so GrabCut cannot swap figure and ground.
-    salient = _salient_parts(clearly_object, distance)
-    labels[_core(salient)] = cv2.GC_FGD
-
-    background_model = np.zeros((1, 65), np.float64)
-    object_model = np.zeros((1, 65), np.float64)
-    cv2.setRNGSeed(GRABCUT_SEED)
     small_bgr = np.ascontiguousarray(small[..., ::-1])
-    cv2.grabCut(
-        small_bgr,
-        labels,
-        (0, 0, 0, 0),  # no rectangle: initialised from the label mask
-        background_model,
-        object_model,
-        GRABCUT_ITERATIONS,
-        cv2.GC_INIT_WITH_MASK,
-    )
-    mask = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
-    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    mask = mask.astype(bool)
+    mask, salient = _seeded_grabcut(small_bgr, distance, ring, threshold, faint_threshold)
     if not mask.any():
         raise NoObjectFound("No object could be separated from the background.")
     # Parts GrabCut grew from the solid prior are the object; other blobs are clutter.
@@ -436,6 +403,25 @@ def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.nd
     distance = np.where(model.shadow, 0.0, model.distance).astype(np.float32)
     threshold = max(_otsu_threshold(distance), 3.0 * model.noise, 5.0)
     faint_threshold = max(0.5 * threshold, 2.0 * model.noise, 3.0)
+    # GrabCut's colour models in a perceptual space: weighted Lab, packed into 8 bits.
+    lab = model.lab
+    packed = np.stack([lab[..., 0] * 2.0, lab[..., 1] + 128.0, lab[..., 2] + 128.0], axis=-1)
+    packed = np.ascontiguousarray(np.clip(packed + 0.5, 0, 255).astype(np.uint8))
+    mask, salient = _seeded_grabcut(packed, distance, model.ring, threshold, faint_threshold)
+    return mask, salient, faint_threshold
+
+
+def _seeded_grabcut(
+    image: np.ndarray,
+    distance: np.ndarray,
+    ring: np.ndarray,
+    threshold: float,
+    faint_threshold: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """GrabCut on `image` (3 channels, 8 bits) seeded from a distance-to-backdrop map: pixels
+    above `threshold` are the object's core, fainter ones joined to them probably object, the
+    border ring backdrop unless it looks like the object. Returns (mask, salient seeds);
+    NoObjectFound when too little stands out. Both the legacy and the current path use it."""
     clearly_object = distance > threshold
     # Fainter pixels count as probable object only where they join the clear ones (a blotch
     # of the wall far from the object is not).
@@ -449,21 +435,18 @@ def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.nd
     labels = np.full(distance.shape, cv2.GC_PR_BGD, dtype=np.uint8)
     labels[likely_object] = cv2.GC_PR_FGD
     # The border is background unless it looks like the object (an object cut by the frame).
-    labels[model.ring & ~likely_object] = cv2.GC_BGD
+    labels[ring & ~likely_object] = cv2.GC_BGD
+    # A solid core of the prior stays object, so GrabCut cannot swap figure and ground.
     salient = _salient_parts(clearly_object, distance)
     labels[_core(salient)] = cv2.GC_FGD
 
-    # GrabCut's colour models in a perceptual space: weighted Lab, packed into 8 bits.
-    lab = model.lab
-    packed = np.stack([lab[..., 0] * 2.0, lab[..., 1] + 128.0, lab[..., 2] + 128.0], axis=-1)
-    packed = np.ascontiguousarray(np.clip(packed + 0.5, 0, 255).astype(np.uint8))
     background_model = np.zeros((1, 65), np.float64)
     object_model = np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(GRABCUT_SEED)
     cv2.grabCut(
-        packed,
+        image,
         labels,
-        (0, 0, 0, 0),
+        (0, 0, 0, 0),  # no rectangle: initialised from the label mask
         background_model,
         object_model,
         GRABCUT_ITERATIONS,
@@ -471,7 +454,7 @@ def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.nd
     )
     mask = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    return mask.astype(bool), salient, faint_threshold
+    return mask.astype(bool), salient
 
 
 def _drop_necked_border_parts(mask: np.ndarray, salient: np.ndarray) -> np.ndarray:
