@@ -114,13 +114,8 @@ def start_bare(database_url: str, work: Path) -> tuple[subprocess.Popen[bytes], 
         cwd=ROOT, env=env, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise SystemExit("the bare app did not start")
+    wait_for(f"{url}/health")
+    return process, url
 
 
 def cpu_seconds(root_pid: int) -> float:
@@ -175,10 +170,11 @@ def run_both(
 
 
 def wait_for(url: str, seconds: float = 60) -> None:
+    """Until `url` answers 200 (a health check), or SystemExit."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=1).status_code < 500:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
