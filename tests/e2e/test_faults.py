@@ -99,11 +99,16 @@ def test_generators_killed_repeatedly_under_load(stack: Stack) -> None:
                 "SELECT w.pid FROM tasks t JOIN workers w ON w.id = t.worker_id "
                 "WHERE t.status = 'running' AND t.backend = 'cpu'"
             ).fetchall()
+            waiting = conn.execute(
+                "SELECT count(*) FROM tasks WHERE status IN ('queued', 'running')"
+            ).fetchone()[0]
         if busy:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(busy[0][0]).kill()
                 kills += 1
             time.sleep(3)
+        elif not waiting:  # generators got through the work before the next kill: add more
+            ids += submit_many(stack, 10)
         else:
             time.sleep(0.2)
     assert kills == 4
