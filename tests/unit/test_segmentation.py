@@ -275,3 +275,50 @@ def test_thin_blade_gets_no_rim_of_backdrop() -> None:
     mask = segment_image(Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8))).mask
     assert (mask & ~truth).sum() <= 0.08 * truth.sum()
     assert iou(mask, truth) >= 0.9
+
+
+def handle_loop_scene(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(photo, object mask, the loop's opening): an orange handle loop lying on a wood table,
+    the table inside the loop in the loop's own shadow (darker, same colour)."""
+    picture = scene((222, 224, 228), (150, 104, 66), 150, seed)
+    truth = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(truth, (110, 215), (55, 32), 0, 0, 360, 1, 18)
+    cv2.rectangle(truth, (160, 196), (300, 236), 1, -1)  # the rest of the tool
+    truth = truth.astype(bool)
+    opening = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(opening, (110, 215), (46, 23), 0, 0, 360, 1, -1)
+    opening = opening.astype(bool) & ~truth
+    shade = cv2.GaussianBlur(opening.astype(np.float32), (0, 0), 3.0) * opening
+    picture = picture * (1.0 - 0.45 * shade[..., None])
+    rng = np.random.default_rng(seed + 1)
+    ys = np.mgrid[0:SIZE, 0:SIZE][0].astype(np.float32)
+    orange = np.array([225, 140, 40], np.float32) * (0.85 + 0.25 * (ys - 170) / 90)[..., None]
+    picture = np.where(truth[..., None], orange + rng.normal(0, 3, orange.shape), picture)
+    return np.clip(picture, 0, 255).astype(np.uint8), truth, opening
+
+
+def test_shadowed_table_inside_a_handle_loop_is_carved_out() -> None:
+    """The table seen through a handle loop, darkened by the loop's shadow, is backdrop: it
+    has the table's chromaticity and none of the handle's colours."""
+    picture, truth, opening = handle_loop_scene(41)
+    mask = segment_image(Image.fromarray(picture)).mask
+    assert (mask & opening).sum() <= 0.1 * opening.sum()
+    assert iou(mask, truth) >= 0.85
+
+
+def test_a_part_coloured_like_its_table_is_not_carved() -> None:
+    """A brown bottle on a brown table: the pocket rule keeps a region coloured like the rest
+    of the object, however backdrop-like its chromaticity."""
+    from serve_app.backends.cpu.backdrop import fit_backdrop
+    from serve_app.backends.cpu.segment import _carve_backdrop_pockets
+
+    truth = standing_object(60, 250)
+    picture = scene((225, 226, 230), (150, 104, 66), 180, 43)
+    rng = np.random.default_rng(44)
+    xs = np.mgrid[0:SIZE, 0:SIZE][1].astype(np.float32)
+    # The bottle has the table's chromaticity; its right side is in shade.
+    brown = np.array([150, 104, 66], np.float32) * (1.15 - 0.5 * (xs > SIZE // 2 + 10))[..., None]
+    picture = np.where(truth[..., None], brown + rng.normal(0, 3, brown.shape), picture)
+    model = fit_backdrop(np.clip(picture, 0, 255).astype(np.uint8))
+    assert (model.backdrop_like & truth).sum() > 0.05 * truth.sum()  # the case is hard
+    assert (_carve_backdrop_pockets(truth, model) == truth).all()

@@ -52,6 +52,9 @@ class Backdrop:
     table: np.ndarray  # (H, W) bool: below the table's edge line (all False: no table)
     ring: np.ndarray  # (H, W) bool: the border band the model was seeded from
     noise: float  # robust spread of backdrop pixels around the model
+    # (H, W) bool: the backdrop's chromaticity, darker than expected (on the floor) or about
+    # as light as expected (anywhere): what a pocket of backdrop inside the mask looks like.
+    backdrop_like: np.ndarray
 
 
 def weighted_lab(rgb: np.ndarray, blur: float = 1.0) -> np.ndarray:
@@ -142,8 +145,12 @@ def fit_backdrop(rgb: np.ndarray, background: np.ndarray | None = None) -> Backd
     else:
         floor = np.zeros((height, width), dtype=bool)
         floor[height // 2 :] = True
-    shadow = _soft_shadows(_shadow_like(rgb, lab, predicted) & floor, rgb, predicted)
-    return Backdrop(lab, predicted, distance, shadow, table, ring, float(np.median(noises)))
+    shadow_like, lit = _backdrop_likeness(rgb, predicted)
+    shadow = _soft_shadows(shadow_like & floor, rgb, predicted)
+    noise = float(np.median(noises))
+    return Backdrop(
+        lab, predicted, distance, shadow, table, ring, noise, (shadow_like & floor) | lit
+    )
 
 
 def _fit_field(
@@ -223,8 +230,10 @@ def _table_region(lab: np.ndarray, ring: np.ndarray) -> np.ndarray:
     return np.asarray(ys >= edge)
 
 
-def _shadow_like(rgb: np.ndarray, lab: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Darker than the backdrop expected here, with the same chromaticity (a shadow)."""
+def _backdrop_likeness(rgb: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shadow-like, lit backdrop): pixels with the backdrop's chromaticity that are darker
+    than it expected here (a shadow), and those about as light as expected (the backdrop
+    itself, lit)."""
     expected = predicted.copy()
     expected[..., 0] /= LIGHTNESS_WEIGHT
     expected_rgb = cv2.cvtColor(expected, cv2.COLOR_LAB2RGB)
@@ -238,7 +247,9 @@ def _shadow_like(rgb: np.ndarray, lab: np.ndarray, predicted: np.ndarray) -> np.
     darker = (ratio >= SHADOW_RATIO[0]) & (ratio <= SHADOW_RATIO[1])
     # Dark pixels have noisier chromaticity: allow a little more there.
     allowance = SHADOW_CHROMA * (1.0 + 0.5 * (1.0 - np.clip(ratio, 0.0, 1.0)))
-    return np.asarray(darker & (chroma <= allowance))
+    same_chroma = chroma <= allowance
+    lit = (ratio > SHADOW_RATIO[1]) & (ratio <= 1.0 / SHADOW_RATIO[1])
+    return np.asarray(darker & same_chroma), np.asarray(lit & same_chroma)
 
 
 def _soft_shadows(candidates: np.ndarray, rgb: np.ndarray, predicted: np.ndarray) -> np.ndarray:

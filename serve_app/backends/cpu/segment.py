@@ -36,6 +36,11 @@ GUIDED_EPSILON = 0.02**2
 MATTE_MIN_CONTRAST = 24.0
 # A second clear part joins the object when it is at least this strong (a pair of shoes).
 SALIENT_SHARE = 0.3
+# A region of the mask with the backdrop's chromaticity is a pocket of backdrop (a handle
+# loop, a contact shadow) when it is at most this share of the mask; larger, the object.
+POCKET_MAX_SHARE = 0.25
+# ... and when its mean colour is at least this far (weighted Lab) from the rest's colours.
+POCKET_MIN_DISTANCE = 8.0
 
 
 @dataclass(frozen=True)
@@ -343,13 +348,62 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
         debug["grabcut"] = mask.astype(np.uint8) * 255
     if not mask.any():
         raise NoObjectFound("No object could be separated from the background.")
-    mask = _drop_necked_border_parts(mask, salient)
+    carved = _carve_backdrop_pockets(mask, model)
+    pockets = mask & ~carved
+    mask = _drop_necked_border_parts(carved, salient)
     mask = _keep_components_touching(mask, salient)
     mask = _fill_small_holes(mask, SMALL_HOLE_FRACTION)
-    mask = _fill_holes_unlike_backdrop(mask, (model.distance > faint) & ~model.shadow)
+    # A carved pocket is backdrop, however unlike the backdrop model its shadow makes it.
+    mask = _fill_holes_unlike_backdrop(mask, (model.distance > faint) & ~model.shadow & ~pockets)
     mask = _edge_aware_upsample(mask, rgb)
     mask = _colour_matte(mask, rgb, rgb.shape[1] / small_w)
     return _checked_coverage(mask)
+
+
+def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
+    """Remove pockets of backdrop GrabCut closed into the mask: the table (often in shadow)
+    seen through a handle loop, a contact shadow taken as a dark base. A pocket is a
+    connected region of the mask with the backdrop's chromaticity (lit, or darker on the
+    floor) that is small next to the object and whose colour is unlike the rest of the
+    object's; a large one, or one coloured like the rest, is the object itself (a grey box on
+    a grey table, the shaded side of a brown bottle on a brown table) and stays."""
+    candidates = cv2.morphologyEx(
+        (mask & model.backdrop_like).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)
+    )
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(candidates, connectivity=4)
+    rest = mask & ~candidates.astype(bool)
+    if count <= 1 or rest.sum() < 0.3 * mask.sum():
+        # Most of the mask looks like the backdrop: no object colour to compare with.
+        return mask
+    palette = _palette_of(model.lab[rest])
+    nearest = np.zeros(mask.shape, np.float32)
+    inside = labels > 0
+    nearest[inside] = np.min(
+        np.linalg.norm(model.lab[inside][:, None, :] - palette[None], axis=-1), axis=-1
+    )
+    unlike = np.bincount(labels.ravel(), weights=nearest.ravel(), minlength=count) / np.maximum(
+        stats[:, cv2.CC_STAT_AREA], 1
+    )
+    pocket = (stats[:, cv2.CC_STAT_AREA] <= POCKET_MAX_SHARE * float(mask.sum())) & (
+        unlike > max(POCKET_MIN_DISTANCE, 2.0 * model.noise)
+    )
+    pocket[0] = False
+    result = mask & ~pocket[labels]
+    return result if result.any() else mask
+
+
+def _palette_of(colours: np.ndarray, clusters: int = 6) -> np.ndarray:
+    """Representative colours of a set of pixels (deterministic k-means)."""
+    colours = np.ascontiguousarray(colours, dtype=np.float32)
+    if len(colours) <= clusters:
+        return colours
+    if len(colours) > 4000:
+        colours = colours[:: len(colours) // 4000 + 1]
+    cv2.setRNGSeed(GRABCUT_SEED)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+    initial = np.zeros((len(colours), 1), np.int32)
+    _, _, centres = cv2.kmeans(colours, clusters, initial, criteria, 2, cv2.KMEANS_PP_CENTERS)
+    return np.asarray(centres, dtype=np.float32)
 
 
 def _colour_matte(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarray:
