@@ -40,7 +40,7 @@ SALIENT_SHARE = 0.3
 # loop, a contact shadow) when it is at most this share of the mask; larger, the object.
 POCKET_MAX_SHARE = 0.25
 # ... and when its mean colour is at least this far (weighted Lab) from the rest's colours.
-POCKET_MIN_DISTANCE = 8.0
+POCKET_MIN_DISTANCE = 5.0
 
 
 @dataclass(frozen=True)
