@@ -317,7 +317,7 @@ def test_a_part_coloured_like_its_table_is_not_carved() -> None:
     rng = np.random.default_rng(44)
     xs = np.mgrid[0:SIZE, 0:SIZE][1].astype(np.float32)
     # The bottle has the table's chromaticity; its right side is in shade.
-    brown = np.array([150, 104, 66], np.float32) * (1.15 - 0.5 * (xs > SIZE // 2 + 10))[..., None]
+    brown = np.array([150, 104, 66], np.float32) * (1.15 - 0.5 * (xs > SIZE // 2 + 28))[..., None]
     picture = np.where(truth[..., None], brown + rng.normal(0, 3, brown.shape), picture)
     model = fit_backdrop(np.clip(picture, 0, 255).astype(np.uint8))
     assert (model.backdrop_like & truth).sum() > 0.05 * truth.sum()  # the case is hard
