@@ -44,6 +44,9 @@ TUBE_DEPTH_SCALE = 0.85
 SOLIDITY_CURVED = 0.90
 SOLIDITY_FLAT = 0.96
 FLAT_DEPTH_SCALE = 0.7
+# Exponent applied to the normalised ball profile (a sweep knob for bench/quality.py --geometry;
+# 1.0 = the union of balls as it is, which measured best).
+PROFILE_EXPONENT = 1.0
 # Half-height of the wall along the outline, in cells: gives thin parts some body.
 RIM_HALF_HEIGHT = 0.5
 # Relief from shading: height in units of the object's size per unit of band-passed lightness.
@@ -363,7 +366,11 @@ def _profile_height(interior: np.ndarray, cell_size: tuple[float, float]) -> np.
         np.pad(interior, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
     )[1:-1, 1:-1].astype(np.float64)
     step = 0.5 * (cell_size[0] + cell_size[1])
-    return _ball_height(interior, distance) * step * _depth_scale(interior, distance)
+    height = _ball_height(interior, distance)
+    if PROFILE_EXPONENT != 1.0 and height.max() > 0:
+        top = float(height.max())
+        height = top * (height / top) ** PROFILE_EXPONENT
+    return height * step * _depth_scale(interior, distance)
 
 
 def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
