@@ -322,3 +322,23 @@ def test_a_part_coloured_like_its_table_is_not_carved() -> None:
     model = fit_backdrop(np.clip(picture, 0, 255).astype(np.uint8))
     assert (model.backdrop_like & truth).sum() > 0.05 * truth.sum()  # the case is hard
     assert (_carve_backdrop_pockets(truth, model) == truth).all()
+
+
+def test_darker_limb_of_a_round_object_stays_in_the_mask() -> None:
+    """A round tube lit from the front is darker at its limb than along its middle; in front
+    of a darker wall of a similar hue, the limb must be compared with the object's colour
+    right next to it (not its bright middle), or a rim of the object is lost."""
+    size = 1024
+    truth = np.zeros((size, size), np.uint8)
+    cv2.ellipse(truth, (512, 520), (330, 28), 8, 0, 360, 1, -1)
+    truth = truth.astype(bool)
+    inside = np.clip(cv2.distanceTransform(truth.astype(np.uint8), cv2.DIST_L2, 5) / 28.0, 0, 1)
+    shade = np.sqrt(inside * (2 - inside))  # a circular cross-section seen front-on
+    tube = np.array([220, 190, 40], np.float32) * (0.62 + 0.5 * shade)[..., None]
+    ys = np.mgrid[0:size, 0:size][0].astype(np.float32)
+    wall = np.array([118, 102, 24], np.float32) * (1.05 - 0.1 * ys / size)[..., None]
+    rng = np.random.default_rng(51)
+    picture = np.where(truth[..., None], tube, wall)
+    picture = cv2.GaussianBlur(picture, (0, 0), 1.2) + rng.normal(0, 2.5, picture.shape)
+    mask = segment_image(Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8))).mask
+    assert iou(mask, truth) >= 0.965

@@ -423,7 +423,9 @@ def _colour_matte(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarra
     y0, y1 = max(0, int(ys.min()) - pad), min(mask.shape[0], int(ys.max()) + pad + 1)
     x0, x1 = max(0, int(xs.min()) - pad), min(mask.shape[1], int(xs.max()) + pad + 1)
     colour = rgb[y0:y1, x0:x1].astype(np.float32)
-    sigma = 2.0 * reach
+    # Narrow: a round object is darker at its limb than in its middle, so the object's colour
+    # to compare an outline pixel with is the one right next to it.
+    sigma = 1.0 * reach
 
     def local_mean(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma)
