@@ -167,12 +167,6 @@ class Accounts:
         """Drop the request counters of windows that have ended; returns how many went."""
         return self.db.execute("prune_rate_windows", {"window": window_seconds})
 
-    def check_concurrency(self, account_id: str, limit: int) -> None:
-        """RateLimited when the account already has `limit` tasks queued or running."""
-        row = self.db.fetch_one("active_task_count", {"account_id": account_id})
-        if row is not None and row["active"] >= limit:
-            raise self.too_many_active(limit)
-
     @staticmethod
     def too_many_active(limit: int) -> RateLimited:
         return RateLimited(

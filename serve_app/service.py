@@ -181,10 +181,10 @@ class Services:
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
             if task_by_key is not None:
                 return check_same_request(task_by_key, digest, idempotency_key), False
-        if batch_id is None:  # a bulk job bounds its own items in flight
-            self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
-        # Billing (off by default): 402 before anything is stored; the reservation itself is
-        # taken in the task insert's transaction below.
+        # The active-task limit is checked once, with the insert, under the account's lock (a
+        # check here as well cost every accepted request a round trip to spare a refused one
+        # its photo's write, issue 11). Billing (off by default): 402 before anything is
+        # stored; the reservation itself is taken in the task insert's transaction below.
         quote = (
             self.billing.quote(account_id, options.model_dump(mode="json"))
             if self.settings.billing_enabled
