@@ -301,9 +301,14 @@ def test_shadowed_table_inside_a_handle_loop_is_carved_out() -> None:
     """The table seen through a handle loop, darkened by the loop's shadow, is backdrop: it
     has the table's chromaticity and none of the handle's colours."""
     picture, truth, opening = handle_loop_scene(41)
-    mask = segment_image(Image.fromarray(picture)).mask
+    segmentation = segment_image(Image.fromarray(picture), debug=True)
+    mask = segmentation.mask
     assert (mask & opening).sum() <= 0.1 * opening.sum()
     assert iou(mask, truth) >= 0.85
+    # --debug-dir shows what was carved (pockets.png, working resolution).
+    pockets = segmentation.debug["pockets"] > 0
+    small_opening = cv2.resize(opening.astype(np.uint8), pockets.shape[::-1]) > 0
+    assert (pockets & small_opening).sum() >= 0.5 * small_opening.sum()
 
 
 def test_a_part_coloured_like_its_table_is_not_carved() -> None:

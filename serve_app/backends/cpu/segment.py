@@ -350,6 +350,8 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
         raise NoObjectFound("No object could be separated from the background.")
     carved = _carve_backdrop_pockets(mask, model)
     pockets = mask & ~carved
+    if debug is not None:
+        debug["pockets"] = pockets.astype(np.uint8) * 255
     mask = _drop_necked_border_parts(carved, salient)
     mask = _keep_components_touching(mask, salient)
     mask = _fill_small_holes(mask, SMALL_HOLE_FRACTION)
