@@ -716,7 +716,13 @@ def _summary(task: dict[str, Any]) -> str:
     if task.get("error"):
         parts.append(f"{task['error']['code']}: {task['error']['message']}")
     if task.get("result"):
-        parts.append("files: " + ", ".join(f["format"] for f in task["result"]["files"]))
+        parts.append(  # a format still converting (issue 11) is marked, e.g. "stl (converting)"
+            "files: "
+            + ", ".join(
+                f["format"] + ("" if f.get("ready", True) else " (converting)")
+                for f in task["result"]["files"]
+            )
+        )
     return "  ".join(parts)
 
 
