@@ -2,6 +2,8 @@
 to start.
 
     .venv/bin/python bench/overhead.py [--tasks 30] [--rates 1,5] [--backends fake-zero,cpu]
+    .venv/bin/python bench/overhead.py --formats glb,stl,obj   # extra formats asked for
+    .venv/bin/python bench/overhead.py --cpu-replicas 2  # a fixed number of CPU generators
     .venv/bin/python bench/overhead.py --idle 60       # CPU seconds of an idle stack
     .venv/bin/python bench/overhead.py --idle 60 --foreign-rate 5   # ... while another
                                                  # backend (no generator here) gets 5 tasks/s
@@ -15,6 +17,9 @@ submitted through the HTTP API at a fixed rate; each task's row gives created_at
 attempt_started_at (the claim), finished_at (succeeded) and the generation's own seconds
 (result.timings.generate_s). Overhead = finished - created - generate_s, split into the wait
 for a claim (claimed - created) and the worker's own path (finished - claimed - generate_s).
+"Rest ready" is how long after `succeeded` the preview and the other formats asked for were all
+stored (the row's last update, issue 11); tasks whose rest was still not stored 60 s after the
+last one succeeded are counted as "made on request" (the worker's backlog was full).
 
 Idle: CPU seconds used by the stack's own process tree (and by its PostgreSQL) over a window,
 after the stack has settled. Cold start: `photo3d serve` with its own embedded PostgreSQL (as
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -40,13 +46,14 @@ from pathlib import Path
 import httpx
 import psutil
 import psycopg
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support import pg  # noqa: E402
 from tests.support.images import object_photo  # noqa: E402
-from tests.support.stack import free_port, run_stack, stop_stack  # noqa: E402
+from tests.support.stack import free_port, run_stack, stop_stack, write_config  # noqa: E402
 
 ZERO = {"fake-zero": "tests.support.fake_backends:ZeroCostFakeBackend"}
 
@@ -65,6 +72,16 @@ def header() -> None:
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
 
+def fixed_replicas(config: Path, deployment: str, replicas: int) -> None:
+    """Run `replicas` replicas of one deployment, without autoscaling."""
+    data = yaml.safe_load(config.read_text())
+    for entry in data["applications"][0]["deployments"]:
+        if entry["name"] == deployment:
+            entry.pop("autoscaling_config", None)
+            entry["num_replicas"] = replicas
+    config.write_text(yaml.safe_dump(data))
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -73,15 +90,18 @@ def pct(values: list[float], q: float) -> float:
 
 
 # --- overhead ------------------------------------------------------------------------------
-def submit_at_rate(url: str, photo: bytes, backend: str, n: int, rate: float) -> list[str]:
+def submit_at_rate(
+    url: str, photo: bytes, backend: str, n: int, rate: float, formats: str = "glb"
+) -> list[str]:
     """POST n tasks, one every 1/rate seconds (each in its own thread, so a slow answer does
     not delay the next submission)."""
+    options = json.dumps({"backend": backend, "formats": formats.split(",")})
 
     def post(client: httpx.Client) -> str:
         reply = client.post(
             f"{url}/api/v1/generate",
             files={"image": ("p.jpg", photo, "image/jpeg")},
-            data={"options": f'{{"backend": "{backend}"}}'},
+            data={"options": options},
         )
         reply.raise_for_status()
         return str(reply.json()["id"])
@@ -95,46 +115,69 @@ def submit_at_rate(url: str, photo: bytes, backend: str, n: int, rate: float) ->
         return [f.result() for f in futures]
 
 
-def wait_finished(database_url: str, ids: list[str], timeout: float) -> list[dict]:
+def wait_finished(
+    database_url: str, ids: list[str], timeout: float, rest_timeout: float = 0
+) -> list[dict]:
+    """The tasks' rows once all ended; with rest_timeout, also until the preview and every
+    format of each succeeded task are stored, or rest_timeout seconds after the last ended."""
     deadline = time.monotonic() + timeout
+    rest_deadline: float | None = None
     with psycopg.connect(database_url, autocommit=True) as conn:
         while True:
             rows = conn.execute(
                 """
                 SELECT id, status, created_at, attempt_started_at, finished_at,
-                       (result->'timings'->>'generate_s')::float AS generate_s
+                       (result->'timings'->>'generate_s')::float AS generate_s, updated_at,
+                       coalesce((result->'preview'->>'ready')::bool, true)
+                       AND NOT EXISTS (SELECT 1 FROM jsonb_each(result->'files') f
+                                       WHERE f.value->>'ready' = 'false') AS rest_ready
                 FROM tasks WHERE id = ANY(%s::uuid[])
                 """,
                 ([uuid.UUID(i) for i in ids],),
             ).fetchall()
             done = [r for r in rows if r[1] in ("succeeded", "failed", "canceled")]
-            if len(done) == len(ids) or time.monotonic() > deadline:
-                keys = ("id", "status", "created", "claimed", "finished", "generate_s")
+            now = time.monotonic()
+            if len(done) == len(ids) and rest_deadline is None:
+                rest_deadline = now + rest_timeout
+            rest = all(r[7] for r in rows if r[1] == "succeeded")
+            if (rest_deadline is not None and (rest or now > rest_deadline)) or now > deadline:
+                keys = (
+                    "id", "status", "created", "claimed", "finished", "generate_s", "updated",
+                    "rest_ready",
+                )  # fmt: skip
                 return [dict(zip(keys, r, strict=True)) for r in rows]
             time.sleep(0.5)
 
 
 def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
     photo = object_photo(args.side, seed=3, fmt="JPEG")
-    print(f"photo: {args.side}² JPEG, {len(photo)} bytes; {args.tasks} tasks per row")
+    print(
+        f"photo: {args.side}² JPEG, {len(photo)} bytes; {args.tasks} tasks per row; "
+        f"formats {args.formats}; CPU generator replicas: {args.cpu_replicas or 'as configured'}"
+    )
     env = {
         "PHOTO3D_MAX_ACTIVE_TASKS": "100000000",
         "PHOTO3D_RATE_LIMIT_REQUESTS": "1000000000",
     }
+    config = None
+    if args.cpu_replicas:
+        config = write_config(work / "serve_config.bench.yaml", {name: 0.5 for name in ZERO})
+        fixed_replicas(config, "generator-cpu", args.cpu_replicas)
     for url in pg.clone_database(admin, prefix="overhead"):
-        with run_stack(work / "s", url, extra_backends=ZERO, env=env) as stack:
+        with run_stack(work / "s", url, extra_backends=ZERO, env=env, config_path=config) as stack:
             backends = args.backends.split(",")
             for backend in backends:  # one warm-up task each (first imports, first connections)
-                wait_finished(url, submit_at_rate(stack.url, photo, backend, 2, 1), 300)
+                wait_finished(url, submit_at_rate(stack.url, photo, backend, 2, 1), 300, 60)
             print(
                 "| backend | tasks/s | n | overhead p50 / p99 ms | wait for claim p50 / p99 ms "
-                "| worker path p50 / p99 ms | generate_s p50 | load |"
+                "| worker path p50 / p99 ms | generate_s p50 | rest ready p50 / p99 ms "
+                "| made on request | load |"
             )
-            print("|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for backend in backends:
                 for rate in [float(r) for r in args.rates.split(",")]:
-                    ids = submit_at_rate(stack.url, photo, backend, args.tasks, rate)
-                    rows = wait_finished(url, ids, 600)
+                    ids = submit_at_rate(stack.url, photo, backend, args.tasks, rate, args.formats)
+                    rows = wait_finished(url, ids, 600, 60)
                     ok = [r for r in rows if r["status"] == "succeeded"]
                     total = [
                         ((r["finished"] - r["created"]).total_seconds() - r["generate_s"]) * 1000
@@ -146,13 +189,19 @@ def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
                         for r in ok
                     ]
                     gen = statistics.median(r["generate_s"] for r in ok) if ok else float("nan")
+                    rest = [
+                        (r["updated"] - r["finished"]).total_seconds() * 1000
+                        for r in ok
+                        if r["rest_ready"]
+                    ]
                     bad = len(rows) - len(ok)
                     print(
                         f"| {backend} | {rate:g} | {len(ok)}{f' ({bad} not ok)' if bad else ''} "
                         f"| {pct(total, 0.5):.0f} / {pct(total, 0.99):.0f} "
                         f"| {pct(wait, 0.5):.0f} / {pct(wait, 0.99):.0f} "
                         f"| {pct(path, 0.5):.0f} / {pct(path, 0.99):.0f} "
-                        f"| {gen:.3f} | {os.getloadavg()[0]:.2f} |",
+                        f"| {gen:.3f} | {pct(rest, 0.5):.0f} / {pct(rest, 0.99):.0f} "
+                        f"| {len(ok) - len(rest)} | {os.getloadavg()[0]:.2f} |",
                         flush=True,
                     )
 
@@ -376,6 +425,10 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=30, help="tasks per backend and rate")
     parser.add_argument("--rates", default="1,5", help="tasks per second")
     parser.add_argument("--backends", default="fake-zero,cpu")
+    parser.add_argument("--formats", default="glb", help="formats each task asks for")
+    parser.add_argument(
+        "--cpu-replicas", type=int, default=0, help="fixed CPU generator replicas (0: config's)"
+    )
     parser.add_argument("--side", type=int, default=256, help="photo side in pixels")
     parser.add_argument("--idle", type=float, default=0, help="measure idle CPU over N s")
     parser.add_argument("--settle", type=float, default=20, help="seconds before the idle window")

@@ -71,6 +71,16 @@ def test_multipart_upload_to_glb(stack: Stack) -> None:
         check_glb(glb.content)
         stl = client.get(f"/api/v1/task/{task['id']}/result/stl")
         assert trimesh.load(io.BytesIO(stl.content), file_type="stl").is_watertight
+        # The STL follows `succeeded` (issue 11): stored by the worker just after, or by the
+        # download above if it came first; either way the task then says it is ready.
+        deadline = time.monotonic() + 60
+        while True:
+            files = client.get(f"/api/v1/task/{task['id']}").json()["result"]["files"]
+            entry = next(f for f in files if f["format"] == "stl")
+            if entry["ready"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert entry["ready"] is True and entry["bytes"] == len(stl.content)
         preview = client.get(f"/api/v1/task/{task['id']}/preview")
         assert preview.status_code == 200 and preview.content[:8] == b"\x89PNG\r\n\x1a\n"
 
