@@ -9,6 +9,7 @@ to start.
                                                  # backend (no generator here) gets 5 tasks/s
     .venv/bin/python bench/overhead.py --cold 3        # `photo3d serve` to /health 200
     .venv/bin/python bench/overhead.py --steps         # each step of the worker, in-process
+    .venv/bin/python bench/overhead.py --generate 20   # the CPU backend alone: wall and CPU s
 
 Overhead: the real stack (`photo3d serve`: Ray Serve, the Ingress, one generator per backend)
 on an embedded PostgreSQL, with the CPU backend and the FAKE zero-cost backend (tests/support/
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import io
 import json
 import os
 import platform
@@ -282,6 +284,39 @@ def steps(args: argparse.Namespace, admin: str, work: Path) -> None:
         print(f"| {name} | {pct(values, 0.5):.1f} | {pct(values, 0.99):.1f} |")
 
 
+# --- the CPU backend alone ------------------------------------------------------------------
+def generate_cost(args: argparse.Namespace) -> None:
+    """The CPU backend's generate() on the bench's photo in this process: wall seconds and the
+    CPU seconds it uses (all its threads), which bound how many tasks a second the cores allow."""
+    from PIL import Image
+
+    from serve_app.backends import create_backend
+    from serve_app.backends.base import GenerationOptions
+    from serve_app.settings import Settings
+
+    backend = create_backend("cpu", Settings())
+    backend.load()
+    image = Image.open(io.BytesIO(object_photo(args.side, seed=3, fmt="JPEG")))
+    image.load()
+    options = GenerationOptions.model_validate({"backend": "cpu"})
+    walls, cpus = [], []
+    for i in range(args.generate + 2):
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        backend.generate([image], options, lambda fraction, stage: None)
+        if i >= 2:  # the first two warm up (imports, caches)
+            walls.append(time.perf_counter() - wall0)
+            cpus.append(time.process_time() - cpu0)
+    print(f"CPU backend, {args.side}² JPEG, {args.generate} runs after 2 warm-up runs")
+    print("| wall s p50 / p99 | CPU s p50 / p99 | tasks/s the cores allow (cores / CPU s p50) |")
+    print("|---|---|---|")
+    print(
+        f"| {pct(walls, 0.5):.3f} / {pct(walls, 0.99):.3f} "
+        f"| {pct(cpus, 0.5):.3f} / {pct(cpus, 0.99):.3f} "
+        f"| {(os.cpu_count() or 1) / pct(cpus, 0.5):.1f} |"
+    )
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 # --- idle ----------------------------------------------------------------------------------
 def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
     out = {}
@@ -437,8 +472,12 @@ def main() -> int:
     )
     parser.add_argument("--cold", type=int, default=0, help="measure N cold starts")
     parser.add_argument("--steps", action="store_true", help="time each step of the worker")
+    parser.add_argument("--generate", type=int, default=0, help="time the CPU backend N times")
     args = parser.parse_args()
     header()
+    if args.generate:
+        generate_cost(args)
+        return 0
     with tempfile.TemporaryDirectory(prefix="p3d-overhead-") as tmp:
         work = Path(tmp)
         if args.cold:
