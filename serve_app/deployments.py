@@ -123,6 +123,7 @@ class Generator:
             retention_seconds=settings.result_retention_seconds,
             accounts=self.services.accounts,
             rate_window_seconds=settings.rate_limit_window_seconds,
+            after_success_files=settings.after_success_files,
         )
         self.worker.start()
         log.info("generator %s started as worker %s", backend, self.worker.worker_id)

@@ -76,6 +76,7 @@ class Worker:
         retention_seconds: float = 0,
         accounts: Accounts | None = None,
         rate_window_seconds: int = 60,
+        after_success_files: str = "eager",
     ) -> None:
         self.queue = queue
         self.artifacts = artifacts
@@ -104,6 +105,8 @@ class Worker:
             maxsize=PREVIEW_BACKLOG
         )
         self._preview_thread: threading.Thread | None = None
+        # Issue 11: "on_request" leaves the preview and the extra formats to their first fetch.
+        self.after_success_files = after_success_files
         self.tasks_done = 0
         self.last_error: str | None = None
 
@@ -228,6 +231,8 @@ class Worker:
         pending_formats = any(not f.get("ready", True) for f in result["files"].values())
         if result["preview"].get("ready", True) and not pending_formats:
             return  # the backend made the preview, and only the GLB was asked for
+        if self.after_success_files == "on_request":
+            return  # each is made when first fetched (PHOTO3D_AFTER_SUCCESS_FILES)
         if self._preview_thread is None:
             self._after_success(claim, result)
             return

@@ -141,3 +141,25 @@ def test_a_task_asking_for_glb_only_has_nothing_to_follow(services: Services) ->
     task = queue_task(services, ["glb"])
     assert worker.run_once()
     assert [f["ready"] for f in stored_files(services, task).values()] == [True]
+
+
+def test_on_request_mode_leaves_preview_and_formats_to_their_first_fetch(
+    client: TestClient, services: Services
+) -> None:
+    """PHOTO3D_AFTER_SUCCESS_FILES=on_request: the worker makes nothing after `succeeded`;
+    the first fetch of each makes it."""
+    worker = make_worker(services)
+    worker.after_success_files = "on_request"
+    task = queue_task(services, ["glb", "stl"])
+    assert worker.run_once()
+    row = services.queue.get(task, "local")
+    assert row is not None and row["result"]["preview"]["ready"] is False
+    assert not services.artifacts.exists(row["result"]["preview"]["key"])
+    assert not services.artifacts.exists(row["result"]["files"]["stl"]["key"])
+    glb = client.get(f"/api/v1/task/{task}/result/glb").content
+    assert client.get(f"/api/v1/task/{task}/result/stl").content == exports.convert(glb, "stl")
+    preview = client.get(f"/api/v1/task/{task}/preview")
+    assert preview.status_code == 200 and preview.content.startswith(b"\x89PNG")
+    result = client.get(f"/api/v1/task/{task}").json()["result"]
+    assert result["preview_ready"] is True
+    assert all(f["ready"] for f in result["files"])
