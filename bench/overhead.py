@@ -4,6 +4,7 @@ to start.
     .venv/bin/python bench/overhead.py [--tasks 30] [--rates 1,5] [--backends fake-zero,cpu]
     .venv/bin/python bench/overhead.py --formats glb,stl,obj   # extra formats asked for
     .venv/bin/python bench/overhead.py --cpu-replicas 2  # a fixed number of CPU generators
+    .venv/bin/python bench/overhead.py --after-success-files on_request  # no eager previews
     .venv/bin/python bench/overhead.py --idle 60       # CPU seconds of an idle stack
     .venv/bin/python bench/overhead.py --idle 60 --foreign-rate 5   # ... while another
                                                  # backend (no generator here) gets 5 tasks/s
@@ -156,11 +157,15 @@ def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
     print(
         f"photo: {args.side}² JPEG, {len(photo)} bytes; {args.tasks} tasks per row; "
         f"formats {args.formats}; CPU generator replicas: {args.cpu_replicas or 'as configured'}"
+        f"; PHOTO3D_AFTER_SUCCESS_FILES={args.after_success_files}"
     )
     env = {
         "PHOTO3D_MAX_ACTIVE_TASKS": "100000000",
         "PHOTO3D_RATE_LIMIT_REQUESTS": "1000000000",
+        "PHOTO3D_AFTER_SUCCESS_FILES": args.after_success_files,
     }
+    # Nothing follows success on its own in on_request mode: do not wait for it.
+    rest_wait = 60 if args.after_success_files == "eager" else 0
     config = None
     if args.cpu_replicas:
         config = write_config(work / "serve_config.bench.yaml", {name: 0.5 for name in ZERO})
@@ -169,7 +174,7 @@ def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
         with run_stack(work / "s", url, extra_backends=ZERO, env=env, config_path=config) as stack:
             backends = args.backends.split(",")
             for backend in backends:  # one warm-up task each (first imports, first connections)
-                wait_finished(url, submit_at_rate(stack.url, photo, backend, 2, 1), 300, 60)
+                wait_finished(url, submit_at_rate(stack.url, photo, backend, 2, 1), 300, rest_wait)
             print(
                 "| backend | tasks/s | n | overhead p50 / p99 ms | wait for claim p50 / p99 ms "
                 "| worker path p50 / p99 ms | generate_s p50 | rest ready p50 / p99 ms "
@@ -179,7 +184,7 @@ def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
             for backend in backends:
                 for rate in [float(r) for r in args.rates.split(",")]:
                     ids = submit_at_rate(stack.url, photo, backend, args.tasks, rate, args.formats)
-                    rows = wait_finished(url, ids, 600, 60)
+                    rows = wait_finished(url, ids, 600, rest_wait)
                     ok = [r for r in rows if r["status"] == "succeeded"]
                     total = [
                         ((r["finished"] - r["created"]).total_seconds() - r["generate_s"]) * 1000
@@ -472,6 +477,7 @@ def main() -> int:
     )
     parser.add_argument("--cold", type=int, default=0, help="measure N cold starts")
     parser.add_argument("--steps", action="store_true", help="time each step of the worker")
+    parser.add_argument("--after-success-files", default="eager", choices=["eager", "on_request"])
     parser.add_argument("--generate", type=int, default=0, help="time the CPU backend N times")
     args = parser.parse_args()
     header()
