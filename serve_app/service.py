@@ -302,7 +302,10 @@ class Services:
         """A format the task asked for: as stored, or (not converted yet by the worker, or the
         worker died first) converted now, stored where the worker would have, marked ready."""
         file = result.files[fmt]
-        if file.ready or self.artifacts.exists(file.key):
+        if file.ready:
+            return file
+        if self.artifacts.exists(file.key):  # stored, not marked yet (or the worker died then)
+            self._mark_ready(row, fmt, self.artifacts.size(file.key))
             return file
         made = self._convert(file, fmt, result.files["glb"].key, str(row["backend"]))
         self._mark_ready(row, fmt, made.bytes)
