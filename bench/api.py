@@ -80,6 +80,27 @@ def hey(url: str, *, n: int, c: int, body: Path | None = None) -> dict[str, floa
     }
 
 
+def grained_photo(target_bytes: int) -> bytes:
+    """The generated 1024² photo with film grain over it, saved as a JPEG of about
+    `target_bytes` (a camera's photo is mostly grain and texture to a JPEG encoder)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    base = np.asarray(Image.open(io.BytesIO(object_photo(1024, seed=3))).convert("RGB"), float)
+    grain = np.random.default_rng(3).normal(0, 1, base.shape)
+    low, high = 0.0, 64.0
+    for _ in range(12):  # bisect the grain's strength for the size
+        sigma = (low + high) / 2
+        out = io.BytesIO()
+        Image.fromarray((base + sigma * grain).clip(0, 255).astype(np.uint8)).save(
+            out, format="JPEG", quality=90
+        )
+        low, high = (sigma, high) if out.tell() < target_bytes else (low, sigma)
+    return out.getvalue()
+
+
 def bench_config(work: Path) -> Path:
     """serve_config.yaml with the paused backend: its generator autoscales on requests (it gets
     none), so it stays at 0 replicas; the cpu generator stays for /health."""
@@ -185,6 +206,11 @@ def wait_for(url: str, seconds: float = 60) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--photo", type=Path, help="a JPEG (default: a generated 1024² photo)")
+    parser.add_argument(
+        "--photo-kb",
+        type=int,
+        help="a generated 1024² JPEG grained to about this size (issue 11's photo: 635)",
+    )
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument(
@@ -199,7 +225,12 @@ def main() -> int:
     if shutil.which("hey") is None:
         raise SystemExit("needs `hey` (apt-get install hey)")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    photo = args.photo.read_bytes() if args.photo else object_photo(1024, seed=3, fmt="JPEG")
+    if args.photo:
+        photo = args.photo.read_bytes()
+    elif args.photo_kb:
+        photo = grained_photo(args.photo_kb * 1000)
+    else:
+        photo = object_photo(1024, seed=3, fmt="JPEG")
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()

@@ -135,73 +135,37 @@ class Accounts:
             raise NotFound(f"active key {prefix[:16]} not found", code="key_not_found")
         return row
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The principal of an `Authorization: Bearer <key>` header, or Unauthorized."""
-        if not authorization:
-            raise Unauthorized(
-                "send an API key: Authorization: Bearer p3d_…", code="missing_api_key"
-            )
-        scheme, _, key = authorization.strip().partition(" ")
-        match = KEY_PATTERN.fullmatch(key.strip())
-        if scheme.lower() != "bearer" or match is None:
-            raise Unauthorized(
-                "the Authorization header must be 'Bearer p3d_…'", code="invalid_api_key"
-            )
-        row = self.db.fetch_one("authenticate_key", {"prefix": match[1]})
-        if row is None or not hmac.compare_digest(bytes(row["secret_hash"]), hash_key(key.strip())):
-            raise Unauthorized("the API key is not valid or was revoked", code="invalid_api_key")
-        return Principal(row["account_id"], row["prefix"], bool(row["is_admin"]))
+    async def aauthenticate(self, authorization: str | None) -> Principal:
+        """The principal of an `Authorization: Bearer <key>` header, or Unauthorized. On the
+        event loop: the Ingress's request path (issue 11)."""
+        prefix, key = bearer_key(authorization)
+        return principal_of(await self.db.afetch_one("authenticate_key", {"prefix": prefix}), key)
 
     def count_request(self, bucket: str, limit: int, window_seconds: int) -> RateWindow:
         """Count one request in the bucket's window; RateLimited past `limit`. Returns what the
         RateLimit-* response headers say."""
-        rows = self.db.fetch_all_unflushed(
-            "count_request", {"key": bucket, "window": window_seconds}
-        )
-        row = rows[0] if rows else None
-        if row is None:  # pragma: no cover - the upsert always returns its row
-            return RateWindow(limit, limit, window_seconds)
-        retry = max(1, int(float(row["reset_s"]) + 0.999))
-        if row["requests"] > limit:
-            raise RateLimited(
-                f"more than {limit} requests in {window_seconds} s; retry in {retry} s",
-                retry_after=retry,
-            )
-        return RateWindow(limit, max(0, limit - int(row["requests"])), retry)
+        params = {"key": bucket, "window": window_seconds}
+        rows = self.db.fetch_all_unflushed("count_request", params)
+        return window_of(rows, limit, window_seconds)
 
-    def count_key_and_account(
+    async def acount_request(self, bucket: str, limit: int, window_seconds: int) -> RateWindow:
+        """count_request on the event loop."""
+        params = {"key": bucket, "window": window_seconds}
+        rows = await self.db.afetch_all_unflushed("count_request", params)
+        return window_of(rows, limit, window_seconds)
+
+    async def acount_key_and_account(
         self, key_prefix: str, account_id: str, key_limit: int, account_limit: int, window: int
     ) -> RateWindow:
         """Count one request against its key's window and its account's (all keys together);
         RateLimited past either limit. Returns the tighter budget (the RateLimit-* headers)."""
-        rows = self.db.fetch_all_unflushed(
-            "count_request_and_account",
-            {"key": key_prefix, "account": f"account:{account_id}", "window": window},
-        )
-        budget = RateWindow(key_limit, key_limit, window)
-        for row in rows:
-            limit = account_limit if row["bucket"].startswith("account:") else key_limit
-            retry = max(1, int(float(row["reset_s"]) + 0.999))
-            if row["requests"] > limit:
-                whom = "this account" if row["bucket"].startswith("account:") else "this key"
-                raise RateLimited(
-                    f"more than {limit} requests from {whom} in {window} s; retry in {retry} s",
-                    retry_after=retry,
-                )
-            remaining = max(0, limit - int(row["requests"]))
-            if remaining < budget.remaining:
-                budget = RateWindow(limit, remaining, retry)
-        return budget
+        params = {"key": key_prefix, "account": f"account:{account_id}", "window": window}
+        rows = await self.db.afetch_all_unflushed("count_request_and_account", params)
+        return budget_of(rows, key_limit, account_limit, window)
 
     def prune_rate_windows(self, window_seconds: int) -> int:
         """Drop the request counters of windows that have ended; returns how many went."""
         return self.db.execute("prune_rate_windows", {"window": window_seconds})
-
-    def check_concurrency(self, account_id: str, limit: int) -> None:
-        """RateLimited when the account already has `limit` tasks queued or running."""
-        row = self.db.fetch_one("active_task_count", {"account_id": account_id})
-        if row is not None and row["active"] >= limit:
-            raise self.too_many_active(limit)
 
     @staticmethod
     def too_many_active(limit: int) -> RateLimited:
@@ -210,3 +174,56 @@ class Accounts:
             code="too_many_active_tasks",
             retry_after=5,
         )
+
+
+def bearer_key(authorization: str | None) -> tuple[str, str]:
+    """(prefix, key) of an `Authorization: Bearer <key>` header, or Unauthorized."""
+    if not authorization:
+        raise Unauthorized("send an API key: Authorization: Bearer p3d_…", code="missing_api_key")
+    scheme, _, key = authorization.strip().partition(" ")
+    match = KEY_PATTERN.fullmatch(key.strip())
+    if scheme.lower() != "bearer" or match is None:
+        raise Unauthorized(
+            "the Authorization header must be 'Bearer p3d_…'", code="invalid_api_key"
+        )
+    return match[1], key.strip()
+
+
+def principal_of(row: Row | None, key: str) -> Principal:
+    """The key's principal, given its prefix's row; Unauthorized when the secret differs."""
+    if row is None or not hmac.compare_digest(bytes(row["secret_hash"]), hash_key(key)):
+        raise Unauthorized("the API key is not valid or was revoked", code="invalid_api_key")
+    return Principal(row["account_id"], row["prefix"], bool(row["is_admin"]))
+
+
+def window_of(rows: list[Row], limit: int, window_seconds: int) -> RateWindow:
+    """The budget left in one counted window; RateLimited past `limit`."""
+    row = rows[0] if rows else None
+    if row is None:  # pragma: no cover - the upsert always returns its row
+        return RateWindow(limit, limit, window_seconds)
+    retry = max(1, int(float(row["reset_s"]) + 0.999))
+    if row["requests"] > limit:
+        raise RateLimited(
+            f"more than {limit} requests in {window_seconds} s; retry in {retry} s",
+            retry_after=retry,
+        )
+    return RateWindow(limit, max(0, limit - int(row["requests"])), retry)
+
+
+def budget_of(rows: list[Row], key_limit: int, account_limit: int, window: int) -> RateWindow:
+    """The tighter budget of a key's and its account's counted windows; RateLimited past
+    either limit."""
+    budget = RateWindow(key_limit, key_limit, window)
+    for row in rows:
+        limit = account_limit if row["bucket"].startswith("account:") else key_limit
+        retry = max(1, int(float(row["reset_s"]) + 0.999))
+        if row["requests"] > limit:
+            whom = "this account" if row["bucket"].startswith("account:") else "this key"
+            raise RateLimited(
+                f"more than {limit} requests from {whom} in {window} s; retry in {retry} s",
+                retry_after=retry,
+            )
+        remaining = max(0, limit - int(row["requests"]))
+        if remaining < budget.remaining:
+            budget = RateWindow(limit, remaining, retry)
+    return budget

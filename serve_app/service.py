@@ -181,10 +181,10 @@ class Services:
             task_by_key = self.queue.by_idempotency_key(account_id, idempotency_key)
             if task_by_key is not None:
                 return check_same_request(task_by_key, digest, idempotency_key), False
-        if batch_id is None:  # a bulk job bounds its own items in flight
-            self.accounts.check_concurrency(account_id, self.settings.max_active_tasks)
-        # Billing (off by default): 402 before anything is stored; the reservation itself is
-        # taken in the task insert's transaction below.
+        # The active-task limit is checked once, with the insert, under the account's lock (a
+        # check here as well cost every accepted request a round trip to spare a refused one
+        # its photo's write, issue 11). Billing (off by default): 402 before anything is
+        # stored; the reservation itself is taken in the task insert's transaction below.
         quote = (
             self.billing.quote(account_id, options.model_dump(mode="json"))
             if self.settings.billing_enabled
@@ -233,10 +233,11 @@ class Services:
     # --- reading -------------------------------------------------------------------
     def get_task(self, account_id: str, task_id: str) -> Row:
         """The task, or NotFound when it does not exist or belongs to another account."""
-        row = self.queue.get(parse_task_id(task_id), account_id)
-        if row is None:
-            raise NotFound(f"task {task_id} not found", code="task_not_found")
-        return row
+        return found(self.queue.get(parse_task_id(task_id), account_id), task_id)
+
+    async def aget_task(self, account_id: str, task_id: str) -> Row:
+        """get_task on the event loop (GET /task, issue 11)."""
+        return found(await self.queue.aget(parse_task_id(task_id), account_id), task_id)
 
     def task_events(self, account_id: str, task_id: str, after_id: int = 0) -> list[Row]:
         """The task's timeline after event `after_id`, oldest first."""
@@ -446,3 +447,10 @@ def parse_task_id(value: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError as exc:
         raise NotFound(f"task {value[:64]} not found", code="task_not_found") from exc
+
+
+def found(row: Row | None, task_id: str) -> Row:
+    """The task's row, or NotFound (also for another account's task: it is not theirs to see)."""
+    if row is None:
+        raise NotFound(f"task {task_id} not found", code="task_not_found")
+    return row

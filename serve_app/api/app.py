@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
 
@@ -89,7 +91,14 @@ def static_dir() -> Path:
 
 def create_app(services: Services) -> FastAPI:
     """The ingress app, bound to one process's services."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await services.db.aclose()  # the event loop's pool (the sync pool is the owner's)
+
     app = FastAPI(
+        lifespan=lifespan,
         title="photo3d",
         version=__version__,
         description="Photo in, textured 3D model out. Errors are "

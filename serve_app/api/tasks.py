@@ -62,8 +62,11 @@ async def generate(
 
 
 @router.get("/task/{task_id}", response_model=Task, summary="Status, progress and result links")
-def get_task(task_id: str, services: ServicesDep, account: AccountDep) -> Task:
-    return view(services, account, services.get_task(account, task_id))
+async def get_task(task_id: str, services: ServicesDep, account: AccountDep) -> Response:
+    # On the event loop, and serialized once (not validated again against response_model):
+    # the most frequent request of all, polled by every client (issue 11).
+    task = view(services, account, await services.aget_task(account, task_id))
+    return Response(task.model_dump_json(), media_type="application/json")
 
 
 @router.get("/task/{task_id}/events", response_model=TaskEvents, summary="The task's timeline")

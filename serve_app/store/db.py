@@ -3,18 +3,19 @@ and the one place where driver errors become the project's own exceptions."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from serve_app.errors import Conflict, InvalidInput, ServiceUnavailable
 
@@ -32,6 +33,12 @@ def check_if_idle(conn: psycopg.Connection[Any]) -> None:
     """The pool's checkout check, skipped for a connection returned moments ago."""
     if time.monotonic() - getattr(conn, "_photo3d_returned_at", 0.0) > CHECK_IDLE_SECONDS:
         ConnectionPool.check_connection(conn)
+
+
+async def acheck_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    """check_if_idle for the event loop's pool."""
+    if time.monotonic() - getattr(conn, "_photo3d_returned_at", 0.0) > CHECK_IDLE_SECONDS:
+        await AsyncConnectionPool.check_connection(conn)
 
 
 @lru_cache(maxsize=1)
@@ -80,6 +87,16 @@ class Database:
 
     def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 5.0):
         self.url = url
+        self.max_size, self.timeout = max_size, timeout
+        self.connect_kwargs: dict[str, Any] = {
+            "row_factory": dict_row,
+            "autocommit": True,
+            "connect_timeout": int(timeout),
+            # psycopg prepares a statement after 5 runs, and PostgreSQL may then switch to a
+            # generic plan that cannot see which optional filters (`%(x)s IS NULL OR …`) are
+            # off: the deep-cursor listing became a 405k-row filter (411 ms). Plan per call.
+            "options": "-c plan_cache_mode=force_custom_plan",
+        }
         self.pool = ConnectionPool(
             url,
             min_size=min_size,
@@ -87,17 +104,13 @@ class Database:
             timeout=timeout,
             open=False,
             check=check_if_idle,
-            kwargs={
-                "row_factory": dict_row,
-                "autocommit": True,
-                "connect_timeout": int(timeout),
-                # psycopg prepares a statement after 5 runs, and PostgreSQL may then switch to a
-                # generic plan that cannot see which optional filters (`%(x)s IS NULL OR …`) are
-                # off: the deep-cursor listing became a 405k-row filter (411 ms). Plan per call.
-                "options": "-c plan_cache_mode=force_custom_plan",
-            },
+            kwargs=self.connect_kwargs,
             name="photo3d",
         )
+        # The request path's reads on the event loop (issue 11): see `aconnection`.
+        self._apool: AsyncConnectionPool | None = None
+        self._apool_loop: asyncio.AbstractEventLoop | None = None
+        self._apool_opening: asyncio.Future[None] | None = None
 
     def open(self, wait: bool = False) -> None:
         """Open the pool; with wait=True fail fast when the server is unreachable."""
@@ -105,6 +118,64 @@ class Database:
 
     def close(self) -> None:
         self.pool.close()
+
+    # --- on the event loop (issue 11) ----------------------------------------------------------
+    # The Ingress's hottest reads (the key lookup, the rate window, GET /task) run on the event
+    # loop with psycopg's async pool instead of a hop to the threadpool: in a Serve replica each
+    # hop cost more CPU than the query (anyio walks every task of Ray's busy loop per hop).
+
+    async def _async_pool(self) -> AsyncConnectionPool:
+        """The event loop's pool, opened on first use (an app's loop, or a test client's)."""
+        loop = asyncio.get_running_loop()
+        if self._apool is None or self._apool_loop is not loop:
+            self._apool = AsyncConnectionPool(
+                self.url,
+                min_size=1,
+                max_size=self.max_size,
+                timeout=self.timeout,
+                open=False,
+                check=acheck_if_idle,
+                kwargs=self.connect_kwargs,
+                name="photo3d-async",
+            )
+            self._apool_loop = loop
+            self._apool_opening = asyncio.ensure_future(self._apool.open())
+        if self._apool_opening is not None:
+            opening = self._apool_opening
+            await opening
+            if self._apool_opening is opening:
+                self._apool_opening = None
+        return self._apool
+
+    async def aclose(self) -> None:
+        """Close the event loop's pool (the app's lifespan calls this on shutdown)."""
+        pool, self._apool, self._apool_loop = self._apool, None, None
+        if pool is not None and not pool.closed:
+            await pool.close()
+
+    @contextlib.asynccontextmanager
+    async def aconnection(self) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
+        """A pooled autocommit connection on the running event loop; errors are translated."""
+        pool = await self._async_pool()
+        with translate_errors():
+            async with pool.connection() as conn:
+                yield conn  # type: ignore[misc]
+                conn._photo3d_returned_at = time.monotonic()  # type: ignore[attr-defined]
+
+    async def afetch_one(self, name: str, params: dict[str, Any] | None = None) -> Row | None:
+        """fetch_one on the event loop."""
+        async with self.aconnection() as conn:
+            cursor = await conn.execute(query(name), params or {})
+            return await cursor.fetchone()
+
+    async def afetch_all_unflushed(
+        self, name: str, params: dict[str, Any] | None = None
+    ) -> list[Row]:
+        """fetch_all_unflushed on the event loop."""
+        async with self.aconnection() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit TO off")
+            cursor = await conn.execute(query(name), params or {})
+            return await cursor.fetchall()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Row]]:

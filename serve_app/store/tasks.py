@@ -176,10 +176,11 @@ class TaskQueue:
     # --- readers -------------------------------------------------------------------
     def get(self, task_id: uuid.UUID, account_id: str) -> Row | None:
         """The task with, when queued, its queue_position (and queue_position_estimated)."""
-        return self.db.fetch_one(
-            "get_task",
-            {"id": task_id, "account_id": account_id, "exact_up_to": QUEUE_POSITION_EXACT_UP_TO},
-        )
+        return self.db.fetch_one("get_task", get_params(task_id, account_id))
+
+    async def aget(self, task_id: uuid.UUID, account_id: str) -> Row | None:
+        """get on the event loop (GET /task, issue 11)."""
+        return await self.db.afetch_one("get_task", get_params(task_id, account_id))
 
     def list_tasks(
         self,
@@ -389,3 +390,8 @@ def queue_wait_seconds(row: Row) -> float:
         return 0.0
     ready = max(created, run_after) if run_after is not None else created
     return max(0.0, (started - ready).total_seconds())
+
+
+def get_params(task_id: uuid.UUID, account_id: str) -> dict[str, Any]:
+    """The parameters of query get_task."""
+    return {"id": task_id, "account_id": account_id, "exact_up_to": QUEUE_POSITION_EXACT_UP_TO}

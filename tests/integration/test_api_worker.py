@@ -135,6 +135,27 @@ def test_no_object_fails_permanently_with_reason(client: TestClient, services: S
     assert done["error"]["code"] == "no_object_found"
 
 
+def test_a_jpeg_no_decoder_reads_fails_its_task_at_once(
+    client: TestClient, services: Services
+) -> None:
+    """The ingress checks a JPEG's header and markers, not its pixels (issue 11): a photo whose
+    scan cannot be decoded is accepted, and its task fails on the first attempt, with the same
+    error the ingress gives a truncated one, instead of being retried."""
+    photo = io.BytesIO()
+    Image.open(io.BytesIO(object_photo())).convert("RGB").save(photo, format="JPEG")
+    data = bytearray(photo.getvalue())
+    at = data.find(b"\xff\xc4")  # the first Huffman table: code counts no decoder accepts
+    data[at + 5 : at + 21] = b"\xff" * 16
+    response = client.post(
+        "/api/v1/generate", files={"image": ("p.jpg", bytes(data), "image/jpeg")}
+    )
+    assert response.status_code == 202, response.text
+    make_worker(services).run_once()
+    done = client.get(f"/api/v1/task/{response.json()['id']}").json()
+    assert done["status"] == "failed" and done["attempt"] == 1
+    assert done["error"]["code"] == "corrupt_image"
+
+
 def test_hanging_backend_is_ended_by_the_watchdog_then_fails(services: Services) -> None:
     """A generation that never returns: the watchdog records why and ends the process; after
     max_attempts the task fails with that reason."""

@@ -49,3 +49,51 @@ def test_a_recently_used_connection_is_not_checked_but_recovers(
     with pytest.raises(ServiceUnavailable):  # no check round trip: this one call fails (503)
         backend_pid(db)
     assert backend_pid(db) != first  # the broken connection was discarded, not reused
+
+
+# The request path's pool on the event loop (issue 11): the same guarantees.
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def async_backend_pid(db: Database) -> int:
+    async with db.aconnection() as conn:
+        cursor = await conn.execute("SELECT pg_backend_pid() AS pid")
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row["pid"])
+
+
+@pytest.mark.anyio
+async def test_the_event_loop_pool_replaces_a_connection_dead_while_idle(
+    db: Database, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    try:
+        first = await async_backend_pid(db)
+        terminate(database_url, first)
+        monkeypatch.setattr(db_module, "CHECK_IDLE_SECONDS", 0.0)
+        assert await async_backend_pid(db) != first
+        monkeypatch.setattr(db_module, "CHECK_IDLE_SECONDS", 3600.0)
+        second = await async_backend_pid(db)
+        terminate(database_url, second)
+        with pytest.raises(ServiceUnavailable):
+            await async_backend_pid(db)
+        assert await async_backend_pid(db) not in (first, second)
+    finally:
+        await db.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_event_loop_pool_reads_named_queries_and_translates_errors(db: Database) -> None:
+    try:
+        row = await db.afetch_one("get_task", {"id": None, "account_id": "x", "exact_up_to": 1})
+        assert row is None
+        rows = await db.afetch_all_unflushed("count_request", {"key": "k-async", "window": 60})
+        assert rows[0]["requests"] == 1
+        rows = await db.afetch_all_unflushed("count_request", {"key": "k-async", "window": 60})
+        assert rows[0]["requests"] == 2  # the same window, counted again
+    finally:
+        await db.aclose()

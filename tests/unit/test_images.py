@@ -14,8 +14,8 @@ from serve_app.images import ImageLimits, check_image, decode_base64_image, load
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=4_000_000, max_side=4000, min_side=16)
 
-# The ingress checks an upload with check_image (a JPEG at 1/8 scale) and the worker reads it with
-# load_image: both must refuse the same photos with the same error.
+# The ingress checks an upload with check_image (a JPEG's header and markers) and the worker
+# reads it with load_image: both must refuse the same photos with the same error.
 Reader = Callable[[bytes, ImageLimits], object]
 READERS = pytest.mark.parametrize("read", [load_image, check_image], ids=["load", "check"])
 
@@ -189,3 +189,51 @@ def test_check_image_accepts_what_load_image_reads() -> None:
         data = encode(photo, fmt)
         check_image(data, LIMITS)
         assert load_image(data, LIMITS).size == (640, 480)
+
+
+# Issue 11: the ingress no longer decodes a JPEG's pixels; it walks its markers to the end.
+
+
+def bogus_huffman_table(data: bytes) -> bytes:
+    """The JPEG with its first Huffman table's code counts made impossible: every marker is in
+    place and the file whole, but no decoder can read its scan."""
+    out = bytearray(data)
+    at = out.find(b"\xff\xc4")
+    out[at + 5 : at + 21] = b"\xff" * 16
+    return bytes(out)
+
+
+def test_check_refuses_a_truncated_progressive_jpeg() -> None:
+    data = encode(Image.effect_noise((320, 240), 50).convert("RGB"), "JPEG", progressive=True)
+    check_image(data, LIMITS)
+    for cut in (len(data) // 4, len(data) // 2, len(data) - 2):
+        with pytest.raises(InvalidImage) as info:
+            check_image(data[:cut], LIMITS)
+        assert info.value.code == "corrupt_image"
+
+
+def test_check_accepts_bytes_after_the_image() -> None:
+    """A phone's motion photo is a JPEG with a video after its end marker; decoders show it."""
+    data = encode(Image.effect_noise((320, 240), 50).convert("RGB"), "JPEG") + b"\0ftypmp42" * 50
+    check_image(data, LIMITS)
+    assert load_image(data, LIMITS).size == (320, 240)
+
+
+def test_check_is_not_fooled_by_markers_inside_a_segment() -> None:
+    """An end marker inside a comment (or an EXIF thumbnail) is not the image's end."""
+    photo = Image.effect_noise((320, 240), 50).convert("RGB")
+    data = encode(photo, "JPEG", comment=b"\xff\xda\x00\x08 \xff\xd9 thumbnail")
+    check_image(data, LIMITS)
+    scan = data.rfind(b"\xff\xda")
+    with pytest.raises(InvalidImage):
+        check_image(data[: scan + 40], LIMITS)
+
+
+def test_a_jpeg_the_check_passes_but_no_decoder_reads_is_refused_by_the_worker() -> None:
+    """What the ingress's marker walk cannot see, the worker's full decode refuses with the same
+    error (and the worker does not retry it: InvalidImage is permanent)."""
+    data = bogus_huffman_table(encode(Image.effect_noise((320, 240), 50).convert("RGB"), "JPEG"))
+    check_image(data, LIMITS)
+    with pytest.raises(InvalidImage) as info:
+        load_image(data, LIMITS)
+    assert info.value.code == "corrupt_image"

@@ -259,12 +259,6 @@ RETURNING requests,
 DELETE FROM rate_windows
 WHERE window_start + make_interval(secs => %(window)s) < clock_timestamp();
 
--- name: active_task_count
--- Interactive tasks only: a bulk job bounds its own items in flight (PHOTO3D_MAX_BATCH_IN_FLIGHT),
--- so a catalogue never locks its account's people out of the API.
-SELECT count(*) AS active FROM tasks
-WHERE account_id = %(account_id)s AND status IN ('queued', 'running') AND batch_id IS NULL;
-
 -- name: expired_tasks
 -- Finished tasks past their retention whose files are still kept, oldest first.
 SELECT id FROM tasks
@@ -283,7 +277,8 @@ WHERE id = %(id)s AND expired_at IS NULL;
 
 -- name: insert_task_within_limit
 -- The task is inserted only while the account has fewer than max_active interactive tasks
--- queued or running (as active_task_count counts them: bulk jobs bound their own).
+-- queued or running. Interactive only: a bulk job bounds its own items in flight
+-- (PHOTO3D_MAX_BATCH_IN_FLIGHT), so a catalogue never locks its account's people out of the API.
 INSERT INTO tasks (id, account_id, backend, priority, options, inputs, max_attempts,
                    idempotency_key, batch_id, request_hash)
 SELECT %(id)s, %(account_id)s, %(backend)s, %(priority)s, %(options)s, %(inputs)s,
