@@ -207,8 +207,9 @@ def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
                         f"| {pct(total, 0.5):.0f} / {pct(total, 0.99):.0f} "
                         f"| {pct(wait, 0.5):.0f} / {pct(wait, 0.99):.0f} "
                         f"| {pct(path, 0.5):.0f} / {pct(path, 0.99):.0f} "
-                        f"| {gen:.3f} | {pct(rest, 0.5):.0f} / {pct(rest, 0.99):.0f} "
-                        f"| {len(ok) - len(rest)} | {os.getloadavg()[0]:.2f} |",
+                        f"| {gen:.3f} | "
+                        + (f"{pct(rest, 0.5):.0f} / {pct(rest, 0.99):.0f} " if rest else "– ")
+                        + f"| {len(ok) - len(rest)} | {os.getloadavg()[0]:.2f} |",
                         flush=True,
                     )
 

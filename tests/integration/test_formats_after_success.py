@@ -163,3 +163,38 @@ def test_on_request_mode_leaves_preview_and_formats_to_their_first_fetch(
     result = client.get(f"/api/v1/task/{task}").json()["result"]
     assert result["preview_ready"] is True
     assert all(f["ready"] for f in result["files"])
+
+
+def test_on_an_s3_store_a_format_not_converted_yet_is_made_by_its_signed_link(
+    seaweed, database_url: str, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The cluster setup: artifacts in a bucket (SeaweedFS). A format the worker has not
+    converted is converted by the signed link's request, stored in the bucket, and the link
+    redirects to it there."""
+    import httpx
+
+    from serve_app.api.app import create_app
+    from serve_app.settings import Settings
+    from tests.support.app import open_services
+
+    for name, value in seaweed.env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(
+        database_url=database_url,
+        run_dir=tmp_path,
+        artifact_url=f"s3://{seaweed.new_bucket()}/photo3d",
+        health_requires_worker=False,
+    )
+    with open_services(settings) as services, TestClient(create_app(services)) as client:
+        dying = make_worker(services)
+        dying._convert_formats = lambda claim, result: None  # type: ignore[method-assign]
+        task = queue_task(services, ["glb", "obj"])
+        assert dying.run_once()
+        assert api_files(client, task)["obj"]["ready"] is False
+        result = client.get(f"/api/v1/task/{task}").json()["result"]
+        redirect = client.get(result["format_urls"]["obj"], follow_redirects=False)
+        assert redirect.status_code == 307, redirect.text
+        body = httpx.get(redirect.headers["location"])
+        glb = services.artifacts.get(stored_files(services, task)["glb"]["key"])
+        assert body.status_code == 200 and body.content == exports.convert(glb, "obj")
+        assert api_files(client, task)["obj"]["ready"] is True
