@@ -2,11 +2,15 @@
 to start.
 
     .venv/bin/python bench/overhead.py [--tasks 30] [--rates 1,5] [--backends fake-zero,cpu]
+    .venv/bin/python bench/overhead.py --formats glb,stl,obj   # extra formats asked for
+    .venv/bin/python bench/overhead.py --cpu-replicas 2  # a fixed number of CPU generators
+    .venv/bin/python bench/overhead.py --after-success-files on_request  # no eager previews
     .venv/bin/python bench/overhead.py --idle 60       # CPU seconds of an idle stack
     .venv/bin/python bench/overhead.py --idle 60 --foreign-rate 5   # ... while another
                                                  # backend (no generator here) gets 5 tasks/s
     .venv/bin/python bench/overhead.py --cold 3        # `photo3d serve` to /health 200
     .venv/bin/python bench/overhead.py --steps         # each step of the worker, in-process
+    .venv/bin/python bench/overhead.py --generate 20   # the CPU backend alone: wall and CPU s
 
 Overhead: the real stack (`photo3d serve`: Ray Serve, the Ingress, one generator per backend)
 on an embedded PostgreSQL, with the CPU backend and the FAKE zero-cost backend (tests/support/
@@ -15,6 +19,9 @@ submitted through the HTTP API at a fixed rate; each task's row gives created_at
 attempt_started_at (the claim), finished_at (succeeded) and the generation's own seconds
 (result.timings.generate_s). Overhead = finished - created - generate_s, split into the wait
 for a claim (claimed - created) and the worker's own path (finished - claimed - generate_s).
+"Rest ready" is how long after `succeeded` the preview and the other formats asked for were all
+stored (the row's last update, issue 11); tasks whose rest was still not stored 60 s after the
+last one succeeded are counted as "made on request" (the worker's backlog was full).
 
 Idle: CPU seconds used by the stack's own process tree (and by its PostgreSQL) over a window,
 after the stack has settled. Cold start: `photo3d serve` with its own embedded PostgreSQL (as
@@ -27,6 +34,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import io
+import json
 import os
 import platform
 import statistics
@@ -40,13 +49,14 @@ from pathlib import Path
 import httpx
 import psutil
 import psycopg
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support import pg  # noqa: E402
 from tests.support.images import object_photo  # noqa: E402
-from tests.support.stack import free_port, run_stack, stop_stack  # noqa: E402
+from tests.support.stack import free_port, run_stack, stop_stack, write_config  # noqa: E402
 
 ZERO = {"fake-zero": "tests.support.fake_backends:ZeroCostFakeBackend"}
 
@@ -65,6 +75,16 @@ def header() -> None:
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
 
+def fixed_replicas(config: Path, deployment: str, replicas: int) -> None:
+    """Run `replicas` replicas of one deployment, without autoscaling."""
+    data = yaml.safe_load(config.read_text())
+    for entry in data["applications"][0]["deployments"]:
+        if entry["name"] == deployment:
+            entry.pop("autoscaling_config", None)
+            entry["num_replicas"] = replicas
+    config.write_text(yaml.safe_dump(data))
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -73,15 +93,18 @@ def pct(values: list[float], q: float) -> float:
 
 
 # --- overhead ------------------------------------------------------------------------------
-def submit_at_rate(url: str, photo: bytes, backend: str, n: int, rate: float) -> list[str]:
+def submit_at_rate(
+    url: str, photo: bytes, backend: str, n: int, rate: float, formats: str = "glb"
+) -> list[str]:
     """POST n tasks, one every 1/rate seconds (each in its own thread, so a slow answer does
     not delay the next submission)."""
+    options = json.dumps({"backend": backend, "formats": formats.split(",")})
 
     def post(client: httpx.Client) -> str:
         reply = client.post(
             f"{url}/api/v1/generate",
             files={"image": ("p.jpg", photo, "image/jpeg")},
-            data={"options": f'{{"backend": "{backend}"}}'},
+            data={"options": options},
         )
         reply.raise_for_status()
         return str(reply.json()["id"])
@@ -95,46 +118,73 @@ def submit_at_rate(url: str, photo: bytes, backend: str, n: int, rate: float) ->
         return [f.result() for f in futures]
 
 
-def wait_finished(database_url: str, ids: list[str], timeout: float) -> list[dict]:
+def wait_finished(
+    database_url: str, ids: list[str], timeout: float, rest_timeout: float = 0
+) -> list[dict]:
+    """The tasks' rows once all ended; with rest_timeout, also until the preview and every
+    format of each succeeded task are stored, or rest_timeout seconds after the last ended."""
     deadline = time.monotonic() + timeout
+    rest_deadline: float | None = None
     with psycopg.connect(database_url, autocommit=True) as conn:
         while True:
             rows = conn.execute(
                 """
                 SELECT id, status, created_at, attempt_started_at, finished_at,
-                       (result->'timings'->>'generate_s')::float AS generate_s
+                       (result->'timings'->>'generate_s')::float AS generate_s, updated_at,
+                       coalesce((result->'preview'->>'ready')::bool, true)
+                       AND NOT EXISTS (SELECT 1 FROM jsonb_each(result->'files') f
+                                       WHERE f.value->>'ready' = 'false') AS rest_ready
                 FROM tasks WHERE id = ANY(%s::uuid[])
                 """,
                 ([uuid.UUID(i) for i in ids],),
             ).fetchall()
             done = [r for r in rows if r[1] in ("succeeded", "failed", "canceled")]
-            if len(done) == len(ids) or time.monotonic() > deadline:
-                keys = ("id", "status", "created", "claimed", "finished", "generate_s")
+            now = time.monotonic()
+            if len(done) == len(ids) and rest_deadline is None:
+                rest_deadline = now + rest_timeout
+            rest = all(r[7] for r in rows if r[1] == "succeeded")
+            if (rest_deadline is not None and (rest or now > rest_deadline)) or now > deadline:
+                keys = (
+                    "id", "status", "created", "claimed", "finished", "generate_s", "updated",
+                    "rest_ready",
+                )  # fmt: skip
                 return [dict(zip(keys, r, strict=True)) for r in rows]
             time.sleep(0.5)
 
 
 def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
     photo = object_photo(args.side, seed=3, fmt="JPEG")
-    print(f"photo: {args.side}² JPEG, {len(photo)} bytes; {args.tasks} tasks per row")
+    print(
+        f"photo: {args.side}² JPEG, {len(photo)} bytes; {args.tasks} tasks per row; "
+        f"formats {args.formats}; CPU generator replicas: {args.cpu_replicas or 'as configured'}"
+        f"; PHOTO3D_AFTER_SUCCESS_FILES={args.after_success_files}"
+    )
     env = {
         "PHOTO3D_MAX_ACTIVE_TASKS": "100000000",
         "PHOTO3D_RATE_LIMIT_REQUESTS": "1000000000",
+        "PHOTO3D_AFTER_SUCCESS_FILES": args.after_success_files,
     }
+    # Nothing follows success on its own in on_request mode: do not wait for it.
+    rest_wait = 60 if args.after_success_files == "eager" else 0
+    config = None
+    if args.cpu_replicas:
+        config = write_config(work / "serve_config.bench.yaml", {name: 0.5 for name in ZERO})
+        fixed_replicas(config, "generator-cpu", args.cpu_replicas)
     for url in pg.clone_database(admin, prefix="overhead"):
-        with run_stack(work / "s", url, extra_backends=ZERO, env=env) as stack:
+        with run_stack(work / "s", url, extra_backends=ZERO, env=env, config_path=config) as stack:
             backends = args.backends.split(",")
             for backend in backends:  # one warm-up task each (first imports, first connections)
-                wait_finished(url, submit_at_rate(stack.url, photo, backend, 2, 1), 300)
+                wait_finished(url, submit_at_rate(stack.url, photo, backend, 2, 1), 300, rest_wait)
             print(
                 "| backend | tasks/s | n | overhead p50 / p99 ms | wait for claim p50 / p99 ms "
-                "| worker path p50 / p99 ms | generate_s p50 | load |"
+                "| worker path p50 / p99 ms | generate_s p50 | rest ready p50 / p99 ms "
+                "| made on request | load |"
             )
-            print("|---|---|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|---|---|---|")
             for backend in backends:
                 for rate in [float(r) for r in args.rates.split(",")]:
-                    ids = submit_at_rate(stack.url, photo, backend, args.tasks, rate)
-                    rows = wait_finished(url, ids, 600)
+                    ids = submit_at_rate(stack.url, photo, backend, args.tasks, rate, args.formats)
+                    rows = wait_finished(url, ids, 600, rest_wait)
                     ok = [r for r in rows if r["status"] == "succeeded"]
                     total = [
                         ((r["finished"] - r["created"]).total_seconds() - r["generate_s"]) * 1000
@@ -146,13 +196,20 @@ def overhead(args: argparse.Namespace, admin: str, work: Path) -> None:
                         for r in ok
                     ]
                     gen = statistics.median(r["generate_s"] for r in ok) if ok else float("nan")
+                    rest = [
+                        (r["updated"] - r["finished"]).total_seconds() * 1000
+                        for r in ok
+                        if r["rest_ready"]
+                    ]
                     bad = len(rows) - len(ok)
                     print(
                         f"| {backend} | {rate:g} | {len(ok)}{f' ({bad} not ok)' if bad else ''} "
                         f"| {pct(total, 0.5):.0f} / {pct(total, 0.99):.0f} "
                         f"| {pct(wait, 0.5):.0f} / {pct(wait, 0.99):.0f} "
                         f"| {pct(path, 0.5):.0f} / {pct(path, 0.99):.0f} "
-                        f"| {gen:.3f} | {os.getloadavg()[0]:.2f} |",
+                        f"| {gen:.3f} | "
+                        + (f"{pct(rest, 0.5):.0f} / {pct(rest, 0.99):.0f} " if rest else "– ")
+                        + f"| {len(ok) - len(rest)} | {os.getloadavg()[0]:.2f} |",
                         flush=True,
                     )
 
@@ -231,6 +288,39 @@ def steps(args: argparse.Namespace, admin: str, work: Path) -> None:
     print("|---|---|---|")
     for name, values in timings.items():
         print(f"| {name} | {pct(values, 0.5):.1f} | {pct(values, 0.99):.1f} |")
+
+
+# --- the CPU backend alone ------------------------------------------------------------------
+def generate_cost(args: argparse.Namespace) -> None:
+    """The CPU backend's generate() on the bench's photo in this process: wall seconds and the
+    CPU seconds it uses (all its threads), which bound how many tasks a second the cores allow."""
+    from PIL import Image
+
+    from serve_app.backends import create_backend
+    from serve_app.backends.base import GenerationOptions
+    from serve_app.settings import Settings
+
+    backend = create_backend("cpu", Settings())
+    backend.load()
+    image = Image.open(io.BytesIO(object_photo(args.side, seed=3, fmt="JPEG")))
+    image.load()
+    options = GenerationOptions.model_validate({"backend": "cpu"})
+    walls, cpus = [], []
+    for i in range(args.generate + 2):
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        backend.generate([image], options, lambda fraction, stage: None)
+        if i >= 2:  # the first two warm up (imports, caches)
+            walls.append(time.perf_counter() - wall0)
+            cpus.append(time.process_time() - cpu0)
+    print(f"CPU backend, {args.side}² JPEG, {args.generate} runs after 2 warm-up runs")
+    print("| wall s p50 / p99 | CPU s p50 / p99 | tasks/s the cores allow (cores / CPU s p50) |")
+    print("|---|---|---|")
+    print(
+        f"| {pct(walls, 0.5):.3f} / {pct(walls, 0.99):.3f} "
+        f"| {pct(cpus, 0.5):.3f} / {pct(cpus, 0.99):.3f} "
+        f"| {(os.cpu_count() or 1) / pct(cpus, 0.5):.1f} |"
+    )
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 # --- idle ----------------------------------------------------------------------------------
@@ -376,6 +466,10 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=30, help="tasks per backend and rate")
     parser.add_argument("--rates", default="1,5", help="tasks per second")
     parser.add_argument("--backends", default="fake-zero,cpu")
+    parser.add_argument("--formats", default="glb", help="formats each task asks for")
+    parser.add_argument(
+        "--cpu-replicas", type=int, default=0, help="fixed CPU generator replicas (0: config's)"
+    )
     parser.add_argument("--side", type=int, default=256, help="photo side in pixels")
     parser.add_argument("--idle", type=float, default=0, help="measure idle CPU over N s")
     parser.add_argument("--settle", type=float, default=20, help="seconds before the idle window")
@@ -384,8 +478,13 @@ def main() -> int:
     )
     parser.add_argument("--cold", type=int, default=0, help="measure N cold starts")
     parser.add_argument("--steps", action="store_true", help="time each step of the worker")
+    parser.add_argument("--after-success-files", default="eager", choices=["eager", "on_request"])
+    parser.add_argument("--generate", type=int, default=0, help="time the CPU backend N times")
     args = parser.parse_args()
     header()
+    if args.generate:
+        generate_cost(args)
+        return 0
     with tempfile.TemporaryDirectory(prefix="p3d-overhead-") as tmp:
         work = Path(tmp)
         if args.cold:

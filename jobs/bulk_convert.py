@@ -314,7 +314,10 @@ class BulkJob:
         """Copy each format and the preview to the output folder: <name>.glb, <name>_obj.zip…"""
         artifacts = self.services.artifacts
         files = {}
-        for fmt, info in result.files.items():
+        for fmt in result.files:
+            # A format the worker has not converted yet (it does so after the task succeeds)
+            # is converted now by the service, as a download would.
+            info = self.services.artifact(self.account, task_id, fmt)
             target = self.output / f"{name}{info.filename.removeprefix('model')}"
             target.write_bytes(artifacts.get(info.key))
             files[fmt] = target.name

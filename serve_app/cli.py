@@ -336,8 +336,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Replicas run our code on Ray's own event loop instead of a second loop in a thread of
         # its own: every request crossed between the two (GET /task 374 -> 459 req/s at c=32,
         # 2.3 -> 1.9 ms of CPU each; docs/performance.md). Our handlers never block that loop:
-        # database calls run in the threadpool, a generation in the worker's own thread.
+        # blocking database calls run in the threadpool (the hottest reads use the async pool),
+        # a generation in the worker's own thread.
         os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+        # One machine: the replicas' inter-deployment gRPC ports on loopback, like the rest of
+        # the local cluster's ports (Ray opens them on all interfaces; see deployments.py).
+        os.environ.setdefault("PHOTO3D_REPLICA_GRPC_HOST", "127.0.0.1")
 
     import ray
     from ray import serve
@@ -716,7 +720,13 @@ def _summary(task: dict[str, Any]) -> str:
     if task.get("error"):
         parts.append(f"{task['error']['code']}: {task['error']['message']}")
     if task.get("result"):
-        parts.append("files: " + ", ".join(f["format"] for f in task["result"]["files"]))
+        parts.append(  # a format still converting (issue 11) is marked, e.g. "stl (converting)"
+            "files: "
+            + ", ".join(
+                f["format"] + ("" if f.get("ready", True) else " (converting)")
+                for f in task["result"]["files"]
+            )
+        )
     return "  ".join(parts)
 
 

@@ -365,7 +365,8 @@ class Client:
         self, task_id: str, format: str = "glb", dest: str | os.PathLike[str] | None = None
     ) -> bytes | Path:
         """A result file (glb, obj, stl, ply, usdz, preview, turntable): its bytes, or written
-        to `dest` (returns the path). Formats not asked for at submit are made on demand."""
+        to `dest` (returns the path). Formats not asked for at submit, and those the server has
+        not converted yet just after the task succeeded, are made on demand."""
         path = (
             f"/task/{task_id}/{format}"
             if format in ("preview", "turntable")

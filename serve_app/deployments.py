@@ -7,6 +7,7 @@ Both are thin shims: the ingress around `create_app(Services)`, the generator ar
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,33 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.settings import get_settings
 
 log = logging.getLogger("ray.serve")
+
+# Set by `photo3d serve` for the one-machine cluster it starts; replicas inherit it.
+REPLICA_GRPC_HOST_ENV = "PHOTO3D_REPLICA_GRPC_HOST"
+
+
+def bind_replica_grpc_to(host: str | None) -> None:
+    """Every Serve replica of Ray 2.60 opens a gRPC port for calls between deployments, on all
+    interfaces (`[::]:0`, fixed in ray/serve/_private/replica.py), even in a local cluster
+    whose other ports are on 127.0.0.1. It speaks Ray's internal protocol, unauthenticated.
+    On one machine nothing outside needs it: bind it to `host` instead. Runs in each replica
+    process, from the deployment's constructor: Ray starts that server after the constructor."""
+    if not host:
+        return
+    from ray.serve._private import replica
+
+    original = replica.add_port_to_grpc_server
+    if getattr(original, "photo3d_host", None) is not None:
+        return  # bound already (the module imported twice)
+
+    def add_port(server: Any, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.removeprefix('[::]:')}"
+        port: int = original(server, address)
+        return port
+
+    add_port.photo3d_host = host  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_port
 
 
 class AppArgs(BaseModel):
@@ -38,6 +66,7 @@ class Ingress:
         generators: list[DeploymentHandle] | None = None,
         monitor: DeploymentHandle | None = None,
     ):
+        bind_replica_grpc_to(os.environ.get(REPLICA_GRPC_HOST_ENV))  # before Ray opens it
         from serve_app import logs
         from serve_app.errors import Photo3DError
         from serve_app.service import Services
@@ -102,6 +131,7 @@ class Generator:
     """Pulls tasks for one backend from PostgreSQL and runs them (no request traffic)."""
 
     def __init__(self, backend: str) -> None:
+        bind_replica_grpc_to(os.environ.get(REPLICA_GRPC_HOST_ENV))  # before Ray opens it
         from serve_app import logs
         from serve_app.backends import create_backend
         from serve_app.service import Services
@@ -123,6 +153,7 @@ class Generator:
             retention_seconds=settings.result_retention_seconds,
             accounts=self.services.accounts,
             rate_window_seconds=settings.rate_limit_window_seconds,
+            after_success_files=settings.after_success_files,
         )
         self.worker.start()
         log.info("generator %s started as worker %s", backend, self.worker.worker_id)
@@ -162,6 +193,7 @@ class QueueMonitor:
     serve_app/monitor.py for why a one-replica deployment rather than a leader election)."""
 
     def __init__(self, backends: list[str]) -> None:
+        bind_replica_grpc_to(os.environ.get(REPLICA_GRPC_HOST_ENV))  # before Ray opens it
         from serve_app import logs
         from serve_app.monitor import QueueMonitor as Engine
         from serve_app.monitor import serve_replica_counts

@@ -22,10 +22,12 @@ def package_asset(
     *,
     on_stage: Callable[[str], None] = lambda stage: None,
     render_preview: bool = True,
+    convert_formats: bool = True,
 ) -> TaskResult:
     """Store the asset's files as this attempt's and describe them. Timings and the worker id
     are the caller's to fill in. With render_preview=False a preview the backend did not make
-    is left for `render_preview` (the result says it is not ready)."""
+    is left for `render_preview` (the result says it is not ready); with convert_formats=False
+    the formats asked for besides GLB are left for `store_format` (each says it is not ready)."""
     files: dict[str, StoredFile] = {}
 
     def put(name: str, filename: str, media_type: str, data: bytes) -> None:
@@ -35,13 +37,21 @@ def package_asset(
 
     backend = str(options.backend)
     wanted = list(dict.fromkeys(["glb", *options.formats]))
+    # Issue 11: the GLB alone on the way to `succeeded`; the other formats follow.
+    later = [] if convert_formats else [fmt for fmt in wanted if fmt != "glb"]
     started = time.monotonic()
-    converted = exports.convert_many(asset.glb, wanted)
+    converted = exports.convert_many(asset.glb, [fmt for fmt in wanted if fmt not in later])
     metrics.export_seconds(backend, time.monotonic() - started)
-    for fmt, data in converted.items():
+    for fmt in wanted:
         info = exports.FORMATS[fmt]
-        put(fmt, info.filename, info.media_type, data)
-        metrics.artifact_bytes(backend, fmt, len(data))
+        if fmt in later:
+            key = artifact_keys.attempt_file(task_id, attempt, info.filename)
+            files[fmt] = StoredFile(
+                key=key, media_type=info.media_type, filename=info.filename, ready=False
+            )
+            continue
+        put(fmt, info.filename, info.media_type, converted[fmt])
+        metrics.artifact_bytes(backend, fmt, len(converted[fmt]))
     for name, data in asset.extra_files.items():
         put(name, name, "application/octet-stream", data)
         metrics.artifact_bytes(backend, "extra", len(data))
@@ -73,3 +83,16 @@ def store_preview(
     metrics.artifact_bytes(backend, "preview", len(data))
     artifacts.put(key, data)
     return Preview(key=key, bytes=len(data))
+
+
+def store_format(
+    artifacts: ArtifactStore, file: StoredFile, fmt: str, glb: bytes, backend: str = "unknown"
+) -> StoredFile:
+    """Convert the GLB into `fmt` and store it where `file` says (issue 11: after the task has
+    succeeded, by the worker or on first request); the stored file, ready."""
+    started = time.monotonic()
+    data = exports.convert(glb, fmt)
+    metrics.export_seconds(backend, time.monotonic() - started)
+    metrics.artifact_bytes(backend, fmt, len(data))
+    artifacts.put(file.key, data)
+    return file.model_copy(update={"bytes": len(data), "ready": True})

@@ -1,8 +1,8 @@
 """The typed result of a task: what the worker stores in `tasks.result` and every reader (the
 service, the API schemas, the bulk job) parses. The JSON shape in the database is unchanged:
 
-    {"files": {"glb": {"key", "bytes", "media_type", "filename"}, ...},
-     "preview": {"key", "bytes", "media_type"},
+    {"files": {"glb": {"key", "bytes", "media_type", "filename", "ready"}, ...},
+     "preview": {"key", "bytes", "media_type", "ready"},
      "stats": {...}, "timings": {"generate_s", "total_s"}, "worker_id": "..."}
 """
 
@@ -24,6 +24,10 @@ class StoredFile(BaseModel):
     bytes: int | None = None
     media_type: str
     filename: str
+    # Issue 11: False for a format asked for besides GLB from the task's success until the
+    # worker has converted and stored it (it converts after `succeeded`, off the claim loop);
+    # readers convert it on demand. Results stored before this field read as ready.
+    ready: bool = True
 
 
 class Preview(BaseModel):

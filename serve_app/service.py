@@ -23,9 +23,9 @@ from serve_app.backends import available_backends
 from serve_app.backends.base import GenerationOptions
 from serve_app.batches import Batches
 from serve_app.downloads import REDIRECT_GRACE_SECONDS, DownloadSigner, signer_from_settings
-from serve_app.errors import Gone, InvalidInput, NotFound, Photo3DError
+from serve_app.errors import GenerationFailed, Gone, InvalidInput, NotFound, Photo3DError
 from serve_app.images import ImageLimits, check_image, stored_suffix
-from serve_app.packaging import store_preview
+from serve_app.packaging import store_format, store_preview
 from serve_app.results import StoredFile, TaskResult
 from serve_app.settings import Settings
 from serve_app.store.batches import BatchStore
@@ -268,9 +268,11 @@ class Services:
             if not result.preview.ready and not self.artifacts.exists(result.preview.key):
                 # Asked for before the worker rendered it (or the worker died first).
                 glb = self.artifacts.get(result.files["glb"].key)
-                return store_preview(
+                shown = store_preview(
                     self.artifacts, result.preview.key, None, glb, str(row["backend"])
-                ).as_file()
+                )
+                self._mark_ready(row, "preview", shown.bytes)
+                return shown.as_file()
             return result.preview.as_file()
         if fmt == "turntable":
             # Rendered on first request (a few CPU seconds), then kept beside the preview.
@@ -280,7 +282,7 @@ class Services:
                 self.artifacts.put(key, preview.render_turntable(glb))
             return StoredFile(key=key, media_type="image/webp", filename="turntable.webp")
         if fmt in result.files:
-            return result.files[fmt]
+            return self._stored_format(row, result, fmt)
         if fmt not in exports.FORMATS:
             raise NotFound(
                 f"format {fmt!r} is not available; choose one of "
@@ -291,9 +293,38 @@ class Services:
         info = exports.FORMATS[fmt]
         glb_key = result.files["glb"].key
         key = artifact_keys.beside(glb_key, info.filename)
+        file = StoredFile(key=key, media_type=info.media_type, filename=info.filename)
         if not self.artifacts.exists(key):
-            self.artifacts.put(key, exports.convert(self.artifacts.get(glb_key), fmt))
-        return StoredFile(key=key, media_type=info.media_type, filename=info.filename)
+            self._convert(file, fmt, glb_key, str(row["backend"]))
+        return file
+
+    # --- issue 11: formats asked for besides GLB are stored after `succeeded` ------------------
+    def _stored_format(self, row: Row, result: TaskResult, fmt: str) -> StoredFile:
+        """A format the task asked for: as stored, or (not converted yet by the worker, or the
+        worker died first) converted now, stored where the worker would have, marked ready."""
+        file = result.files[fmt]
+        if file.ready:
+            return file
+        if self.artifacts.exists(file.key):  # stored, not marked yet (or the worker died then)
+            self._mark_ready(row, fmt, self.artifacts.size(file.key))
+            return file
+        made = self._convert(file, fmt, result.files["glb"].key, str(row["backend"]))
+        self._mark_ready(row, fmt, made.bytes)
+        return made
+
+    def _convert(self, file: StoredFile, fmt: str, glb_key: str, backend: str) -> StoredFile:
+        try:
+            return store_format(self.artifacts, file, fmt, self.artifacts.get(glb_key), backend)
+        except GenerationFailed as exc:  # this model cannot be written in that format
+            raise InvalidInput(exc.message, code="conversion_failed") from exc
+
+    def _mark_ready(self, row: Row, name: str, size: int | None) -> None:
+        """Say in the task that a file made on request is stored (best effort: the file is
+        served either way)."""
+        try:
+            self.queue.result_file_ready(row["id"], int(row["attempt"]), name, size or 0)
+        except Photo3DError as exc:
+            log.warning("task %s: %s stored, not marked ready: %s", row["id"], name, exc.message)
 
     def open_artifact(self, account_id: str, task_id: str, fmt: str) -> ArtifactFile:
         """One result file to send: a path to stream from when the store has one, else its

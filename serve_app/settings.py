@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     webhook_max_endpoints: int = Field(default=10, ge=1)  # per account
     webhook_secret_grace_seconds: float = Field(default=24 * 3600, ge=0)  # old secret after rotate
 
+    # --- issue 11: the files that follow a task's success (the preview, formats besides GLB) --
+    # "eager": each generator makes them right after `succeeded`, on a low-priority thread of its
+    # own; "on_request": only when first fetched (a CPU-bound machine keeps its cores for
+    # generation: the CPU backend's preview costs about as much CPU as its generation).
+    after_success_files: Literal["eager", "on_request"] = "eager"
+
     @field_validator("database_url", "artifact_url", "s3_public_endpoint")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:

@@ -25,8 +25,8 @@ from serve_app.backends.base import Backend, GenerationOptions
 from serve_app.errors import InvalidInput, Photo3DError, ServiceUnavailable
 from serve_app.housekeeping import Housekeeping
 from serve_app.images import load_stored_input
-from serve_app.packaging import package_asset, store_preview
-from serve_app.results import ResultTimings, TaskResult
+from serve_app.packaging import package_asset, store_format, store_preview
+from serve_app.results import ResultTimings, StoredFile, TaskResult
 from serve_app.store.tasks import Claim, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # Errors that retrying cannot fix: the input or the options are the problem.
 PERMANENT_ERRORS: tuple[type[Photo3DError], ...] = (InvalidInput,)
 
-# Issue 11: previews waiting for the worker's preview thread. Past this many (tasks finishing
-# faster than their previews render), a preview is left to be rendered on first request.
+# Issue 11: results waiting for the worker's preview thread (their preview, then the formats
+# asked for besides GLB). Past this many (tasks finishing faster than that thread keeps up), the
+# rest is left to be made on first request.
 PREVIEW_BACKLOG = 16
 # The preview thread runs at a lower CPU priority than the claim loop and the generation.
 PREVIEW_NICENESS = 10
@@ -75,6 +76,7 @@ class Worker:
         retention_seconds: float = 0,
         accounts: Accounts | None = None,
         rate_window_seconds: int = 60,
+        after_success_files: str = "eager",
     ) -> None:
         self.queue = queue
         self.artifacts = artifacts
@@ -103,6 +105,8 @@ class Worker:
             maxsize=PREVIEW_BACKLOG
         )
         self._preview_thread: threading.Thread | None = None
+        # Issue 11: "on_request" leaves the preview and the extra formats to their first fetch.
+        self.after_success_files = after_success_files
         self.tasks_done = 0
         self.last_error: str | None = None
 
@@ -202,7 +206,7 @@ class Worker:
                 self.tasks_done += 1
                 metrics.task_finished(self.backend.name, "succeeded")
                 log.info("task %s attempt %s succeeded", claim.id, claim.attempt)
-                self._queue_preview(claim, result)
+                self._queue_after_success(claim, result)
             else:
                 metrics.task_finished(self.backend.name, "lost", "lease_lost")
                 # A newer attempt, a cancel or a stall recovery owns the task: our files go.
@@ -219,23 +223,27 @@ class Worker:
             self._current = None
             beat.join(timeout=self.heartbeat_seconds + 5)
 
-    # --- previews (issue 11: off the claim loop) -------------------------------------
-    def _queue_preview(self, claim: Claim, result: dict[str, Any]) -> None:
-        """Hand the preview to the preview thread, so the next task is claimed at once. A
-        worker driven without start() (tests, tools) renders it here; with the backlog full
-        it is left to be rendered on first request."""
-        if result["preview"].get("ready", True):  # the backend made one: stored already
-            return
+    # --- previews and extra formats (issue 11: off the claim loop) -----------------------
+    def _queue_after_success(self, claim: Claim, result: dict[str, Any]) -> None:
+        """Hand the preview and the formats still to convert to the preview thread, so the
+        next task is claimed at once. A worker driven without start() (tests, tools) makes
+        them here; with the backlog full they are left to be made on first request."""
+        pending_formats = any(not f.get("ready", True) for f in result["files"].values())
+        if result["preview"].get("ready", True) and not pending_formats:
+            return  # the backend made the preview, and only the GLB was asked for
+        if self.after_success_files == "on_request":
+            return  # each is made when first fetched (PHOTO3D_AFTER_SUCCESS_FILES)
         if self._preview_thread is None:
-            self._render_preview(claim, result)
+            self._after_success(claim, result)
             return
         try:
             self._previews.put_nowait((claim, result, logs.current()))
         except Full:
-            log.info("task %s: preview backlog full; it renders on request", claim.id)
+            log.info("task %s: preview backlog full; preview and formats made on request", claim.id)
 
     def _preview_loop(self) -> None:
-        """Render queued previews, one at a time, at a lower CPU priority than generation."""
+        """Render queued previews and convert queued formats, one task at a time, at a lower
+        CPU priority than generation."""
         with contextlib.suppress(OSError, AttributeError):  # Linux: the priority of a thread
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREVIEW_NICENESS)
         while not self._stop.is_set():
@@ -244,7 +252,37 @@ class Worker:
             except Empty:
                 continue
             with logs.context(**(context or {})):
-                self._render_preview(claim, result)
+                self._after_success(claim, result)
+
+    def _after_success(self, claim: Claim, result: dict[str, Any]) -> None:
+        """What follows a task's success: its preview first (the page shows it), then each
+        format asked for besides GLB."""
+        self._render_preview(claim, result)
+        self._convert_formats(claim, result)
+
+    def _convert_formats(self, claim: Claim, result: dict[str, Any]) -> None:
+        """Convert and store each format still to make, marking each ready as it is stored;
+        one that fails or is not reached (the process died) is made when first asked for."""
+        pending = {n: f for n, f in result["files"].items() if not f.get("ready", True)}
+        if not pending:
+            return
+        try:
+            glb = self.artifacts.get(result["files"]["glb"]["key"])
+        except Exception:
+            log.warning("task %s: GLB not readable; formats made on request", claim.id)
+            return
+        for fmt, raw in pending.items():
+            file = StoredFile.model_validate(raw)
+            try:
+                if self.artifacts.exists(file.key):  # made on a request meanwhile
+                    size: int | None = self.artifacts.size(file.key)
+                else:
+                    size = store_format(self.artifacts, file, fmt, glb, self.backend.name).bytes
+                if not self.queue.result_file_ready(claim.id, claim.attempt, fmt, size or 0):
+                    self.artifacts.delete_prefix(file.key)  # the task was deleted meanwhile
+                    return
+            except Exception:
+                log.warning("task %s: %s not converted; it is made on request", claim.id, fmt)
 
     def _render_preview(self, claim: Claim, result: dict[str, Any]) -> None:
         """Render the preview after the task has succeeded, so it never delays the result; if
@@ -346,6 +384,7 @@ class Worker:
             claim.attempt,
             on_stage=on_stage,
             render_preview=False,
+            convert_formats=False,
         )
         result.timings = ResultTimings(
             generate_s=round(t_generate, 3),

@@ -39,6 +39,13 @@ class FileLink(BaseModel):
     url: str = Field(description="Signed link: fetch it without a Bearer header until it expires.")
     bytes: int | None = None
     media_type: str
+    ready: bool = Field(
+        True,
+        description="False for a moment after success while this format is converted (a task "
+        "succeeds as soon as its GLB is stored; the other formats asked for follow, and `bytes` "
+        "is known once ready); the url works either way: a format not stored yet is converted "
+        "when it is fetched.",
+    )
 
 
 class TaskResult(BaseModel):
@@ -166,6 +173,7 @@ def task_from_row(
                     url=url(fmt, f"result/{fmt}"),
                     bytes=info.bytes,
                     media_type=info.media_type,
+                    ready=info.ready,
                 )
                 for fmt, info in stored.files.items()
             ],

@@ -758,8 +758,11 @@ class TaskView {
       button.type = "button";
       button.className = "button";
       button.dataset.format = fmt.id;
+      // A format asked for is converted just after the task succeeds (ready: false until
+      // stored); downloading it earlier converts it then, like one not asked for.
       const file = made.get(fmt.id);
-      const size = file?.bytes ? ` · ${formatBytes(file.bytes)}` : "";
+      const stored = file && file.ready !== false;
+      const size = stored && file.bytes ? ` · ${formatBytes(file.bytes)}` : "";
       button.innerHTML =
         '<svg class="icon" aria-hidden="true"><use href="#i-download"/></svg><span></span>';
       const text = button.lastChild;
@@ -771,7 +774,7 @@ class TaskView {
       use.textContent = `${fmt.use}${size}`;
       text.append(name, use);
       button.setAttribute("aria-label", `Download ${fmt.label}: ${fmt.use}${size}`);
-      button.addEventListener("click", () => this.download(task, fmt, button, !file));
+      button.addEventListener("click", () => this.download(task, fmt, button, !stored));
       item.append(button);
       list.append(item);
     }

@@ -278,6 +278,19 @@ class TaskQueue:
         )
         return row is not None
 
+    # --- issue 11: files stored after success (sql/results.sql) ---------------------------
+    def result_file_ready(
+        self, task_id: uuid.UUID | str, attempt: int, name: str, size: int
+    ) -> bool:
+        """Mark one file of a succeeded attempt's result stored: "preview" or a format name.
+        False when the task has moved on (deleted, expired) or has no such entry."""
+        path = ["preview"] if name == "preview" else ["files", name]
+        row = self.db.fetch_one(
+            "result_file_ready",
+            {"id": task_id, "attempt": attempt, "path": path, "bytes": size},
+        )
+        return row is not None
+
     def fail(self, claim: Claim, *, code: str, message: str, permanent: bool) -> Row | None:
         """Record a failure: retried with backoff unless permanent or out of attempts."""
         return self.db.fetch_one(

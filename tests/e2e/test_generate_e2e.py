@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import psycopg
 import trimesh
 
@@ -71,6 +73,16 @@ def test_multipart_upload_to_glb(stack: Stack) -> None:
         check_glb(glb.content)
         stl = client.get(f"/api/v1/task/{task['id']}/result/stl")
         assert trimesh.load(io.BytesIO(stl.content), file_type="stl").is_watertight
+        # The STL follows `succeeded` (issue 11): stored by the worker just after, or by the
+        # download above if it came first; either way the task then says it is ready.
+        deadline = time.monotonic() + 60
+        while True:
+            files = client.get(f"/api/v1/task/{task['id']}").json()["result"]["files"]
+            entry = next(f for f in files if f["format"] == "stl")
+            if entry["ready"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert entry["ready"] is True and entry["bytes"] == len(stl.content)
         preview = client.get(f"/api/v1/task/{task['id']}/preview")
         assert preview.status_code == 200 and preview.content[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -246,3 +258,20 @@ def test_the_ingress_replica_itself_answers_on_the_service_port(stack: Stack) ->
     with stack.client() as client:
         assert client.get("/health").status_code == 200
     assert httpx.get(f"http://127.0.0.1:{proxy_port}/health", timeout=10).status_code == 200
+
+
+def test_nothing_of_the_stack_listens_beyond_loopback(stack: Stack) -> None:
+    """Bound to 127.0.0.1, the one-machine stack opens no port another host can reach: not the
+    API, not Ray's proxy, GCS, raylet or agents, and not the gRPC port every Serve replica
+    opens for calls between deployments (Ray binds that one to all interfaces)."""
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    processes = [psutil.Process(stack.process.pid), *stack.processes("")]
+    exposed: list[str] = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.ip not in loopback:
+                    exposed.append(f"{' '.join(process.cmdline())[:60]} on {conn.laddr}")
+    replicas = stack.processes("ServeReplica:photo3d:")
+    assert len(replicas) >= 3  # the Ingress, a generator and the queue monitor were looked at
+    assert not exposed, exposed
