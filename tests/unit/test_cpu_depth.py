@@ -108,3 +108,17 @@ def test_ball_height_matches_brute_force() -> None:
     squared = squared - (xs - cols[:, None, None]) ** 2
     slow = np.where(interior, np.sqrt(np.maximum(squared.max(axis=0), 0.0)), 0.0)
     assert np.allclose(fast, slow)
+
+
+def test_profile_exponent_reshapes_the_profile_but_not_its_peak(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweep knob of bench/quality.py: below 1 the profile is fuller near the outline
+    (boxier), at the same peak height; 1.0 (the default) leaves the union of balls as it is."""
+    interior = np.pad(disc()[::4, ::4], 1)
+    plain = geometry._profile_height(interior, (1.0, 1.0))
+    monkeypatch.setattr(geometry, "PROFILE_EXPONENT", 0.5)
+    fuller = geometry._profile_height(interior, (1.0, 1.0))
+    assert fuller.max() == pytest.approx(plain.max())
+    near_rim = interior & (plain > 0) & (plain < 0.5 * plain.max())
+    assert (fuller[near_rim] > plain[near_rim]).all()
