@@ -8,10 +8,12 @@ deterministic function of the photo, texture_size, face_limit and remove_backgro
 
 from __future__ import annotations
 
+import functools
 import time
 
 import cv2
 import numpy as np
+import threadpoolctl
 from PIL import Image
 
 from serve_app.backends.base import GeneratedAsset, GenerationOptions, ProgressCallback
@@ -57,6 +59,7 @@ class CPUBackend:
         if not images:
             raise InvalidInput("At least one image is required.", code="no_image")
         started = time.perf_counter()
+        one_thread_per_generation()
 
         progress(0.0, "segmenting")
         image = _working_image(images[0], options.texture_size)
@@ -112,6 +115,22 @@ def debug_images(image: Image.Image, options: GenerationOptions) -> dict[str, by
         if ok:
             result[f"{name}.png"] = bytes(data.tobytes())
     return result
+
+
+@functools.cache
+def one_thread_per_generation() -> None:
+    """Run this process's BLAS and OpenCV on one thread (once, process-wide).
+
+    A generation is a chain of small array operations: at the bench's photo the BLAS thread
+    pool (least squares, matrix products) made no step faster yet spun its idle threads, 0.38
+    CPU-seconds per task instead of 0.20 (docs/performance.md), and OpenCV's pool saved ~6%
+    of wall time at 1024² for as much extra CPU. The service scales CPU generation by
+    replicas of one CPU each (serve_config.yaml), so a pool per replica only competes with
+    the other replicas. Ray's OMP_NUM_THREADS=1 already keeps BLAS on one thread in a replica
+    of one CPU, but not in `photo3d generate`, the benches, or a replica given more CPUs.
+    """
+    threadpoolctl.threadpool_limits(limits=1)
+    cv2.setNumThreads(1)
 
 
 def _working_image(image: Image.Image, texture_size: int) -> Image.Image:
