@@ -76,13 +76,19 @@ def border_ring(height: int, width: int) -> np.ndarray:
     return ring
 
 
-def fit_backdrop(rgb: np.ndarray, background: np.ndarray | None = None) -> Backdrop:
+def fit_backdrop(
+    rgb: np.ndarray, background: np.ndarray | None = None, first: Backdrop | None = None
+) -> Backdrop:
     """Fit the backdrop to the border ring, or to `background` (a first segmentation's
-    background) when given."""
+    background) when given. `first`: an earlier fit to the same picture, whose Lab copy,
+    ring and table are reused rather than computed again."""
     height, width = rgb.shape[:2]
-    lab = weighted_lab(rgb)
-    ring = border_ring(height, width)
-    table = _table_region(lab, ring)
+    if first is None:
+        lab = weighted_lab(rgb)
+        ring = border_ring(height, width)
+        table = _table_region(lab, ring)
+    else:
+        lab, ring, table = first.lab, first.ring, first.table
     samples = ring if background is None else background | ring
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     xs, ys = xs / max(width - 1, 1) - 0.5, ys / max(height - 1, 1) - 0.5
@@ -100,16 +106,14 @@ def fit_backdrop(rgb: np.ndarray, background: np.ndarray | None = None) -> Backd
         if chosen.sum() < 12:
             chosen = ring
         field, field_residual = _fit_field(basis, lab, chosen)
-        field_distance = np.linalg.norm(field - lab, axis=-1)
-        palette = _palette(lab[ring & region] if (ring & region).sum() >= 12 else lab[chosen])
-        cluster_distance = np.min(
-            np.linalg.norm(lab[:, :, None, :] - palette[None, None], axis=-1), axis=-1
-        )
+        region_distance = np.linalg.norm(field - lab, axis=-1)
         # The border palette only seeds the first pass; the refit uses the local estimate.
-        use_palette = background is None
-        region_distance = (
-            np.minimum(field_distance, cluster_distance) if use_palette else field_distance
-        )
+        if background is None:
+            palette = _palette(lab[ring & region] if (ring & region).sum() >= 12 else lab[chosen])
+            cluster_distance = np.min(
+                np.linalg.norm(lab[:, :, None, :] - palette[None, None], axis=-1), axis=-1
+            )
+            region_distance = np.minimum(region_distance, cluster_distance)
         noise = 1.4826 * float(np.median(region_distance[chosen])) + 1e-3
         noises.append(noise)
         predicted[region] = field[region]
