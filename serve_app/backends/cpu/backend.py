@@ -119,18 +119,18 @@ def debug_images(image: Image.Image, options: GenerationOptions) -> dict[str, by
 
 @functools.cache
 def one_thread_per_generation() -> None:
-    """Run this process's BLAS and OpenCV on one thread (once, process-wide).
+    """Run this process's BLAS (and OpenMP) pools on one thread (once, process-wide).
 
-    A generation is a chain of small array operations: at the bench's photo the BLAS thread
-    pool (least squares, matrix products) made no step faster yet spun its idle threads, 0.38
-    CPU-seconds per task instead of 0.20 (docs/performance.md), and OpenCV's pool saved ~6%
-    of wall time at 1024² for as much extra CPU. The service scales CPU generation by
-    replicas of one CPU each (serve_config.yaml), so a pool per replica only competes with
-    the other replicas. Ray's OMP_NUM_THREADS=1 already keeps BLAS on one thread in a replica
-    of one CPU, but not in `photo3d generate`, the benches, or a replica given more CPUs.
+    A generation is a chain of small array operations: at the bench's photo the BLAS pool
+    (least squares, matrix products) made no step faster yet spun its idle threads, 0.38
+    CPU-seconds per task instead of 0.20 (docs/performance.md). The service scales CPU
+    generation by replicas of one CPU each (serve_config.yaml), so a pool per replica only
+    competes with the other replicas. Ray's OMP_NUM_THREADS=1 already keeps BLAS on one
+    thread in a replica of one CPU, but not in `photo3d generate`, the benches, or a replica
+    given more CPUs. OpenCV keeps its own pool: with cv2.setNumThreads(1) its precise
+    distance transform (OpenCV 5.0) returns different values from one call to the next.
     """
     threadpoolctl.threadpool_limits(limits=1)
-    cv2.setNumThreads(1)
 
 
 def _working_image(image: Image.Image, texture_size: int) -> Image.Image:
