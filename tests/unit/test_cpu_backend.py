@@ -120,6 +120,15 @@ def test_deterministic(backend: CPUBackend, asset: GeneratedAsset) -> None:
     assert again.glb == asset.glb
 
 
+def test_generation_keeps_blas_on_one_thread(asset: GeneratedAsset) -> None:
+    """A generation's BLAS pool spun idle threads: twice the CPU per task (issue 11)."""
+    import threadpoolctl
+
+    blas = [pool for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+    assert blas
+    assert all(pool["num_threads"] == 1 for pool in blas)
+
+
 def test_reports_progress_by_stage(backend: CPUBackend) -> None:
     calls: list[tuple[float, str]] = []
     backend.generate(
