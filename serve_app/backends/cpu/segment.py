@@ -19,10 +19,6 @@ SegmentationMethod = Literal["alpha", "grabcut", "none"]
 # smoothed at full resolution afterwards, so a larger working image buys little.
 WORK_PIXELS = 256 * 256
 GRABCUT_ITERATIONS = 4
-# The first of the two photo passes only picks the backdrop sample the second refits to (its
-# mask, widened by a margin): two iterations do (masks within 1.6% IoU of four on the
-# evaluation photos, docs/cpu-backend.md) and save a fifth of GrabCut's time.
-FIRST_PASS_ITERATIONS = 2
 GRABCUT_SEED = 0x5EED
 # An object must cover between these fractions of the frame to count as separable.
 MIN_COVERAGE = 0.002
@@ -336,7 +332,7 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
         )
 
     model = fit_backdrop(small)
-    mask, salient, faint = _grabcut_pass(small, model, FIRST_PASS_ITERATIONS)
+    mask, salient, faint = _grabcut_pass(small, model)
     if mask.any():
         # Refine: the backdrop seen between and around the object teaches the colour model
         # more than the border alone (a blotch, the table's far part behind the object).
@@ -459,9 +455,7 @@ def _colour_matte(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarra
     return np.asarray(keep[labels])
 
 
-def _grabcut_pass(
-    small: np.ndarray, model: Backdrop, iterations: int = GRABCUT_ITERATIONS
-) -> tuple[np.ndarray, np.ndarray, float]:
+def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.ndarray, float]:
     """One GrabCut on a Lab copy seeded from the backdrop model: (mask, salient seeds, the
     distance above which a pixel probably is not backdrop)."""
     distance = np.where(model.shadow, 0.0, model.distance).astype(np.float32)
@@ -471,9 +465,7 @@ def _grabcut_pass(
     lab = model.lab
     packed = np.stack([lab[..., 0] * 2.0, lab[..., 1] + 128.0, lab[..., 2] + 128.0], axis=-1)
     packed = np.ascontiguousarray(np.clip(packed + 0.5, 0, 255).astype(np.uint8))
-    mask, salient = _seeded_grabcut(
-        packed, distance, model.ring, threshold, faint_threshold, iterations
-    )
+    mask, salient = _seeded_grabcut(packed, distance, model.ring, threshold, faint_threshold)
     return mask, salient, faint_threshold
 
 
@@ -483,7 +475,6 @@ def _seeded_grabcut(
     ring: np.ndarray,
     threshold: float,
     faint_threshold: float,
-    iterations: int = GRABCUT_ITERATIONS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """GrabCut on `image` (3 channels, 8 bits) seeded from a distance-to-backdrop map: pixels
     above `threshold` are the object's core, fainter ones joined to them probably object, the
@@ -516,7 +507,7 @@ def _seeded_grabcut(
         (0, 0, 0, 0),  # no rectangle: initialised from the label mask
         background_model,
         object_model,
-        iterations,
+        GRABCUT_ITERATIONS,
         cv2.GC_INIT_WITH_MASK,
     )
     mask = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
