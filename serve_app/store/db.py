@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from functools import lru_cache
 from importlib import resources
@@ -108,9 +109,10 @@ class Database:
             name="photo3d",
         )
         # The request path's reads on the event loop (issue 11): see `aconnection`.
-        self._apool: AsyncConnectionPool | None = None
-        self._apool_loop: asyncio.AbstractEventLoop | None = None
-        self._apool_opening: asyncio.Future[None] | None = None
+        # One per event loop (an app has one; test clients may start several): (pool, opening).
+        self._apools: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[AsyncConnectionPool, asyncio.Future[None]]
+        ] = weakref.WeakKeyDictionary()
 
     def open(self, wait: bool = False) -> None:
         """Open the pool; with wait=True fail fast when the server is unreachable."""
@@ -125,10 +127,11 @@ class Database:
     # hop cost more CPU than the query (anyio walks every task of Ray's busy loop per hop).
 
     async def _async_pool(self) -> AsyncConnectionPool:
-        """The event loop's pool, opened on first use (an app's loop, or a test client's)."""
+        """The running event loop's pool, opened on its first use."""
         loop = asyncio.get_running_loop()
-        if self._apool is None or self._apool_loop is not loop:
-            self._apool = AsyncConnectionPool(
+        found = self._apools.get(loop)
+        if found is None:
+            pool = AsyncConnectionPool(
                 self.url,
                 min_size=1,
                 max_size=self.max_size,
@@ -138,20 +141,17 @@ class Database:
                 kwargs=self.connect_kwargs,
                 name="photo3d-async",
             )
-            self._apool_loop = loop
-            self._apool_opening = asyncio.ensure_future(self._apool.open())
-        if self._apool_opening is not None:
-            opening = self._apool_opening
+            found = self._apools[loop] = (pool, asyncio.ensure_future(pool.open()))
+        pool, opening = found
+        if not opening.done():
             await opening
-            if self._apool_opening is opening:
-                self._apool_opening = None
-        return self._apool
+        return pool
 
     async def aclose(self) -> None:
-        """Close the event loop's pool (the app's lifespan calls this on shutdown)."""
-        pool, self._apool, self._apool_loop = self._apool, None, None
-        if pool is not None and not pool.closed:
-            await pool.close()
+        """Close the running event loop's pool (the app's lifespan calls this on shutdown)."""
+        found = self._apools.pop(asyncio.get_running_loop(), None)
+        if found is not None and not found[0].closed:
+            await found[0].close()
 
     @contextlib.asynccontextmanager
     async def aconnection(self) -> AsyncIterator[psycopg.AsyncConnection[Row]]:
