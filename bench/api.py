@@ -1,6 +1,7 @@
 """The serving path against a bare app doing comparable work, side by side in one run.
 
-    .venv/bin/python bench/api.py [--photo PHOTO.jpg] [--requests 400] [--concurrency 1,8,32]
+    .venv/bin/python bench/api.py [--photo PHOTO.jpg | --photo-kb 635] [--requests 400]
+        [--concurrency 1,8,32] [--rounds 3] [--no-proxy] [--env KEY=VALUE]
 
 photo3d: the real stack (`photo3d serve`: embedded PostgreSQL, Ray Serve, the Ingress), loaded
 on its own port ("direct": the Ingress replica, Ray's direct ingress, the default) and through
@@ -20,6 +21,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,31 +162,53 @@ def cpu_seconds(root_pid: int) -> float:
 
 
 def run_both(
-    label: str, urls: dict[str, str], make_args, concurrencies, n, pids: dict[str, int]
+    label: str,
+    urls: dict[str, str],
+    make_args,
+    concurrencies,
+    n,
+    pids: dict[str, int],
+    rounds: int = 1,
 ) -> list[dict]:
-    """Each concurrency against every target in turn; one table row per target, with its ratio
-    to the bare app measured just before or after it, and the server's CPU per request."""
+    """Each concurrency against every target in turn, `rounds` times (the order of the targets
+    alternating between rounds, so that neither always runs first); one table row per target
+    with its medians over the rounds, its ratio to the bare app (the median of the rounds'
+    ratios, each from runs just before or after each other) and the server's CPU per request."""
     rows = []
     for c in concurrencies:
+        runs: dict[str, list[dict]] = {name: [] for name in urls}
+        for r in range(rounds):
+            for name in list(urls) if r % 2 == 0 else list(reversed(urls)):
+                target, body = make_args(name, urls[name])
+                hey(target, n=max(c, n // 10), c=c, body=body)  # warm-up
+                before = cpu_seconds(pids[name])
+                run = hey(target, n=n, c=c, body=body)
+                answered = sum(int(v) for v in run["codes"].values()) or 1
+                run["cpu_ms"] = (cpu_seconds(pids[name]) - before) * 1000 / answered
+                runs[name].append(run)
         row: dict = {"what": label, "c": c}
-        for name, url in urls.items():
-            target, body = make_args(name, url)
-            hey(target, n=max(c, n // 10), c=c, body=body)  # warm-up
-            before = cpu_seconds(pids[name])
-            row[name] = hey(target, n=n, c=c, body=body)
-            answered = sum(int(v) for v in row[name]["codes"].values()) or 1
-            row[name]["cpu_ms"] = (cpu_seconds(pids[name]) - before) * 1000 / answered
+        for name, measured in runs.items():
+            row[name] = {
+                key: statistics.median(m[key] for m in measured)
+                for key in ("rps", "p50_ms", "p99_ms", "cpu_ms")
+            }
+            row[name]["codes"] = measured[-1]["codes"]
+            row[name]["ratios"] = [
+                m["rps"] / b["rps"] for m, b in zip(measured, runs["bare"], strict=True)
+            ]
         rows.append(row)
         b = row["bare"]
         for name in urls:
             if name == "bare":
                 continue
             p = row[name]
+            ratios = p["ratios"]
+            spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
             print(
                 f"| {label} | {name} | {c} | {p['rps']:.1f} | {p['p50_ms']:.0f} | "
                 f"{p['p99_ms']:.0f} | {p['cpu_ms']:.1f} | {b['rps']:.1f} | {b['p50_ms']:.0f} | "
-                f"{b['p99_ms']:.0f} | {b['cpu_ms']:.1f} | {p['rps'] / b['rps']:.2f} | "
-                f"{p['codes']} |",
+                f"{b['p99_ms']:.0f} | {b['cpu_ms']:.1f} | "
+                f"{statistics.median(ratios):.2f}{spread} | {p['codes']} |",
                 flush=True,
             )
     return rows
@@ -212,6 +236,13 @@ def main() -> int:
         help="a generated 1024² JPEG grained to about this size (issue 11's photo: 635)",
     )
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each pair this many times, alternating; medians (other load on the "
+        "machine moves single runs by ±30 %%)",
+    )
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for photo3d serve (e.g. Ray's)"
@@ -236,7 +267,10 @@ def main() -> int:
     ).stdout.strip()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; commit {commit}")
     print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"photo: {len(photo)} bytes; {args.requests} requests per run after a warm-up")
+    print(
+        f"photo: {len(photo)} bytes; {args.requests} requests per run after a warm-up; "
+        f"{args.rounds} round(s), medians"
+    )
     with tempfile.TemporaryDirectory(prefix="p3d-api-") as tmp:
         work = Path(tmp)
         admin, server = pg.admin_url(work / "pg")
@@ -287,6 +321,7 @@ def main() -> int:
                     concurrencies,
                     args.requests,
                     pids,
+                    args.rounds,
                 )
                 with httpx.Client() as client:
                     task = client.post(
@@ -309,6 +344,7 @@ def main() -> int:
                     concurrencies,
                     args.requests * 2,
                     pids,
+                    args.rounds,
                 )
         finally:
             os.killpg(bare.pid, 9)
