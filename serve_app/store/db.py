@@ -63,6 +63,26 @@ def query(name: str) -> str:
     return queries()[name]
 
 
+# A filter that is on or off by a parameter: `%(status)s::task_status IS NULL OR status = …`.
+_OPTIONAL_FILTER = re.compile(r"%\(\w+\)s(::[\w\[\]]+)?\s+IS NULL\s+OR")
+
+
+@lru_cache(maxsize=1)
+def planned_per_call() -> frozenset[str]:
+    """Queries with optional filters. psycopg prepares a statement after 5 runs, and PostgreSQL
+    may then switch to a generic plan that cannot see which filters are off: the deep-cursor
+    listing became a 405k-row filter (411 ms). These run unprepared, so each run is planned with
+    its values; every other query keeps its prepared plan (planning the task read's queue
+    position on every GET cost PostgreSQL more CPU than running it, issue 11)."""
+    return frozenset(name for name, sql in queries().items() if _OPTIONAL_FILTER.search(sql))
+
+
+def prepare(name: str) -> bool | None:
+    """psycopg's `prepare=` for query `name`: False for those planned per call, else its
+    default (prepared after a few runs)."""
+    return False if name in planned_per_call() else None
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     """The one place where driver errors become the project's own: a lost or refused connection
@@ -92,11 +112,7 @@ class Database:
         self.connect_kwargs: dict[str, Any] = {
             "row_factory": dict_row,
             "autocommit": True,
-            "connect_timeout": int(timeout),
-            # psycopg prepares a statement after 5 runs, and PostgreSQL may then switch to a
-            # generic plan that cannot see which optional filters (`%(x)s IS NULL OR …`) are
-            # off: the deep-cursor listing became a 405k-row filter (411 ms). Plan per call.
-            "options": "-c plan_cache_mode=force_custom_plan",
+            "connect_timeout": int(timeout),  # (queries with optional filters: `prepare`)
         }
         self.pool = ConnectionPool(
             url,
@@ -165,7 +181,7 @@ class Database:
     async def afetch_one(self, name: str, params: dict[str, Any] | None = None) -> Row | None:
         """fetch_one on the event loop."""
         async with self.aconnection() as conn:
-            cursor = await conn.execute(query(name), params or {})
+            cursor = await conn.execute(query(name), params or {}, prepare=prepare(name))
             return await cursor.fetchone()
 
     async def afetch_all_unflushed(
@@ -174,7 +190,7 @@ class Database:
         """fetch_all_unflushed on the event loop."""
         async with self.aconnection() as conn, conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit TO off")
-            cursor = await conn.execute(query(name), params or {})
+            cursor = await conn.execute(query(name), params or {}, prepare=prepare(name))
             return await cursor.fetchall()
 
     @contextlib.contextmanager
@@ -187,12 +203,12 @@ class Database:
     def fetch_all(self, name: str, params: dict[str, Any] | None = None) -> list[Row]:
         """Run query `name` and return every row."""
         with self.connection() as conn:
-            return conn.execute(query(name), params or {}).fetchall()
+            return conn.execute(query(name), params or {}, prepare=prepare(name)).fetchall()
 
     def fetch_one(self, name: str, params: dict[str, Any] | None = None) -> Row | None:
         """Run query `name` and return its first row, or None."""
         with self.connection() as conn:
-            return conn.execute(query(name), params or {}).fetchone()
+            return conn.execute(query(name), params or {}, prepare=prepare(name)).fetchone()
 
     def fetch_all_unflushed(self, name: str, params: dict[str, Any] | None = None) -> list[Row]:
         """Run write `name` without waiting for its commit to reach the disk
@@ -201,12 +217,12 @@ class Database:
         largest part of a small request's time, and holds the row's lock that much shorter."""
         with self.connection() as conn, conn.transaction():
             conn.execute("SET LOCAL synchronous_commit TO off")
-            return conn.execute(query(name), params or {}).fetchall()
+            return conn.execute(query(name), params or {}, prepare=prepare(name)).fetchall()
 
     def execute(self, name: str, params: dict[str, Any] | None = None) -> int:
         """Run statement `name` that returns no rows; return the number of rows affected."""
         with self.connection() as conn:
-            return conn.execute(query(name), params or {}).rowcount
+            return conn.execute(query(name), params or {}, prepare=prepare(name)).rowcount
 
     def fetch_one_locked(
         self, lock: str, name: str, params: dict[str, Any] | None = None
@@ -215,7 +231,7 @@ class Database:
         write in one query (count, then insert) cannot interleave with another holder's."""
         with self.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
-            return conn.execute(query(name), params or {}).fetchone()
+            return conn.execute(query(name), params or {}, prepare=prepare(name)).fetchone()
 
     def ping(self) -> None:
         """Raise ServiceUnavailable unless the database answers."""

@@ -17,7 +17,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from serve_app.errors import Photo3DError
-from serve_app.store.db import Database, Row, query
+from serve_app.store.db import Database, Row, prepare, query
 
 KINDS = (
     "grant",
@@ -69,7 +69,7 @@ class LedgerTx:
         self.conn = conn
 
     def _one(self, name: str, params: dict[str, Any]) -> Row | None:
-        return self.conn.execute(query(name), params).fetchone()
+        return self.conn.execute(query(name), params, prepare=prepare(name)).fetchone()
 
     def record_event(self, event_id: str, type_: str, created: int, account_id: str | None) -> bool:
         """True the first time this Stripe event id is seen; False for a replay."""
@@ -218,7 +218,7 @@ def insert_task_reserving(
     with db.connection() as conn, conn.transaction():
         if lock is not None:
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
-        row = conn.execute(query(insert_query), params).fetchone()
+        row = conn.execute(query(insert_query), params, prepare=prepare(insert_query)).fetchone()
         if row is None:
             return None
         if credits > 0:

@@ -84,3 +84,15 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert settings.max_attempts == 5
     assert settings.host == "127.0.0.1"  # local default binds loopback only
     assert settings.extra_backend_map == {"a": "m:A", "b": "n:B"}
+
+
+def test_queries_with_optional_filters_are_planned_per_call() -> None:
+    """A generic plan cannot see which optional filter is off (the deep-cursor listing became a
+    405k-row filter), so those queries run unprepared; the rest keep their prepared plans
+    (planning the task read on every GET cost PostgreSQL 0.5 ms of CPU, issue 11)."""
+    from serve_app.store.db import planned_per_call, prepare
+
+    assert {"list_tasks", "list_batches", "list_ledger", "list_api_keys"} <= planned_per_call()
+    assert prepare("list_tasks") is False
+    for hot in ("get_task", "claim_task", "insert_task", "authenticate_key", "count_request"):
+        assert hot not in planned_per_call() and prepare(hot) is None
