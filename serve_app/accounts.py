@@ -141,15 +141,9 @@ class Accounts:
         prefix, key = bearer_key(authorization)
         return principal_of(await self.db.afetch_one("authenticate_key", {"prefix": prefix}), key)
 
-    def count_request(self, bucket: str, limit: int, window_seconds: int) -> RateWindow:
-        """Count one request in the bucket's window; RateLimited past `limit`. Returns what the
-        RateLimit-* response headers say."""
-        params = {"key": bucket, "window": window_seconds}
-        rows = self.db.fetch_all_unflushed("count_request", params)
-        return window_of(rows, limit, window_seconds)
-
     async def acount_request(self, bucket: str, limit: int, window_seconds: int) -> RateWindow:
-        """count_request on the event loop."""
+        """Count one request in the bucket's window; RateLimited past `limit`. Returns what the
+        RateLimit-* response headers say. On the event loop: the Ingress's request path."""
         params = {"key": bucket, "window": window_seconds}
         rows = await self.db.afetch_all_unflushed("count_request", params)
         return window_of(rows, limit, window_seconds)

@@ -156,7 +156,7 @@ def test_concurrent_admin_creations_answer_one_201_and_409s(
 
 
 def test_housekeeping_prunes_ended_rate_windows(services: Services, database_url: str) -> None:
-    services.accounts.count_request("live-key", limit=100, window_seconds=60)
+    services.db.fetch_all_unflushed("count_request", {"key": "live-key", "window": 60})
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO rate_windows (key_prefix, window_start, requests)"
