@@ -83,6 +83,12 @@ def prepare(name: str) -> bool | None:
     return False if name in planned_per_call() else None
 
 
+def named(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The arguments of `conn.execute` (sync or async) that run query `name`:
+    `conn.execute(**named(name, params))`, prepared or planned per call as `prepare` says."""
+    return {"query": query(name), "params": params or {}, "prepare": prepare(name)}
+
+
 @contextlib.contextmanager
 def translate_errors() -> Iterator[None]:
     """The one place where driver errors become the project's own: a lost or refused connection
@@ -181,7 +187,7 @@ class Database:
     async def afetch_one(self, name: str, params: dict[str, Any] | None = None) -> Row | None:
         """fetch_one on the event loop."""
         async with self.aconnection() as conn:
-            cursor = await conn.execute(query(name), params or {}, prepare=prepare(name))
+            cursor = await conn.execute(**named(name, params))
             return await cursor.fetchone()
 
     async def afetch_all_unflushed(
@@ -190,7 +196,7 @@ class Database:
         """fetch_all_unflushed on the event loop."""
         async with self.aconnection() as conn, conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit TO off")
-            cursor = await conn.execute(query(name), params or {}, prepare=prepare(name))
+            cursor = await conn.execute(**named(name, params))
             return await cursor.fetchall()
 
     @contextlib.contextmanager
@@ -203,12 +209,12 @@ class Database:
     def fetch_all(self, name: str, params: dict[str, Any] | None = None) -> list[Row]:
         """Run query `name` and return every row."""
         with self.connection() as conn:
-            return conn.execute(query(name), params or {}, prepare=prepare(name)).fetchall()
+            return conn.execute(**named(name, params)).fetchall()
 
     def fetch_one(self, name: str, params: dict[str, Any] | None = None) -> Row | None:
         """Run query `name` and return its first row, or None."""
         with self.connection() as conn:
-            return conn.execute(query(name), params or {}, prepare=prepare(name)).fetchone()
+            return conn.execute(**named(name, params)).fetchone()
 
     def fetch_all_unflushed(self, name: str, params: dict[str, Any] | None = None) -> list[Row]:
         """Run write `name` without waiting for its commit to reach the disk
@@ -217,12 +223,12 @@ class Database:
         largest part of a small request's time, and holds the row's lock that much shorter."""
         with self.connection() as conn, conn.transaction():
             conn.execute("SET LOCAL synchronous_commit TO off")
-            return conn.execute(query(name), params or {}, prepare=prepare(name)).fetchall()
+            return conn.execute(**named(name, params)).fetchall()
 
     def execute(self, name: str, params: dict[str, Any] | None = None) -> int:
         """Run statement `name` that returns no rows; return the number of rows affected."""
         with self.connection() as conn:
-            return conn.execute(query(name), params or {}, prepare=prepare(name)).rowcount
+            return conn.execute(**named(name, params)).rowcount
 
     def fetch_one_locked(
         self, lock: str, name: str, params: dict[str, Any] | None = None
@@ -231,7 +237,7 @@ class Database:
         write in one query (count, then insert) cannot interleave with another holder's."""
         with self.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
-            return conn.execute(query(name), params or {}, prepare=prepare(name)).fetchone()
+            return conn.execute(**named(name, params)).fetchone()
 
     def ping(self) -> None:
         """Raise ServiceUnavailable unless the database answers."""

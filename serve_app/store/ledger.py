@@ -17,7 +17,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from serve_app.errors import Photo3DError
-from serve_app.store.db import Database, Row, prepare, query
+from serve_app.store.db import Database, Row, named
 
 KINDS = (
     "grant",
@@ -69,7 +69,7 @@ class LedgerTx:
         self.conn = conn
 
     def _one(self, name: str, params: dict[str, Any]) -> Row | None:
-        return self.conn.execute(query(name), params, prepare=prepare(name)).fetchone()
+        return self.conn.execute(**named(name, params)).fetchone()
 
     def record_event(self, event_id: str, type_: str, created: int, account_id: str | None) -> bool:
         """True the first time this Stripe event id is seen; False for a replay."""
@@ -218,28 +218,30 @@ def insert_task_reserving(
     with db.connection() as conn, conn.transaction():
         if lock is not None:
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (lock,))
-        row = conn.execute(query(insert_query), params, prepare=prepare(insert_query)).fetchone()
+        row = conn.execute(**named(insert_query, params)).fetchone()
         if row is None:
             return None
         if credits > 0:
             reserved = conn.execute(
-                query("reserve_credits"),
-                {
-                    "account_id": params["account_id"],
-                    "task_id": params["id"],
-                    "price": credits,
-                    "metadata": Jsonb({"backend": params.get("backend")}),
-                },
+                **named(
+                    "reserve_credits",
+                    {
+                        "account_id": params["account_id"],
+                        "task_id": params["id"],
+                        "price": credits,
+                        "metadata": Jsonb({"backend": params.get("backend")}),
+                    },
+                )
             ).fetchone()
             if reserved is None:
                 balance = conn.execute(
-                    query("billing_account"), {"account_id": params["account_id"]}
+                    **named("billing_account", {"account_id": params["account_id"]})
                 ).fetchone()
                 raise insufficient(credits, int(balance["balance"]) if balance else 0)
             row["credits_reserved"] = credits
         if meter_event is not None:
             conn.execute(
-                query("mark_metered"), {"task_id": params["id"], "event_name": meter_event}
+                **named("mark_metered", {"task_id": params["id"], "event_name": meter_event})
             )
             row["meter_event"] = meter_event
         return row

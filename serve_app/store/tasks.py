@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from serve_app.errors import InvalidInput, ServiceUnavailable
-from serve_app.store.db import Database, Row, query, translate_errors
+from serve_app.store.db import Database, Row, named, translate_errors
 from serve_app.store.listen import QUEUED_CHANNEL, Listener
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
@@ -372,7 +372,7 @@ async def read_backlog(url: str, backends: list[str]) -> dict[str, Backlog]:
             async with await psycopg.AsyncConnection.connect(
                 url, connect_timeout=5, row_factory=dict_row
             ) as conn:
-                cur = await conn.execute(query("backlog"), {"backends": backends})
+                cur = await conn.execute(**named("backlog", {"backends": backends}))
                 return _backlog(await cur.fetchall())
     except psycopg.Error as exc:  # e.g. the schema is not migrated yet: no backlog to read
         raise ServiceUnavailable(f"backlog unreadable: {type(exc).__name__}") from exc
