@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -35,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine_and_commit  # noqa: E402
 from tests.support import pg  # noqa: E402
 from tests.support.images import object_photo  # noqa: E402
 from tests.support.stack import free_port, run_stack  # noqa: E402
@@ -262,10 +262,7 @@ def main() -> int:
         photo = grained_photo(args.photo_kb * 1000)
     else:
         photo = object_photo(1024, seed=3, fmt="JPEG")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; commit {commit}")
+    print(machine_and_commit())
     print(f"load average before the run: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(
         f"photo: {len(photo)} bytes; {args.requests} requests per run after a warm-up; "

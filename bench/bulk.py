@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import commit as bench_commit  # noqa: E402
 from tests.support import pg  # noqa: E402
 from tests.support.images import object_photo  # noqa: E402
 from tests.support.stack import free_port, run_stack  # noqa: E402
@@ -96,9 +97,7 @@ def main() -> int:
     parser.add_argument("--photos", dest="count", type=int, default=40)
     parser.add_argument("--side", type=int, default=512)
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    commit = bench_commit()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or ''}")
     print(f"commit: {commit}; {args.count} photos at {args.side} px")
     with tempfile.TemporaryDirectory(prefix="photo3d-bench-bulk-") as tmp:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine_and_commit  # noqa: E402
 from serve_app.service import Services  # noqa: E402
 from serve_app.settings import Settings  # noqa: E402
 from tests.support import pg  # noqa: E402
@@ -190,10 +189,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--explain", action="store_true", help="print the plans of the reads")
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; commit {commit}")
+    print(machine_and_commit())
     results = {}
     positions: dict[str, int] = {}
     load = os.getloadavg()

@@ -54,6 +54,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import commit as bench_commit  # noqa: E402
 from tests.support import pg  # noqa: E402
 from tests.support.images import object_photo  # noqa: E402
 from tests.support.stack import free_port, run_stack, stop_stack, write_config  # noqa: E402
@@ -62,9 +63,7 @@ ZERO = {"fake-zero": "tests.support.fake_backends:ZeroCostFakeBackend"}
 
 
 def header() -> None:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    commit = bench_commit()
     cpu = "unknown cpu"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +21,7 @@ from psycopg.rows import dict_row
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine_and_commit  # noqa: E402
 from serve_app.store.db import query  # noqa: E402
 from tests.support import pg  # noqa: E402
 from tests.support.images import object_photo  # noqa: E402
@@ -46,10 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000)
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; commit {commit}")
+    print(machine_and_commit())
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="p3d-plans-") as tmp:
         work = Path(tmp)

@@ -12,9 +12,6 @@ prints the claim statement's plan and time at that depth. Prints the machine and
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine_and_commit  # noqa: E402
 from serve_app.store.db import Database, query  # noqa: E402
 from serve_app.store.tasks import TaskQueue  # noqa: E402
 from tests.support import pg  # noqa: E402
@@ -95,10 +93,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--workers", default="1,2,4,8")
     args = parser.parse_args()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; commit {commit}")
+    print(machine_and_commit())
     with tempfile.TemporaryDirectory(prefix="p3d-q-") as tmp:
         admin, server = pg.admin_url(Path(tmp) / "pg")
         pg.make_template(admin)
