@@ -217,21 +217,35 @@ def test_generators_scale_on_the_queue_backlog(stack: Stack) -> None:
     def cpu_replicas() -> int:
         return len(stack.processes("ServeReplica:photo3d:generator-cpu"))
 
+    def queued() -> int:
+        with psycopg.connect(stack.database_url) as conn:
+            return conn.execute(
+                "SELECT count(*) FROM tasks WHERE status = 'queued' AND backend = 'cpu'"
+            ).fetchone()[0]
+
     assert cpu_replicas() == 1  # min_replicas while idle
     with stack.client() as client:
-        ids = [
-            client.post(
-                "/api/v1/generate",
-                files={"image": ("p.png", object_photo(size=768, seed=i), "image/png")},
-            ).json()["id"]
-            for i in range(20)
-        ]
+
+        def submit(count: int) -> list[str]:
+            return [
+                client.post(
+                    "/api/v1/generate",
+                    files={"image": ("p.png", object_photo(size=768, seed=i), "image/png")},
+                ).json()["id"]
+                for i in range(count)
+            ]
+
+        ids = submit(20)
         deadline = time.monotonic() + 60
         most = 1
         while time.monotonic() < deadline and most < 2:
             most = max(most, cpu_replicas())
+            # One replica can drain 20 small tasks before the policy's upscale delay has
+            # passed: keep a backlog of at least 10 (5 replicas' worth) until it reacts.
+            if most < 2 and queued() < 10:
+                ids += submit(10)
             time.sleep(0.5)
-        assert most == 2, "the backlog of 20 tasks did not bring a second cpu replica"
+        assert most == 2, "a backlog of 10 or more tasks did not bring a second cpu replica"
         for task_id in ids:
             assert stack.wait_for_task(client, task_id)["status"] == "succeeded"
 
