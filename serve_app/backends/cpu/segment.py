@@ -9,6 +9,7 @@ from typing import Literal
 import cv2
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from serve_app.backends.cpu.backdrop import Backdrop, fit_backdrop
 from serve_app.errors import NoObjectFound
@@ -41,6 +42,9 @@ SALIENT_SHARE = 0.3
 POCKET_MAX_SHARE = 0.25
 # ... and when its mean colour is at least this far (weighted Lab) from the rest's colours.
 POCKET_MIN_DISTANCE = 5.0
+# A part enclosed by the photo's edges joins the object when the edge between it and the
+# backdrop is on average this many times the backdrop's own median gradient.
+EDGE_MIN_CONTRAST = 4.0
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,10 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
         debug["grabcut"] = mask.astype(np.uint8) * 255
     if not mask.any():
         raise NoObjectFound("No object could be separated from the background.")
+    grown = _grow_along_edges(mask, model)
+    if debug is not None:
+        debug["edge_grown"] = (grown & ~mask).astype(np.uint8) * 255
+    mask = grown
     carved = _carve_backdrop_pockets(mask, model)
     pockets = mask & ~carved
     if debug is not None:
@@ -360,6 +368,57 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     mask = _edge_aware_upsample(mask, rgb)
     mask = _colour_matte(mask, rgb, rgb.shape[1] / small_w)
     return _checked_coverage(mask)
+
+
+def _grow_along_edges(mask: np.ndarray, model: Backdrop) -> np.ndarray:
+    """Give the object the parts of it GrabCut left to a wall of nearly its own colour (a
+    head, ears) when the photo's edges enclose them: a watershed on the colour gradient,
+    flooded from the object's core and from the sure backdrop (the border, the shadows, the
+    table around the object), claims for the object what the backdrop can reach only across
+    a stronger edge than the object can. Only wall pixels are added (a textured table is full
+    of edges), and only parts whose boundary with the backdrop is a clear edge."""
+    lab = model.lab
+    gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
+    gradient = np.sqrt((gx * gx + gy * gy).sum(axis=-1)) / 8.0
+    markers = np.zeros(mask.shape, np.int16)
+    markers[model.ring | model.shadow | (model.table & ~mask)] = 1
+    core = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    if not core.any():
+        return mask
+    markers[core] = 2
+    levels = np.clip(gradient * 200.0, 0, 65535).astype(np.uint16)
+    flooded = ndimage.watershed_ift(levels, markers)
+    added = (flooded == 2) & ~mask & ~model.table
+    if not added.any():
+        return mask
+    # The backdrop's own roughness (noise, blotches): an outline must stand well above it.
+    wall_ring = model.ring & ~model.table
+    roughness = float(np.median(gradient[wall_ring])) if wall_ring.any() else 0.0
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        added.astype(np.uint8), connectivity=8
+    )
+    height, width = mask.shape
+    backdrop = flooded == 1
+    outline = backdrop & cv2.dilate(
+        (flooded == 2).astype(np.uint8), np.ones((3, 3), np.uint8)
+    ).astype(bool)
+    result = mask.copy()
+    for label in range(1, count):
+        x, y, w, h = stats[label, :4]
+        if x == 0 or y == 0 or x + w >= width or y + h >= height:
+            continue
+        part = labels == label
+        near = cv2.dilate(part.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & outline
+        if not near.any() or float(np.mean(gradient[near])) < EDGE_MIN_CONTRAST * roughness:
+            continue
+        result |= part
+    # A rim a pixel or two wide is where the watershed put the outline on the edge's ridge
+    # rather than its inner side: the outline refinement at full resolution decides there.
+    kept = cv2.morphologyEx(
+        (result & ~mask).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)
+    ).astype(bool)
+    return mask | kept
 
 
 def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
