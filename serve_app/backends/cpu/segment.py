@@ -45,6 +45,8 @@ POCKET_MIN_DISTANCE = 5.0
 # A part enclosed by the photo's edges joins the object when the edge between it and the
 # backdrop is on average this many times the backdrop's own median gradient.
 EDGE_MIN_CONTRAST = 4.0
+# ... and at least this many times the mean gradient a few pixels further out (crisp).
+EDGE_MIN_CRISPNESS = 1.5
 
 
 @dataclass(frozen=True)
@@ -337,6 +339,7 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
 
     model = fit_backdrop(small)
     mask, salient, faint = _grabcut_pass(small, model)
+    first_mask = mask
     if mask.any():
         # Refine: the backdrop seen between and around the object teaches the colour model
         # more than the border alone (a blotch, the table's far part behind the object).
@@ -352,7 +355,7 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
         debug["grabcut"] = mask.astype(np.uint8) * 255
     if not mask.any():
         raise NoObjectFound("No object could be separated from the background.")
-    grown = _grow_along_edges(mask, model)
+    grown = _grow_along_edges(mask, model, first_mask)
     if debug is not None:
         debug["edge_grown"] = (grown & ~mask).astype(np.uint8) * 255
     mask = grown
@@ -370,20 +373,23 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     return _checked_coverage(mask)
 
 
-def _grow_along_edges(mask: np.ndarray, model: Backdrop) -> np.ndarray:
+def _grow_along_edges(mask: np.ndarray, model: Backdrop, first: np.ndarray) -> np.ndarray:
     """Give the object the parts of it GrabCut left to a wall of nearly its own colour (a
     head, ears) when the photo's edges enclose them: a watershed on the colour gradient,
     flooded from the object's core and from the sure backdrop (the border, the shadows, the
     table around the object), claims for the object what the backdrop can reach only across
     a stronger edge than the object can. Only wall pixels are added (a textured table is full
-    of edges), and only parts whose boundary with the backdrop is a clear edge."""
+    of edges), and only parts whose boundary with the backdrop is a clear edge. `first`: the
+    mask before the backdrop's refit, whose parts may come back by the same test."""
     lab = model.lab
     gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
     gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
     gradient = np.sqrt((gx * gx + gy * gy).sum(axis=-1)) / 8.0
     markers = np.zeros(mask.shape, np.int16)
     markers[model.ring | model.shadow | (model.table & ~mask)] = 1
-    core = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    # What the first GrabCut (before the refit) also found seeds the object: the refit
+    # learns the wall around the object and may drop a part of the wall's colour.
+    core = cv2.erode((mask | first).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     if not core.any():
         return mask
     markers[core] = 2
@@ -403,14 +409,35 @@ def _grow_along_edges(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     outline = backdrop & cv2.dilate(
         (flooded == 2).astype(np.uint8), np.ones((3, 3), np.uint8)
     ).astype(bool)
+    # The table's edge line is a strong edge of the backdrop itself: never evidence.
+    seam = np.zeros(mask.shape, bool)
+    if model.table.any():
+        table = model.table.astype(np.uint8)
+        seam = cv2.dilate(table, np.ones((7, 7), np.uint8)).astype(bool) & ~cv2.erode(
+            table, np.ones((7, 7), np.uint8)
+        ).astype(bool)
     result = mask.copy()
     for label in range(1, count):
         x, y, w, h = stats[label, :4]
         if x == 0 or y == 0 or x + w >= width or y + h >= height:
             continue
         part = labels == label
-        near = cv2.dilate(part.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & outline
-        if not near.any() or float(np.mean(gradient[near])) < EDGE_MIN_CONTRAST * roughness:
+        grown = cv2.dilate(part.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        near = grown & outline & ~seam
+        # A crisp outline: strong on the edge, weak a few pixels out (a soft blotch of the
+        # wall has a wide ramp instead).
+        beyond = (
+            cv2.dilate(part.astype(np.uint8), np.ones((11, 11), np.uint8)).astype(bool)
+            & ~cv2.dilate(part.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+            & backdrop
+            & ~seam
+        )
+        if not near.any() or not beyond.any():
+            continue
+        edge = float(np.mean(gradient[near]))
+        if edge < EDGE_MIN_CONTRAST * roughness or edge < EDGE_MIN_CRISPNESS * float(
+            np.mean(gradient[beyond])
+        ):
             continue
         result |= part
     # A rim a pixel or two wide is where the watershed put the outline on the edge's ridge
