@@ -347,3 +347,27 @@ def test_darker_limb_of_a_round_object_stays_in_the_mask() -> None:
     picture = cv2.GaussianBlur(picture, (0, 0), 1.2) + rng.normal(0, 2.5, picture.shape)
     mask = segment_image(Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8))).mask
     assert iou(mask, truth) >= 0.965
+
+
+def test_part_of_the_walls_colour_enclosed_by_edges_stays_in_the_mask() -> None:
+    """An object shading from dark blue at its foot to the wall's own colour (a little
+    lighter) at its top, before that wall: no colour model tells its top from the wall, but
+    the photo's crisp outline encloses it, so the top stays in the mask and the wall stays
+    out."""
+    wall = (95, 125, 175)
+    truth = standing_object(60, 250)
+    head = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.circle(head, (SIZE // 2 + 20, 55), 38, 1, -1)
+    truth |= head.astype(bool)
+    picture = scene(wall, (150, 104, 66), 215, 27)
+    ys = np.mgrid[0:SIZE, 0:SIZE][0].astype(np.float32)
+    along = np.clip((ys - 30) / 170.0, 0, 1)[..., None]
+    colour = np.array(wall, np.float32) * 1.2 * (1 - along) + np.array([45, 65, 115]) * along
+    colour = colour + np.random.default_rng(28).normal(0, 2.5, colour.shape)
+    picture = np.where(truth[..., None], colour, picture)
+    picture = cv2.GaussianBlur(picture.astype(np.float32), (0, 0), 0.7)
+    mask = segment_image(Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8), "RGB")).mask
+    top = truth & (ys < 95)
+    assert (mask & top).sum() >= 0.9 * top.sum()
+    assert (mask & ~truth).sum() <= 0.01 * (~truth).sum()
+    assert iou(mask, truth) >= 0.9

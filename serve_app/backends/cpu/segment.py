@@ -44,7 +44,7 @@ POCKET_MAX_SHARE = 0.25
 POCKET_MIN_DISTANCE = 5.0
 # A part enclosed by the photo's edges joins the object when the edge between it and the
 # backdrop is on average this many times the backdrop's own median gradient.
-EDGE_MIN_CONTRAST = 4.0
+EDGE_MIN_CONTRAST = 3.0
 # ... and at least this many times the mean gradient a few pixels further out (crisp).
 EDGE_MIN_CRISPNESS = 1.5
 
