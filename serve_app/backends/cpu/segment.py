@@ -42,6 +42,10 @@ SALIENT_SHARE = 0.3
 POCKET_MAX_SHARE = 0.25
 # ... and when its mean colour is at least this far (weighted Lab) from the rest's colours.
 POCKET_MIN_DISTANCE = 5.0
+# Pocket candidates at least this light against the backdrop form their own pockets.
+POCKET_LIGHT_RATIO = 0.8
+# ... and it needs this fraction of that colour distance when the object encloses it.
+POCKET_ENCLOSED_EASING = 0.5
 # A part enclosed by the photo's edges joins the object when the edge between it and the
 # backdrop is on average this many times the backdrop's own median gradient.
 EDGE_MIN_CONTRAST = 3.0
@@ -458,7 +462,19 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     candidates = cv2.morphologyEx(
         (mask & model.backdrop_like).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)
     )
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(candidates, connectivity=4)
+    # A pocket about as light as the backdrop (the table seen through a loop) and a dark part
+    # of the object next to it (neutral rubber, shadow-like on the table) are split apart.
+    ratio = model.lab[..., 0] / np.maximum(model.predicted[..., 0], 1.0)
+    light = candidates.astype(bool) & (ratio >= POCKET_LIGHT_RATIO)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        light.astype(np.uint8), connectivity=4
+    )
+    dark_count, dark_labels, dark_stats, _ = cv2.connectedComponentsWithStats(
+        (candidates.astype(bool) & ~light).astype(np.uint8), connectivity=4
+    )
+    labels = np.where(dark_labels > 0, dark_labels + count - 1, labels)
+    stats = np.concatenate([stats, dark_stats[1:]])
+    count += dark_count - 1
     rest = mask & ~candidates.astype(bool)
     if count <= 1 or rest.sum() < 0.3 * mask.sum():
         # Most of the mask looks like the backdrop: no object colour to compare with.
@@ -472,8 +488,21 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     unlike = np.bincount(labels.ravel(), weights=nearest.ravel(), minlength=count) / np.maximum(
         stats[:, cv2.CC_STAT_AREA], 1
     )
+    # A region on the table the object encloses on every side (seen through a loop) needs less
+    # colour evidence than one on the object's outline: the rest of the object next to it is
+    # often shaded like it (the inside of a loop in its own shadow).
+    outside = cv2.dilate((~mask).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    open_side = np.bincount(labels[outside].ravel(), minlength=count) > 0
+    # On the wall, an enclosed region of the wall's colour is as likely a part of the object
+    # in front of a near-colour wall: only on the table is enclosure evidence.
+    on_floor = np.bincount(
+        labels.ravel(), weights=model.table.ravel(), minlength=count
+    ) > 0.5 * np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+    needed = max(POCKET_MIN_DISTANCE, 2.0 * model.noise) * np.where(
+        open_side | ~on_floor, 1.0, POCKET_ENCLOSED_EASING
+    )
     pocket = (stats[:, cv2.CC_STAT_AREA] <= POCKET_MAX_SHARE * float(mask.sum())) & (
-        unlike > max(POCKET_MIN_DISTANCE, 2.0 * model.noise)
+        unlike > needed
     )
     pocket[0] = False
     result = mask & ~pocket[labels]
