@@ -47,6 +47,9 @@ FLAT_DEPTH_SCALE = 0.7
 # Exponent applied to the normalised ball profile (a sweep knob for bench/quality.py --geometry;
 # 1.0 = the union of balls as it is, which measured best).
 PROFILE_EXPONENT = 1.0
+# Multiplies the guessed depth scale: 1.0 in the product. bench/quality.py's oracle-scale
+# method sweeps it to measure how much a better depth guess could gain at most.
+DEPTH_MULTIPLIER = 1.0
 # Half-height of the wall along the outline, in cells: gives thin parts some body.
 RIM_HALF_HEIGHT = 0.5
 # Relief from shading: height in units of the object's size per unit of band-passed lightness.
@@ -370,7 +373,7 @@ def _profile_height(interior: np.ndarray, cell_size: tuple[float, float]) -> np.
     if PROFILE_EXPONENT != 1.0 and height.max() > 0:
         top = float(height.max())
         height = top * (height / top) ** PROFILE_EXPONENT
-    return height * step * _depth_scale(interior, distance)
+    return height * step * _depth_scale(interior, distance) * DEPTH_MULTIPLIER
 
 
 def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
