@@ -36,10 +36,14 @@ def bar() -> np.ndarray:
 
 
 def thickness(mask: np.ndarray, *, legacy: bool = False) -> tuple[float, trimesh.Trimesh]:
+    """The largest front-to-back distance (the back lies under the front: same x, y)."""
     mesh = inflate_silhouette(mask, 20_000, legacy=legacy)
     assert is_closed_manifold(mesh.faces)
     loaded = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
-    return float(np.ptp(mesh.vertices[:, 2])), loaded
+    half = len(mesh.vertices) // 2
+    front, back = mesh.vertices[:half], mesh.vertices[half:]
+    assert np.allclose(front[:, :2], back[:, :2])
+    return float((front[:, 2] - back[:, 2]).max()), loaded
 
 
 def test_animal_trunk_is_about_as_deep_as_it_is_high() -> None:
