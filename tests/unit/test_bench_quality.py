@@ -38,3 +38,33 @@ def test_quality_bench_subset_with_geometry_override(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "NOT_A_CONSTANT" in bad.stderr
+
+
+def test_quality_bench_oracles_bound_the_backend(tmp_path: Path) -> None:
+    """The bench-only oracles (issue #17's headroom): the best depth multiplier per case is
+    at least as good as the backend's own (1.0 is among those tried)."""
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    trimesh.creation.capsule(height=1.0, radius=0.4).export(meshes / "capsule.obj")
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "quality.py"),
+        str(meshes),
+        "--size=128",
+        "--views=1",
+        "--styles=transparent",
+        "--jobs=1",
+        "--methods=cpu,oracle-scale,oracle-mirror",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    rows = {
+        cells[2].strip(): float(cells[5])
+        for cells in (
+            line.split("|")
+            for line in result.stdout.splitlines()
+            if line.startswith("| transparent |")
+        )
+    }
+    assert set(rows) == {"cpu", "oracle-scale", "oracle-mirror"}
+    assert rows["oracle-scale"] >= rows["cpu"]
+    assert 0.0 < rows["oracle-mirror"] <= 1.0

@@ -36,10 +36,14 @@ def bar() -> np.ndarray:
 
 
 def thickness(mask: np.ndarray, *, legacy: bool = False) -> tuple[float, trimesh.Trimesh]:
+    """The largest front-to-back distance (the back lies under the front: same x, y)."""
     mesh = inflate_silhouette(mask, 20_000, legacy=legacy)
     assert is_closed_manifold(mesh.faces)
     loaded = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
-    return float(np.ptp(mesh.vertices[:, 2])), loaded
+    half = len(mesh.vertices) // 2
+    front, back = mesh.vertices[:half], mesh.vertices[half:]
+    assert np.allclose(front[:, :2], back[:, :2])
+    return float((front[:, 2] - back[:, 2]).max()), loaded
 
 
 def test_animal_trunk_is_about_as_deep_as_it_is_high() -> None:
@@ -122,3 +126,78 @@ def test_profile_exponent_reshapes_the_profile_but_not_its_peak(
     assert fuller.max() == pytest.approx(plain.max())
     near_rim = interior & (plain > 0) & (plain < 0.5 * plain.max())
     assert (fuller[near_rim] > plain[near_rim]).all()
+
+
+def scissors(angle: float = 0.0) -> np.ndarray:
+    """A thin plate of uneven width (a blade and two rings), its long axis `angle` degrees
+    from the image's horizontal."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.fillPoly(mask, [np.array([[60, 190], [60, 215], [330, 205]])], 1)
+    cv2.circle(mask, (330, 170), 45, 1, 14)
+    cv2.circle(mask, (330, 250), 45, 1, 14)
+    turn = cv2.getRotationMatrix2D((SIZE / 2, SIZE / 2), angle, 1.0)
+    return cv2.warpAffine(mask, turn, (SIZE, SIZE), flags=cv2.INTER_NEAREST).astype(bool)
+
+
+def mid_slope(mask: np.ndarray) -> float:
+    """How much nearer the camera the object's mid-surface gets per pixel down the image."""
+    mesh = inflate_silhouette(mask, 20_000)
+    assert is_closed_manifold(mesh.faces)
+    half = len(mesh.vertices) // 2
+    mid = 0.5 * (mesh.vertices[:half, 2] + mesh.vertices[half:, 2])
+    down = -mesh.vertices[:half, 1]
+    return float(np.polyfit(down, mid, 1)[0])
+
+
+def test_thin_plate_across_the_image_lies_in_the_table_plane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ground contact: scissors seen from a low camera are the table plane foreshortened, so
+    their lower parts are nearer the camera (by cot(elevation) per pixel down)."""
+    slope = mid_slope(scissors())
+    expected = 1.0 / np.tan(np.radians(geometry.GROUND_ELEVATION_DEG))
+    assert 0.7 * expected <= slope <= 1.1 * expected
+    monkeypatch.setattr(geometry, "GROUND_ELEVATION_DEG", 0.0)
+    assert abs(mid_slope(scissors())) < 0.05
+
+
+def test_thin_plate_running_up_the_image_is_not_tilted() -> None:
+    """Its long axis vertical: it stands, or the camera is high above (tilting would
+    stretch it)."""
+    assert abs(mid_slope(scissors(90.0))) < 0.05
+
+
+def test_bulky_object_stands_upright() -> None:
+    assert abs(mid_slope(animal())) < 0.05
+
+
+def test_lying_tube_keeps_round_sections() -> None:
+    """A banana across the image lies on the table along its axis, but each cross-section
+    is still a round tube about that axis: as thick as without the tilt, not a sheared
+    ribbon."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(mask, (200, 120), (160, 110), 0, 20, 160, 1, 24)
+    tube = mask.astype(bool)
+    tilted, _ = thickness(tube)
+    assert mid_slope(tube) > 0.5
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(geometry, "GROUND_ELEVATION_DEG", 0.0)
+        upright, _ = thickness(tube)
+    assert tilted == pytest.approx(upright, rel=0.02)
+    assert tilted <= 26
+
+
+def test_ball_owner_row_reaches_the_ball_height() -> None:
+    """The ball centre's row found with the separable pass carries the highest ball."""
+    rng = np.random.default_rng(5)
+    interior = cv2.GaussianBlur(rng.random((40, 50)), (0, 0), 3) > 0.5
+    distance = cv2.distanceTransform(
+        np.pad(interior, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
+    )[1:-1, 1:-1].astype(np.float64)
+    height, owner = geometry._ball_height_and_owner(interior, distance)
+    ys, xs = np.nonzero(interior)
+    source = owner[ys, xs].astype(int)
+    cols = np.arange(50)
+    reach = np.where(interior[source], distance[source] ** 2, -np.inf)
+    reach = reach - (xs[:, None] - cols[None]) ** 2 - ((ys - source) ** 2)[:, None]
+    assert np.allclose(np.sqrt(np.maximum(reach.max(axis=1), 0.0)), height[ys, xs])

@@ -47,6 +47,30 @@ FLAT_DEPTH_SCALE = 0.7
 # Exponent applied to the normalised ball profile (a sweep knob for bench/quality.py --geometry;
 # 1.0 = the union of balls as it is, which measured best).
 PROFILE_EXPONENT = 1.0
+# Multiplies the guessed depth scale: 1.0 in the product. bench/quality.py's oracle-scale
+# method sweeps it to measure how much a better depth guess could gain at most.
+DEPTH_MULTIPLIER = 1.0
+# Ground contact (issue #17): a thin object (a plate or a tube: scissors, a banana, a pen)
+# lies on the table, so its outline is the table plane seen from the camera's elevation,
+# foreshortened: every ball of the union is moved in depth by cot(elevation) x its centre's
+# height in the image (lower = nearer), which lays the object back into that plane. The
+# elevation is not measured: GROUND_ELEVATION_DEG is an assumed typical photo (0 turns the
+# rule off). A bulky object (an animal, a bottle, a drill) stands: it is left upright.
+GROUND_ELEVATION_DEG = 30.0
+# How "lying" an object is from its depth scale: at or below LIE_SCALE_FLAT (a plate) fully,
+# at or above LIE_SCALE_UPRIGHT not at all; a tube (evenness) lies too.
+LIE_SCALE_FLAT = 0.6
+LIE_SCALE_UPRIGHT = 0.8
+# ... and only when its outline runs across the image: seen from a low camera, everything on
+# the table is squashed vertically, so a lying object's long axis looks near-horizontal. An
+# outline whose long axis is within LIE_AXIS_FLAT_DEG of horizontal counts fully, one beyond
+# LIE_AXIS_UPRIGHT_DEG not at all (it stands, or the camera looks down from high above, where
+# tilting would stretch it); an outline elongated less than LIE_ELONGATION_MIN (principal
+# axes' ratio) says nothing about its axis and is not tilted.
+LIE_AXIS_FLAT_DEG = 30.0
+LIE_AXIS_UPRIGHT_DEG = 60.0
+LIE_ELONGATION_MIN = 1.2
+LIE_ELONGATION_FULL = 1.5
 # Half-height of the wall along the outline, in cells: gives thin parts some body.
 RIM_HALF_HEIGHT = 0.5
 # Relief from shading: height in units of the object's size per unit of band-passed lightness.
@@ -124,7 +148,10 @@ def _front_sheet(
     used = around.any(axis=0)
     interior = np.logical_and.reduce(around, axis=0)
 
-    height = (_poisson_height if legacy else _profile_height)(interior, cell_size)
+    if legacy:
+        height, mid = _poisson_height(interior, cell_size), np.zeros(interior.shape)
+    else:
+        height, mid = _profile(interior, cell_size)
     rows, cols = np.nonzero(used)
     index = np.full(used.shape, -1, dtype=np.int64)
     index[rows, cols] = np.arange(len(rows))
@@ -141,8 +168,8 @@ def _front_sheet(
         # Fade the relief out towards the outline so the rim stays smooth.
         depth = depth + _sample(relief, xy) * np.clip(height[rows, cols] / (8.0 * rim_z), 0.0, 1.0)
         depth = np.maximum(depth, 0.5 * rim_z)
-    vertices = np.column_stack([xy[:, 0], -xy[:, 1], depth])
-    base = _BaseDepth(height + rim_z, origin, cell_size, 0.5 * rim_z)
+    vertices = np.column_stack([xy[:, 0], -xy[:, 1], depth + mid[rows, cols]])
+    base = _BaseDepth(height + rim_z, origin, cell_size, 0.5 * rim_z, mid)
     return _Sheet(vertices, faces, rim_from, rim_to, base)
 
 
@@ -158,13 +185,16 @@ class _BaseDepth:
     origin: tuple[float, float]
     cell_size: tuple[float, float]
     floor: float
+    mid: np.ndarray  # (rows + 1, cols + 1) depth of the mid-surface front and back mirror
 
-    def at(self, vertices: np.ndarray) -> np.ndarray:
-        """Bilinear depth at sheet vertices (x, y up)."""
+    def back(self, vertices: np.ndarray) -> np.ndarray:
+        """Depth of the back under sheet vertices (x, y up): the mid-surface less the
+        bilinear profile."""
         cols = (vertices[:, 0] - self.origin[0]) / self.cell_size[0]
         rows = (-vertices[:, 1] - self.origin[1]) / self.cell_size[1]
         depth = ndimage.map_coordinates(self.grid, [rows, cols], order=1, mode="nearest")
-        return np.maximum(np.asarray(depth, dtype=np.float64), self.floor)
+        mid = ndimage.map_coordinates(self.mid, [rows, cols], order=1, mode="nearest")
+        return np.asarray(mid, np.float64) - np.maximum(np.asarray(depth, np.float64), self.floor)
 
 
 def _close(sheet: _Sheet, legacy: bool = False) -> InflatedMesh:
@@ -175,7 +205,7 @@ def _close(sheet: _Sheet, legacy: bool = False) -> InflatedMesh:
     if not legacy:
         # Same outline (the rim wall stays vertical), smooth depth: the front's shading
         # relief is what the camera saw, not what is behind.
-        back[:, 2] = -sheet.base.at(sheet.vertices)
+        back[:, 2] = sheet.base.back(sheet.vertices)
     rim_from, rim_to = sheet.rim_from, sheet.rim_to
     wall = np.concatenate(
         [
@@ -352,29 +382,60 @@ def _remove_pinches(cells: np.ndarray) -> np.ndarray:
 
 
 def _profile_height(interior: np.ndarray, cell_size: tuple[float, float]) -> np.ndarray:
-    """Height of the front above the silhouette's plane (the back mirrors it).
+    """Height of the front above the silhouette's plane (the back mirrors it); see _profile."""
+    return _profile(interior, cell_size)[0]
+
+
+def _profile(interior: np.ndarray, cell_size: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Height of the front above the mid-surface (the back mirrors it) and the mid-surface's
+    depth (0 for an upright object), both on the grid's vertices.
 
     Every inside point carries a ball as wide as the silhouette there (its distance to the
     outline); the surface is the top of their union, scaled by `_depth_scale`. So depth
     follows the local width: a limb or handle is a round tube, a compact body (an animal's
     trunk, a stone) as deep as it is wide, where the Poisson profile of the legacy path made
-    a disc only 0.7 of that.
+    a disc only 0.7 of that. A thin object lies on the table: each ball is moved in depth
+    with its centre's height in the image (see GROUND_ELEVATION_DEG).
     """
     if not interior.any():
-        return np.zeros(interior.shape)
+        return np.zeros(interior.shape), np.zeros(interior.shape)
     distance = cv2.distanceTransform(
         np.pad(interior, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
     )[1:-1, 1:-1].astype(np.float64)
     step = 0.5 * (cell_size[0] + cell_size[1])
-    height = _ball_height(interior, distance)
+    height, owner = _ball_height_and_owner(interior, distance)
     if PROFILE_EXPONENT != 1.0 and height.max() > 0:
         top = float(height.max())
         height = top * (height / top) ** PROFILE_EXPONENT
-    return height * step * _depth_scale(interior, distance)
+    scale, lying, tube = _shape_cues(interior, distance)
+    mid = np.zeros(interior.shape)
+    if lying > 0 and GROUND_ELEVATION_DEG > 0:
+        # Smoothed over the widest ball's radius: a square end or a corner, whose balls
+        # shrink into the corner, does not bend away. Outline vertices take the value of the
+        # nearest inside vertex.
+        # A plate lies in the table plane across its width too: there each vertex's own row
+        # counts; a tube's cross-section stays round about its axis: its ball's centre row.
+        sigma = max(float(distance.max()), 1.0)
+        weight = interior.astype(np.float64)
+        total = cv2.GaussianBlur(np.where(interior, owner, 0.0), (0, 0), sigma)
+        owner = total / np.maximum(cv2.GaussianBlur(weight, (0, 0), sigma), 1e-12)
+        _, nearest = ndimage.distance_transform_edt(~interior, return_indices=True)
+        owner = owner[nearest[0], nearest[1]]
+        row = np.arange(interior.shape[0], dtype=np.float64)[:, None]
+        centre = tube * owner + (1.0 - tube) * row
+        slope = lying / np.tan(np.radians(GROUND_ELEVATION_DEG))
+        mid = slope * (centre - float(centre[interior].mean())) * cell_size[1]
+    return height * step * scale * DEPTH_MULTIPLIER, mid
 
 
 def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
-    """How deep the object is relative to its local width, guessed from its silhouette.
+    """How deep the object is relative to its local width (see _shape_cues)."""
+    return _shape_cues(interior, distance)[0]
+
+
+def _shape_cues(interior: np.ndarray, distance: np.ndarray) -> tuple[float, float, float]:
+    """How deep the object is relative to its local width, how much it lies flat on the
+    table (0 upright .. 1 lying) and how much it is a tube, guessed from its silhouette.
 
     - Bulkiness: the widest inscribed disc against the size of the part it lies in
       (radius / sqrt(area)). A thin, spread-out outline (scissors, a flat tool, a leaf seen
@@ -384,6 +445,8 @@ def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
       plate: at least TUBE_DEPTH_SCALE.
     - Flat faces: a nearly convex outline (solidity close to 1: a bottle, a box, a can) is
       taken as a manufactured object with flat sides, at most FLAT_DEPTH_SCALE deep.
+    - Lying: a plate (depth scale at most LIE_SCALE_FLAT) or a tube lies on the table; an
+      object of round sections (depth scale from LIE_SCALE_UPRIGHT) stands.
     Chosen with bench/quality.py on six scans (docs/cpu-backend.md): a heuristic, not a
     measurement of the object.
     """
@@ -393,31 +456,67 @@ def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
     bulk = float(distance[peak]) / float(np.sqrt(part.sum()))
     ramp = (bulk - BULK_THIN) / (BULK_ROUND - BULK_THIN)
     scale = DEPTH_SCALE_MIN + (1.0 - DEPTH_SCALE_MIN) * float(np.clip(ramp, 0.0, 1.0))
+    plate = float(np.clip((LIE_SCALE_UPRIGHT - scale) / (LIE_SCALE_UPRIGHT - LIE_SCALE_FLAT), 0, 1))
     evenness = float(distance[part].mean()) / float(distance[peak])
-    tube = (evenness - EVENNESS_PLATE) / (EVENNESS_TUBE - EVENNESS_PLATE)
-    scale = max(scale, TUBE_DEPTH_SCALE * float(np.clip(tube, 0.0, 1.0)))
+    tube = float(np.clip((evenness - EVENNESS_PLATE) / (EVENNESS_TUBE - EVENNESS_PLATE), 0, 1))
+    scale = max(scale, TUBE_DEPTH_SCALE * tube)
     rows, cols = np.nonzero(part)
     hull = cv2.convexHull(np.column_stack([cols, rows]).astype(np.float32))
     solidity = min(1.0, len(rows) / max(float(cv2.contourArea(hull)), 1.0))
     flat = float(np.clip((solidity - SOLIDITY_CURVED) / (SOLIDITY_FLAT - SOLIDITY_CURVED), 0, 1))
-    return scale - flat * max(scale - FLAT_DEPTH_SCALE, 0.0)
+    lying = max(plate, tube) * _across(rows, cols)
+    return scale - flat * max(scale - FLAT_DEPTH_SCALE, 0.0), lying, tube
+
+
+def _across(rows: np.ndarray, cols: np.ndarray) -> float:
+    """1 when an outline's long axis runs across the image, 0 when it runs up it or the
+    outline is about as wide as high in every direction (see LIE_AXIS_FLAT_DEG)."""
+    spread = np.cov(np.vstack([cols, rows]).astype(np.float64))
+    values, vectors = np.linalg.eigh(spread)
+    elongation = float(np.sqrt(values[1] / max(float(values[0]), 1e-12)))
+    angle = float(np.degrees(np.arctan2(abs(vectors[1, 1]), abs(vectors[0, 1]))))
+    along = (LIE_AXIS_UPRIGHT_DEG - angle) / (LIE_AXIS_UPRIGHT_DEG - LIE_AXIS_FLAT_DEG)
+    long = (elongation - LIE_ELONGATION_MIN) / (LIE_ELONGATION_FULL - LIE_ELONGATION_MIN)
+    return float(np.clip(along, 0.0, 1.0) * np.clip(long, 0.0, 1.0))
 
 
 def _ball_height(interior: np.ndarray, distance: np.ndarray) -> np.ndarray:
     """Top of the union of balls of radius distance[q] centred on every interior vertex q,
-    in cells: h(p)^2 = max_q distance[q]^2 - |p - q|^2, computed separably (rows, then
-    columns; a squared distance splits into its two axes)."""
+    in cells: h(p)^2 = max_q distance[q]^2 - |p - q|^2 (see _ball_height_and_owner)."""
+    return _ball_height_and_owner(interior, distance)[0]
+
+
+def _ball_height_and_owner(
+    interior: np.ndarray, distance: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top of the union of balls of radius distance[q] centred on every interior vertex q,
+    in cells, and the row of the ball's centre q that reaches highest at each vertex:
+    h(p)^2 = max_q distance[q]^2 - |p - q|^2, computed separably (rows, then columns; a
+    squared distance splits into its two axes, and the first pass keeps each row's own)."""
     squared = np.where(interior, distance**2, -np.inf)
     reach = int(np.ceil(distance.max())) + 1
-    for axis in (1, 0):
-        best = squared.copy()
-        view, source = np.moveaxis(best, axis, 0), np.moveaxis(squared, axis, 0)
-        for offset in range(1, min(reach, view.shape[0])):
-            penalty = float(offset * offset)
-            np.maximum(view[offset:], source[:-offset] - penalty, out=view[offset:])
-            np.maximum(view[:-offset], source[offset:] - penalty, out=view[:-offset])
-        squared = best
-    return np.where(interior, np.sqrt(np.maximum(squared, 0.0)), 0.0)
+    best = squared.copy()
+    source = squared
+    for offset in range(1, min(reach, best.shape[1])):
+        penalty = float(offset * offset)
+        np.maximum(best[:, offset:], source[:, :-offset] - penalty, out=best[:, offset:])
+        np.maximum(best[:, :-offset], source[:, offset:] - penalty, out=best[:, :-offset])
+    source = best
+    best = source.copy()
+    row = np.broadcast_to(np.arange(best.shape[0], dtype=np.float64)[:, None], best.shape)
+    owner = row.copy()
+    for offset in range(1, min(reach, best.shape[0])):
+        penalty = float(offset * offset)
+        for to, frm in (
+            (slice(offset, None), slice(None, -offset)),
+            (slice(None, -offset), slice(offset, None)),
+        ):
+            candidate = source[frm] - penalty
+            higher = candidate > best[to]
+            best[to] = np.where(higher, candidate, best[to])
+            owner[to] = np.where(higher, row[frm], owner[to])
+    height = np.where(interior, np.sqrt(np.maximum(best, 0.0)), 0.0)
+    return height, owner
 
 
 def _poisson_height(interior: np.ndarray, cell_size: tuple[float, float]) -> np.ndarray:
