@@ -99,6 +99,28 @@ def test_each_part_gets_its_own_depth() -> None:
     assert mesh.is_watertight
 
 
+def wedge() -> np.ndarray:
+    """A thin triangle standing up the image (a blade, a flat tool): a plate."""
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.fillPoly(mask, [np.array([[290, 40], [330, 40], [310, 360]], np.int32)], 1)
+    return mask.astype(bool)
+
+
+def test_each_part_is_judged_on_its_own() -> None:
+    """A plate beside a bulky object keeps the plate's depth, not the bulky one's (the part
+    holding the widest disc used to decide for every part)."""
+    pair = disc(120, 90) | wedge()
+    cells = (1.0, 1.0)
+    alone_plate, _ = geometry._profile(wedge(), cells)
+    alone_disc, _ = geometry._profile(disc(120, 90), cells)
+    both, _ = geometry._profile(pair, cells)
+    # Alone, the plate is flatter for its width than the disc.
+    plate_width = cv2.distanceTransform(wedge().astype(np.uint8), cv2.DIST_L2, 5).max()
+    assert alone_plate.max() / plate_width < 0.8 * alone_disc.max() / 90
+    assert both[wedge()].max() == pytest.approx(alone_plate.max(), rel=1e-6)
+    assert both[disc(120, 90)].max() == pytest.approx(alone_disc.max(), rel=1e-6)
+
+
 def test_ball_height_matches_brute_force() -> None:
     rng = np.random.default_rng(3)
     interior = cv2.GaussianBlur(rng.random((40, 50)), (0, 0), 3) > 0.5

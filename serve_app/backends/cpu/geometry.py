@@ -407,25 +407,52 @@ def _profile(interior: np.ndarray, cell_size: tuple[float, float]) -> tuple[np.n
     if PROFILE_EXPONENT != 1.0 and height.max() > 0:
         top = float(height.max())
         height = top * (height / top) ** PROFILE_EXPONENT
-    scale, lying, tube = _shape_cues(interior, distance)
+    # Each part of the mask (a pair of shoes, a cup beside its saucer) is judged on its own:
+    # its depth scale, whether it lies on the table, and its mid-surface. A ball never
+    # reaches across the outline into another part, so the heights need no split.
+    count, labels = cv2.connectedComponents(interior.astype(np.uint8), connectivity=4)
+    scale = np.zeros(interior.shape)
     mid = np.zeros(interior.shape)
-    if lying > 0 and GROUND_ELEVATION_DEG > 0:
-        # Smoothed over the widest ball's radius: a square end or a corner, whose balls
-        # shrink into the corner, does not bend away. Outline vertices take the value of the
-        # nearest inside vertex.
-        # A plate lies in the table plane across its width too: there each vertex's own row
-        # counts; a tube's cross-section stays round about its axis: its ball's centre row.
-        sigma = max(float(distance.max()), 1.0)
-        weight = interior.astype(np.float64)
-        total = cv2.GaussianBlur(np.where(interior, owner, 0.0), (0, 0), sigma)
-        owner = total / np.maximum(cv2.GaussianBlur(weight, (0, 0), sigma), 1e-12)
+    if count > 2:
+        # Outline vertices belong to the part of their nearest inside vertex.
         _, nearest = ndimage.distance_transform_edt(~interior, return_indices=True)
-        owner = owner[nearest[0], nearest[1]]
-        row = np.arange(interior.shape[0], dtype=np.float64)[:, None]
-        centre = tube * owner + (1.0 - tube) * row
-        slope = lying / np.tan(np.radians(GROUND_ELEVATION_DEG))
-        mid = slope * (centre - float(centre[interior].mean())) * cell_size[1]
+        nearest_label = labels[nearest[0], nearest[1]]
+    for label in range(1, count):
+        part = labels == label
+        part_scale, lying, tube = _shape_cues(part, np.where(part, distance, 0.0))
+        scale[part] = part_scale
+        if lying > 0 and GROUND_ELEVATION_DEG > 0:
+            part_mid = _lying_mid(part, distance, owner, lying, tube, cell_size)
+            if count > 2:
+                mid[nearest_label == label] = part_mid[nearest_label == label]
+            else:
+                mid = part_mid
     return height * step * scale * DEPTH_MULTIPLIER, mid
+
+
+def _lying_mid(
+    part: np.ndarray,
+    distance: np.ndarray,
+    owner: np.ndarray,
+    lying: float,
+    tube: float,
+    cell_size: tuple[float, float],
+) -> np.ndarray:
+    """Depth of the mid-surface of a part lying on the table (see GROUND_ELEVATION_DEG), on
+    every vertex of the grid (outside the part: its nearest inside vertex's)."""
+    # Smoothed over the widest ball's radius: a square end or a corner, whose balls shrink
+    # into the corner, does not bend away. A plate lies in the table plane across its width
+    # too: there each vertex's own row counts; a tube's cross-section stays round about its
+    # axis: its ball's centre row.
+    sigma = max(float(distance[part].max()), 1.0)
+    total = cv2.GaussianBlur(np.where(part, owner, 0.0), (0, 0), sigma)
+    smooth = total / np.maximum(cv2.GaussianBlur(part.astype(np.float64), (0, 0), sigma), 1e-12)
+    _, nearest = ndimage.distance_transform_edt(~part, return_indices=True)
+    smooth = smooth[nearest[0], nearest[1]]
+    row = np.arange(part.shape[0], dtype=np.float64)[:, None]
+    centre = tube * smooth + (1.0 - tube) * row
+    slope = lying / np.tan(np.radians(GROUND_ELEVATION_DEG))
+    return np.asarray(slope * (centre - float(centre[part].mean())) * cell_size[1])
 
 
 def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
@@ -471,6 +498,8 @@ def _shape_cues(interior: np.ndarray, distance: np.ndarray) -> tuple[float, floa
 def _across(rows: np.ndarray, cols: np.ndarray) -> float:
     """1 when an outline's long axis runs across the image, 0 when it runs up it or the
     outline is about as wide as high in every direction (see LIE_AXIS_FLAT_DEG)."""
+    if len(rows) < 3:
+        return 0.0
     spread = np.cov(np.vstack([cols, rows]).astype(np.float64))
     values, vectors = np.linalg.eigh(spread)
     elongation = float(np.sqrt(values[1] / max(float(values[0]), 1e-12)))
