@@ -827,6 +827,12 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="override a constant of serve_app/backends/cpu/geometry.py (sweeps); repeatable",
     )
+    # --- issue #17 masks: every case's silhouette IoU, to find the failing masks ---
+    parser.add_argument(
+        "--cases",
+        action="store_true",
+        help="also list every case's silhouette IoU per method, worst first",
+    )
     args = parser.parse_args()
     styles = tuple(x for x in args.styles.split(",") if x)
     methods = tuple(x for x in args.methods.split(",") if x)
@@ -869,6 +875,13 @@ def main() -> int:
     for failed in (r for r in results if r.error):
         print(f"# backend refused: {failed.scan} view {failed.view} {failed.style}: {failed.error}")
     print(summarise(results, styles, methods))
+    if args.cases:
+        print("\n**per case** (silhouette IoU, worst first)\n")
+        print("| scan | view | background | method | IoU |\n|---|---|---|---|---|")
+        for r in sorted(
+            (r for r in results if not r.error and r.iou == r.iou), key=lambda r: r.iou
+        ):
+            print(f"| {r.scan} | {r.view} | {r.style} | {r.method} | {r.iou:.3f} |")
     return 0
 
 

@@ -347,3 +347,90 @@ def test_darker_limb_of_a_round_object_stays_in_the_mask() -> None:
     picture = cv2.GaussianBlur(picture, (0, 0), 1.2) + rng.normal(0, 2.5, picture.shape)
     mask = segment_image(Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8))).mask
     assert iou(mask, truth) >= 0.965
+
+
+def test_part_of_the_walls_colour_enclosed_by_edges_stays_in_the_mask() -> None:
+    """An object shading from dark blue at its foot to the wall's own colour (a little
+    lighter) at its top, before that wall: no colour model tells its top from the wall, but
+    the photo's crisp outline encloses it, so the top stays in the mask and the wall stays
+    out."""
+    wall = (95, 125, 175)
+    truth = standing_object(60, 250)
+    head = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.circle(head, (SIZE // 2 + 20, 55), 38, 1, -1)
+    truth |= head.astype(bool)
+    picture = scene(wall, (150, 104, 66), 215, 27)
+    ys = np.mgrid[0:SIZE, 0:SIZE][0].astype(np.float32)
+    along = np.clip((ys - 30) / 170.0, 0, 1)[..., None]
+    colour = np.array(wall, np.float32) * 1.2 * (1 - along) + np.array([45, 65, 115]) * along
+    colour = colour + np.random.default_rng(28).normal(0, 2.5, colour.shape)
+    picture = np.where(truth[..., None], colour, picture)
+    picture = cv2.GaussianBlur(picture.astype(np.float32), (0, 0), 0.7)
+    mask = segment_image(Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8), "RGB")).mask
+    top = truth & (ys < 95)
+    assert (mask & top).sum() >= 0.9 * top.sum()
+    assert (mask & ~truth).sum() <= 0.01 * (~truth).sum()
+    assert iou(mask, truth) >= 0.9
+
+
+def loop_on_table(
+    table: tuple[int, int, int],
+    inner: tuple[int, int, int],
+    outer: tuple[int, int, int],
+    shade_depth: float,
+    horizon: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(photo, object mask, the loop's opening): a handle loop (an outer band in `outer`, an
+    inner one in `inner`) lying on a table, joined to an orange tool body, the table inside
+    the loop darkened by `shade_depth` by the loop's shadow."""
+    picture = scene((222, 224, 228), table, horizon, seed)
+    band = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(band, (110, 215), (55, 32), 0, 0, 360, 1, 18)
+    body = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.rectangle(body, (160, 186), (310, 246), 1, -1)
+    inner_band = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(inner_band, (110, 215), (50, 27), 0, 0, 360, 1, 8)
+    truth = (band | body).astype(bool)
+    opening = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(opening, (110, 215), (46, 23), 0, 0, 360, 1, -1)
+    opening = opening.astype(bool) & ~truth
+    shade = cv2.GaussianBlur(opening.astype(np.float32), (0, 0), 3.0) * opening
+    picture = picture * (1.0 - shade_depth * shade[..., None])
+    ys = np.mgrid[0:SIZE, 0:SIZE][0].astype(np.float32)
+    light = (0.85 + 0.25 * (ys - 170) / 90)[..., None]
+    colour = np.where(inner_band.astype(bool)[..., None], np.array(inner, np.float32), outer)
+    colour = np.where(body.astype(bool)[..., None], np.array([225, 140, 40], np.float32), colour)
+    noise = np.random.default_rng(seed + 1).normal(0, 3, picture.shape)
+    picture = np.where(truth[..., None], colour * light + noise, picture)
+    return np.clip(picture, 0, 255).astype(np.uint8), truth, opening
+
+
+def test_lit_table_inside_a_loop_of_dark_neutral_rubber_is_carved() -> None:
+    """A loop of dark neutral rubber on a grey cloth table: the rubber is shadow-like (neutral,
+    darker than the table), so the table seen through the loop, nearly as light as the rest of
+    the table, must be judged apart from it, not as one pocket with the rubber."""
+    from serve_app.backends.cpu.backdrop import fit_backdrop
+    from serve_app.backends.cpu.segment import _carve_backdrop_pockets
+
+    rubber = (70, 72, 76)
+    picture, truth, opening = loop_on_table((150, 152, 156), rubber, rubber, 0.12, 150, 53)
+    model = fit_backdrop(picture)
+    carved = _carve_backdrop_pockets(truth | opening, model)
+    assert (opening & ~carved).sum() >= 0.9 * opening.sum()
+    assert (truth & carved).sum() >= 0.99 * truth.sum()
+
+
+def test_enclosed_shadowed_table_needs_less_colour_evidence() -> None:
+    """A loop whose inner band is an ochre close to the shadowed wood it encloses: the table
+    inside the loop, enclosed by the object on every side, is still carved out."""
+    from serve_app.backends.cpu.backdrop import fit_backdrop
+    from serve_app.backends.cpu.segment import _carve_backdrop_pockets
+
+    picture, truth, opening = loop_on_table(
+        (150, 104, 66), (92, 58, 33), (60, 68, 80), 0.45, 150, 51
+    )
+    model = fit_backdrop(picture)
+    carved = _carve_backdrop_pockets(truth | opening, model)
+    assert (opening & ~carved).sum() >= 0.9 * opening.sum()
+    assert (truth & carved).sum() >= 0.97 * truth.sum()

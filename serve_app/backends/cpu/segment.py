@@ -9,6 +9,7 @@ from typing import Literal
 import cv2
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from serve_app.backends.cpu.backdrop import Backdrop, fit_backdrop
 from serve_app.errors import NoObjectFound
@@ -41,6 +42,15 @@ SALIENT_SHARE = 0.3
 POCKET_MAX_SHARE = 0.25
 # ... and when its mean colour is at least this far (weighted Lab) from the rest's colours.
 POCKET_MIN_DISTANCE = 5.0
+# Pocket candidates at least this light against the backdrop form their own pockets.
+POCKET_LIGHT_RATIO = 0.8
+# ... and it needs this fraction of that colour distance when the object encloses it.
+POCKET_ENCLOSED_EASING = 0.5
+# A part enclosed by the photo's edges joins the object when the edge between it and the
+# backdrop is on average this many times the backdrop's own median gradient.
+EDGE_MIN_CONTRAST = 3.0
+# ... and at least this many times the mean gradient a few pixels further out (crisp).
+EDGE_MIN_CRISPNESS = 1.5
 
 
 @dataclass(frozen=True)
@@ -333,6 +343,7 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
 
     model = fit_backdrop(small)
     mask, salient, faint = _grabcut_pass(small, model)
+    first_mask = mask
     if mask.any():
         # Refine: the backdrop seen between and around the object teaches the colour model
         # more than the border alone (a blotch, the table's far part behind the object).
@@ -348,6 +359,10 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
         debug["grabcut"] = mask.astype(np.uint8) * 255
     if not mask.any():
         raise NoObjectFound("No object could be separated from the background.")
+    grown = _grow_along_edges(mask, model, first_mask)
+    if debug is not None:
+        debug["edge_grown"] = (grown & ~mask).astype(np.uint8) * 255
+    mask = grown
     carved = _carve_backdrop_pockets(mask, model)
     pockets = mask & ~carved
     if debug is not None:
@@ -362,6 +377,81 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     return _checked_coverage(mask)
 
 
+def _grow_along_edges(mask: np.ndarray, model: Backdrop, first: np.ndarray) -> np.ndarray:
+    """Give the object the parts of it GrabCut left to a wall of nearly its own colour (a
+    head, ears) when the photo's edges enclose them: a watershed on the colour gradient,
+    flooded from the object's core and from the sure backdrop (the border, the shadows, the
+    table around the object), claims for the object what the backdrop can reach only across
+    a stronger edge than the object can. Only wall pixels are added (a textured table is full
+    of edges), and only parts whose boundary with the backdrop is a clear edge. `first`: the
+    mask before the backdrop's refit, whose parts may come back by the same test."""
+    lab = model.lab
+    gx = cv2.Sobel(lab, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(lab, cv2.CV_32F, 0, 1, ksize=3)
+    gradient = np.sqrt((gx * gx + gy * gy).sum(axis=-1)) / 8.0
+    markers = np.zeros(mask.shape, np.int16)
+    markers[model.ring | model.shadow | (model.table & ~mask)] = 1
+    # What the first GrabCut (before the refit) also found seeds the object: the refit
+    # learns the wall around the object and may drop a part of the wall's colour.
+    core = cv2.erode((mask | first).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    if not core.any():
+        return mask
+    markers[core] = 2
+    levels = np.clip(gradient * 200.0, 0, 65535).astype(np.uint16)
+    flooded = ndimage.watershed_ift(levels, markers)
+    added = (flooded == 2) & ~mask & ~model.table
+    if not added.any():
+        return mask
+    # The backdrop's own roughness (noise, blotches): an outline must stand well above it.
+    wall_ring = model.ring & ~model.table
+    roughness = float(np.median(gradient[wall_ring])) if wall_ring.any() else 0.0
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        added.astype(np.uint8), connectivity=8
+    )
+    height, width = mask.shape
+    backdrop = flooded == 1
+    outline = backdrop & cv2.dilate(
+        (flooded == 2).astype(np.uint8), np.ones((3, 3), np.uint8)
+    ).astype(bool)
+    # The table's edge line is a strong edge of the backdrop itself: never evidence.
+    seam = np.zeros(mask.shape, bool)
+    if model.table.any():
+        table = model.table.astype(np.uint8)
+        seam = cv2.dilate(table, np.ones((7, 7), np.uint8)).astype(bool) & ~cv2.erode(
+            table, np.ones((7, 7), np.uint8)
+        ).astype(bool)
+    result = mask.copy()
+    for label in range(1, count):
+        x, y, w, h = stats[label, :4]
+        if x == 0 or y == 0 or x + w >= width or y + h >= height:
+            continue
+        part = labels == label
+        grown = cv2.dilate(part.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        near = grown & outline & ~seam
+        # A crisp outline: strong on the edge, weak a few pixels out (a soft blotch of the
+        # wall has a wide ramp instead).
+        beyond = (
+            cv2.dilate(part.astype(np.uint8), np.ones((11, 11), np.uint8)).astype(bool)
+            & ~cv2.dilate(part.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+            & backdrop
+            & ~seam
+        )
+        if not near.any() or not beyond.any():
+            continue
+        edge = float(np.mean(gradient[near]))
+        if edge < EDGE_MIN_CONTRAST * roughness or edge < EDGE_MIN_CRISPNESS * float(
+            np.mean(gradient[beyond])
+        ):
+            continue
+        result |= part
+    # A rim a pixel or two wide is where the watershed put the outline on the edge's ridge
+    # rather than its inner side: the outline refinement at full resolution decides there.
+    kept = cv2.morphologyEx(
+        (result & ~mask).astype(np.uint8), cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)
+    ).astype(bool)
+    return mask | kept
+
+
 def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     """Remove pockets of backdrop GrabCut closed into the mask: the table (often in shadow)
     seen through a handle loop, a contact shadow taken as a dark base. A pocket is a
@@ -372,7 +462,19 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     candidates = cv2.morphologyEx(
         (mask & model.backdrop_like).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)
     )
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(candidates, connectivity=4)
+    # A pocket about as light as the backdrop (the table seen through a loop) and a dark part
+    # of the object next to it (neutral rubber, shadow-like on the table) are split apart.
+    ratio = model.lab[..., 0] / np.maximum(model.predicted[..., 0], 1.0)
+    light = candidates.astype(bool) & (ratio >= POCKET_LIGHT_RATIO)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        light.astype(np.uint8), connectivity=4
+    )
+    dark_count, dark_labels, dark_stats, _ = cv2.connectedComponentsWithStats(
+        (candidates.astype(bool) & ~light).astype(np.uint8), connectivity=4
+    )
+    labels = np.where(dark_labels > 0, dark_labels + count - 1, labels)
+    stats = np.concatenate([stats, dark_stats[1:]])
+    count += dark_count - 1
     rest = mask & ~candidates.astype(bool)
     if count <= 1 or rest.sum() < 0.3 * mask.sum():
         # Most of the mask looks like the backdrop: no object colour to compare with.
@@ -386,8 +488,21 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     unlike = np.bincount(labels.ravel(), weights=nearest.ravel(), minlength=count) / np.maximum(
         stats[:, cv2.CC_STAT_AREA], 1
     )
+    # A region on the table the object encloses on every side (seen through a loop) needs less
+    # colour evidence than one on the object's outline: the rest of the object next to it is
+    # often shaded like it (the inside of a loop in its own shadow).
+    outside = cv2.dilate((~mask).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    open_side = np.bincount(labels[outside].ravel(), minlength=count) > 0
+    # On the wall, an enclosed region of the wall's colour is as likely a part of the object
+    # in front of a near-colour wall: only on the table is enclosure evidence.
+    on_floor = np.bincount(
+        labels.ravel(), weights=model.table.ravel(), minlength=count
+    ) > 0.5 * np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+    needed = max(POCKET_MIN_DISTANCE, 2.0 * model.noise) * np.where(
+        open_side | ~on_floor, 1.0, POCKET_ENCLOSED_EASING
+    )
     pocket = (stats[:, cv2.CC_STAT_AREA] <= POCKET_MAX_SHARE * float(mask.sum())) & (
-        unlike > max(POCKET_MIN_DISTANCE, 2.0 * model.noise)
+        unlike > needed
     )
     pocket[0] = False
     result = mask & ~pocket[labels]
