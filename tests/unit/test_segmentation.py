@@ -434,3 +434,57 @@ def test_enclosed_shadowed_table_needs_less_colour_evidence() -> None:
     carved = _carve_backdrop_pockets(truth | opening, model)
     assert (opening & ~carved).sum() >= 0.9 * opening.sum()
     assert (truth & carved).sum() >= 0.97 * truth.sum()
+
+
+def blade_in_its_shadow(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(picture, blade interior, cast shadow outside the blade) at the working
+    resolution: an orange handle and a grey blade of the table's own chromaticity lying on a
+    grey table, inside the soft shadow it casts; the blade is outlined by a darker bevel."""
+    picture = scene((214, 222, 236), (150, 153, 160), 150, seed)
+    handle = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(handle, (90, 200), (40, 26), 0, 0, 360, 1, 16)
+    blade = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.line(blade, (128, 205), (280, 250), 1, 16)
+    interior = cv2.erode(blade, np.ones((7, 7), np.uint8)).astype(bool)
+    blade = blade.astype(bool) & ~handle.astype(bool)
+    footprint = np.zeros((SIZE, SIZE), np.float32)
+    cv2.line(footprint, (130, 209), (284, 255), 1.0, 40)
+    shade = 0.32 * cv2.GaussianBlur(footprint, (0, 0), 5.0)
+    picture = picture * (1.0 - shade[..., None])
+    table = np.array([150, 153, 160], np.float32)
+    picture = np.where(interior[..., None], table * 0.5, picture)
+    picture = np.where((blade & ~interior)[..., None], table * 0.4, picture)
+    picture = np.where(
+        handle.astype(bool)[..., None], np.array([225, 140, 40], np.float32), picture
+    )
+    rng = np.random.default_rng(seed + 1)
+    picture = cv2.GaussianBlur(picture, (0, 0), 0.4) + rng.normal(0, 2.0, picture.shape)
+    picture = np.clip(picture, 0, 255).astype(np.uint8)
+
+    def small(image: np.ndarray) -> np.ndarray:
+        return cv2.resize(image, (256, 256), interpolation=cv2.INTER_AREA)
+
+    cast = (shade > 0.2) & ~cv2.dilate(blade.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(
+        bool
+    )
+    return (
+        small(picture),
+        small(cv2.erode(interior.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(np.float32))
+        > 0.5,
+        small(cast.astype(np.float32)) > 0.5,
+    )
+
+
+def test_dark_plateau_outlined_inside_its_shadow_is_not_shadow() -> None:
+    """A grey blade the table's colour, lying in its own soft shadow, is darker with the same
+    chromaticity (shadow-like) and joined to the shadow, but outlined by a step all round and
+    about as light as the shadow around it: it is the object, not shadow, and not backdrop a
+    pocket may carve. The cast shadow around it stays shadow."""
+    from serve_app.backends.cpu.backdrop import fit_backdrop
+
+    picture, interior, cast = blade_in_its_shadow(61)
+    model = fit_backdrop(picture)
+    assert cast.sum() > 1000
+    assert (model.shadow & cast).sum() >= 0.75 * cast.sum()
+    assert (model.shadow & interior).sum() <= 0.1 * interior.sum()
+    assert (model.backdrop_like & interior).sum() <= 0.1 * interior.sum()

@@ -39,6 +39,18 @@ LOCAL_SIGMA = 0.04
 # a shadow.
 SHADOW_MAX_JUMP = 0.3
 SHADOW_MAX_CRISP_SHARE = 0.5
+# Dark plateaus: a shadow-like piece split off by fine lightness steps (more than
+# SHADOW_FINE_JUMP within 3 pixels) is a dark part of the object lying in its own shadow (a
+# grey blade on grey cloth) when such steps make most of its edge towards the rest of the
+# backdrop (an outline all round, SHADOW_PLATEAU_STEP_SHARE), it borders little else
+# (SHADOW_PLATEAU_MAX_OTHER: a shadow's core hugs the object that casts it) and it is about as
+# light as the shadow around it (SHADOW_PLATEAU_RATIO: a core is clearly darker than its
+# penumbra; the outline, not a ramp down, sets it apart).
+SHADOW_FINE_JUMP = 0.12
+SHADOW_PLATEAU_STEP_SHARE = 0.8
+SHADOW_PLATEAU_MAX_OTHER = 0.15
+SHADOW_PLATEAU_RATIO = (0.85, 1.05)
+SHADOW_PLATEAU_MIN_PIXELS = 20
 
 
 @dataclass(frozen=True)
@@ -150,10 +162,17 @@ def fit_backdrop(
         floor = np.zeros((height, width), dtype=bool)
         floor[height // 2 :] = True
     shadow_like, lit = _backdrop_likeness(rgb, predicted)
-    shadow = _soft_shadows(shadow_like & floor, rgb, predicted)
+    shadow, plateau = _soft_shadows(shadow_like & floor, rgb, predicted, lit)
     noise = float(np.median(noises))
     return Backdrop(
-        lab, predicted, distance, shadow, table, ring, noise, (shadow_like & floor) | lit
+        lab,
+        predicted,
+        distance,
+        shadow,
+        table,
+        ring,
+        noise,
+        (shadow_like & floor & ~plateau) | lit,
     )
 
 
@@ -256,9 +275,12 @@ def _backdrop_likeness(rgb: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarr
     return np.asarray(darker & same_chroma), np.asarray(lit & same_chroma)
 
 
-def _soft_shadows(candidates: np.ndarray, rgb: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """Shadow-like regions bounded by soft edges (a penumbra). A region mostly bounded by
-    crisp edges is a dark part of the object instead (a grey blade on a grey table)."""
+def _soft_shadows(
+    candidates: np.ndarray, rgb: np.ndarray, predicted: np.ndarray, lit: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(shadows, dark plateaus). Shadows: shadow-like regions bounded by soft edges (a
+    penumbra). A region mostly bounded by crisp edges is a dark part of the object instead (a
+    grey blade on a grey table), as is a dark plateau inside a shadow (`_dark_plateaus`)."""
     lightness = cv2.cvtColor(rgb.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)[..., 0]
     raw_ratio = lightness / np.maximum(predicted[..., 0] / LIGHTNESS_WEIGHT, 1.0)
     # Fine texture (wood grain, a weave) is not an edge: a median filter removes it and
@@ -270,7 +292,7 @@ def _soft_shadows(candidates: np.ndarray, rgb: np.ndarray, predicted: np.ndarray
     pieces = candidates & ~crisp
     count, labels = cv2.connectedComponents(pieces.astype(np.uint8), connectivity=8)
     if count <= 1:
-        return pieces
+        return pieces, np.zeros_like(pieces)
     grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
     border = (labels == 0) & (grown > 0)
     crisp_share = np.bincount(grown[border], weights=crisp[border], minlength=count) / np.maximum(
@@ -278,7 +300,48 @@ def _soft_shadows(candidates: np.ndarray, rgb: np.ndarray, predicted: np.ndarray
     )
     soft = crisp_share < SHADOW_MAX_CRISP_SHARE
     soft[0] = False
-    return np.asarray(soft[labels])
+    shadow = np.asarray(soft[labels])
+    if SHADOW_FINE_JUMP <= 0:
+        return shadow, np.zeros_like(shadow)
+    plateau = _dark_plateaus(shadow, ratio, candidates | lit)
+    return shadow & ~plateau, plateau
+
+
+def _dark_plateaus(shadow: np.ndarray, ratio: np.ndarray, backdrop: np.ndarray) -> np.ndarray:
+    """Pieces of `shadow` that are dark plateaus of the object (see SHADOW_PLATEAU_*):
+    split off by fine lightness steps, outlined by them towards the rest of the backdrop,
+    bordering little but backdrop, and about as light as the backdrop around them."""
+    kernel = np.ones((3, 3), np.uint8)
+    step = (cv2.dilate(ratio, kernel) - cv2.erode(ratio, kernel)) > SHADOW_FINE_JUMP
+    pieces = shadow & ~step
+    count, labels = cv2.connectedComponents(pieces.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros_like(shadow)
+    grown = cv2.dilate(labels.astype(np.float32), np.ones((5, 5), np.uint8)).astype(np.int32)
+    border = (labels == 0) & (grown > 0)
+    outer = border & backdrop
+
+    def per_piece(where: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        index = grown if where is not pieces else labels
+        values = None if weights is None else weights[where]
+        return np.bincount(index[where], weights=values, minlength=count)
+
+    outer_count = np.maximum(per_piece(outer), 1)
+    step_share = per_piece(outer, step) / outer_count
+    other_share = per_piece(border & ~backdrop) / np.maximum(per_piece(border), 1)
+    size = per_piece(pieces)
+    inner_ratio = per_piece(pieces, ratio) / np.maximum(size, 1)
+    outer_ratio = per_piece(outer, ratio) / outer_count
+    relative = inner_ratio / np.maximum(outer_ratio, 1e-3)
+    plateau = (
+        (step_share >= SHADOW_PLATEAU_STEP_SHARE)
+        & (other_share <= SHADOW_PLATEAU_MAX_OTHER)
+        & (relative >= SHADOW_PLATEAU_RATIO[0])
+        & (relative <= SHADOW_PLATEAU_RATIO[1])
+        & (size >= SHADOW_PLATEAU_MIN_PIXELS)
+    )
+    plateau[0] = False
+    return np.asarray(plateau[labels])
 
 
 def _edge_line(table: np.ndarray) -> np.ndarray:
