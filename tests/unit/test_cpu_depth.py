@@ -121,12 +121,18 @@ def test_each_part_is_judged_on_its_own() -> None:
     assert both[disc(120, 90)].max() == pytest.approx(alone_disc.max(), rel=1e-6)
 
 
-def test_ball_height_matches_brute_force() -> None:
-    rng = np.random.default_rng(3)
+def blob(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random 40 x 50 outline with holes and parts, and its distance to the outline."""
+    rng = np.random.default_rng(seed)
     interior = cv2.GaussianBlur(rng.random((40, 50)), (0, 0), 3) > 0.5
     distance = cv2.distanceTransform(
         np.pad(interior, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
     )[1:-1, 1:-1].astype(np.float64)
+    return interior, distance
+
+
+def test_ball_height_matches_brute_force() -> None:
+    interior, distance = blob(3)
     fast = geometry._ball_height(interior, distance)
     rows, cols = np.nonzero(interior)
     ys, xs = np.mgrid[0:40, 0:50]
@@ -211,11 +217,7 @@ def test_lying_tube_keeps_round_sections() -> None:
 
 def test_ball_owner_row_reaches_the_ball_height() -> None:
     """The ball centre's row found with the separable pass carries the highest ball."""
-    rng = np.random.default_rng(5)
-    interior = cv2.GaussianBlur(rng.random((40, 50)), (0, 0), 3) > 0.5
-    distance = cv2.distanceTransform(
-        np.pad(interior, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
-    )[1:-1, 1:-1].astype(np.float64)
+    interior, distance = blob(5)
     height, owner = geometry._ball_height_and_owner(interior, distance)
     ys, xs = np.nonzero(interior)
     source = owner[ys, xs].astype(int)
