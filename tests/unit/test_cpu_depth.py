@@ -133,7 +133,7 @@ def blob(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_ball_height_matches_brute_force() -> None:
     interior, distance = blob(3)
-    fast = geometry._ball_height(interior, distance)
+    fast = geometry._ball_height_and_owner(interior, distance)[0]
     rows, cols = np.nonzero(interior)
     ys, xs = np.mgrid[0:40, 0:50]
     squared = distance[rows, cols, None, None] ** 2 - (ys - rows[:, None, None]) ** 2
@@ -148,9 +148,9 @@ def test_profile_exponent_reshapes_the_profile_but_not_its_peak(
     """The sweep knob of bench/quality.py: below 1 the profile is fuller near the outline
     (boxier), at the same peak height; 1.0 (the default) leaves the union of balls as it is."""
     interior = np.pad(disc()[::4, ::4], 1)
-    plain = geometry._profile_height(interior, (1.0, 1.0))
+    plain = geometry._profile(interior, (1.0, 1.0))[0]
     monkeypatch.setattr(geometry, "PROFILE_EXPONENT", 0.5)
-    fuller = geometry._profile_height(interior, (1.0, 1.0))
+    fuller = geometry._profile(interior, (1.0, 1.0))[0]
     assert fuller.max() == pytest.approx(plain.max())
     near_rim = interior & (plain > 0) & (plain < 0.5 * plain.max())
     assert (fuller[near_rim] > plain[near_rim]).all()

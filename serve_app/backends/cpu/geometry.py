@@ -26,7 +26,7 @@ from serve_app.errors import GenerationFailed, NoObjectFound
 # and a disc a half-flattened ball (4 would make it a sphere). Measured on scanned objects
 # (bench/quality.py), 1.5-2 fits best; thicker (3-4.5) loses on all but the bulkiest.
 INFLATION = 2.0
-# The hidden side (issue #17): depth relative to the local width (see _depth_scale).
+# The hidden side (issue #17): depth relative to the local width (see _shape_cues).
 # Bulkiness = widest inscribed radius / sqrt(area of its part): a disc is 0.56, a 1:4
 # rectangle 0.25; at or below BULK_THIN the profile is DEPTH_SCALE_MIN deep, at or above
 # BULK_ROUND fully round.
@@ -381,17 +381,12 @@ def _remove_pinches(cells: np.ndarray) -> np.ndarray:
     raise GenerationFailed("Could not build a manifold outline from the object mask.")
 
 
-def _profile_height(interior: np.ndarray, cell_size: tuple[float, float]) -> np.ndarray:
-    """Height of the front above the silhouette's plane (the back mirrors it); see _profile."""
-    return _profile(interior, cell_size)[0]
-
-
 def _profile(interior: np.ndarray, cell_size: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Height of the front above the mid-surface (the back mirrors it) and the mid-surface's
     depth (0 for an upright object), both on the grid's vertices.
 
     Every inside point carries a ball as wide as the silhouette there (its distance to the
-    outline); the surface is the top of their union, scaled by `_depth_scale`. So depth
+    outline); the surface is the top of their union, scaled by `_shape_cues`. So depth
     follows the local width: a limb or handle is a round tube, a compact body (an animal's
     trunk, a stone) as deep as it is wide, where the Poisson profile of the legacy path made
     a disc only 0.7 of that. A thin object lies on the table: each ball is moved in depth
@@ -455,11 +450,6 @@ def _lying_mid(
     return np.asarray(slope * (centre - float(centre[part].mean())) * cell_size[1])
 
 
-def _depth_scale(interior: np.ndarray, distance: np.ndarray) -> float:
-    """How deep the object is relative to its local width (see _shape_cues)."""
-    return _shape_cues(interior, distance)[0]
-
-
 def _shape_cues(interior: np.ndarray, distance: np.ndarray) -> tuple[float, float, float]:
     """How deep the object is relative to its local width, how much it lies flat on the
     table (0 upright .. 1 lying) and how much it is a tube, guessed from its silhouette.
@@ -507,12 +497,6 @@ def _across(rows: np.ndarray, cols: np.ndarray) -> float:
     along = (LIE_AXIS_UPRIGHT_DEG - angle) / (LIE_AXIS_UPRIGHT_DEG - LIE_AXIS_FLAT_DEG)
     long = (elongation - LIE_ELONGATION_MIN) / (LIE_ELONGATION_FULL - LIE_ELONGATION_MIN)
     return float(np.clip(along, 0.0, 1.0) * np.clip(long, 0.0, 1.0))
-
-
-def _ball_height(interior: np.ndarray, distance: np.ndarray) -> np.ndarray:
-    """Top of the union of balls of radius distance[q] centred on every interior vertex q,
-    in cells: h(p)^2 = max_q distance[q]^2 - |p - q|^2 (see _ball_height_and_owner)."""
-    return _ball_height_and_owner(interior, distance)[0]
 
 
 def _ball_height_and_owner(
