@@ -121,7 +121,8 @@ def fit_backdrop(
         region_distance = np.linalg.norm(field - lab, axis=-1)
         # The border palette only seeds the first pass; the refit uses the local estimate.
         if background is None:
-            palette = _palette(lab[ring & region] if (ring & region).sum() >= 12 else lab[chosen])
+            border = ring & region
+            palette = kmeans_palette(lab[border] if border.sum() >= 12 else lab[chosen])
             cluster_distance = np.min(
                 np.linalg.norm(lab[:, :, None, :] - palette[None, None], axis=-1), axis=-1
             )
@@ -197,17 +198,26 @@ def _fit_field(
     return np.asarray(basis @ coef, dtype=np.float32), residual
 
 
-def _palette(colours: np.ndarray, clusters: int = 4) -> np.ndarray:
-    """A few representative backdrop colours (deterministic k-means)."""
+def kmeans_palette(
+    colours: np.ndarray,
+    clusters: int = 4,
+    min_share: float = MIN_PALETTE_SHARE,
+    max_samples: int | None = None,
+) -> np.ndarray:
+    """Representative colours of a set of pixels (deterministic k-means): the centres of the
+    clusters holding at least `min_share` of them (the largest always). With `max_samples`,
+    a larger set is thinned to every n-th colour first."""
     colours = np.ascontiguousarray(colours, dtype=np.float32)
     if len(colours) <= clusters:
         return colours
+    if max_samples is not None and len(colours) > max_samples:
+        colours = colours[:: len(colours) // max_samples + 1]
     cv2.setRNGSeed(PALETTE_SEED)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
     initial = np.zeros((len(colours), 1), np.int32)
     _, labels, centres = cv2.kmeans(colours, clusters, initial, criteria, 2, cv2.KMEANS_PP_CENTERS)
     share = np.bincount(np.asarray(labels).ravel(), minlength=clusters) / len(colours)
-    return np.asarray(centres[share >= min(MIN_PALETTE_SHARE, share.max())], dtype=np.float32)
+    return np.asarray(centres[share >= min(min_share, share.max())], dtype=np.float32)
 
 
 def _table_region(lab: np.ndarray, ring: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from serve_app.backends.cpu.backdrop import Backdrop, fit_backdrop
+from serve_app.backends.cpu.backdrop import Backdrop, fit_backdrop, kmeans_palette
 from serve_app.errors import NoObjectFound
 
 SegmentationMethod = Literal["alpha", "grabcut", "none"]
@@ -29,8 +29,6 @@ MAX_COVERAGE = 0.98
 SMALL_HOLE_FRACTION = 0.01
 # Weight of lightness against hue in the colour distance to the backdrop.
 LIGHTNESS_WEIGHT = 0.8
-# A border colour cluster this small is an object touching the frame, not backdrop.
-MIN_PALETTE_SHARE = 0.2
 # Guided-filter regulariser (grey levels²): edges weaker than ~sqrt of it are ignored.
 GUIDED_EPSILON = 0.02**2
 # Outline pixels are decided by colour only where object and backdrop differ this much (RGB).
@@ -224,24 +222,11 @@ def _background_distance(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     field_distance = np.linalg.norm(basis @ coef - lab, axis=-1)
 
     # Colour clusters of the border catch two-tone backdrops (wall and table).
-    palette = _border_palette(ring_lab)
+    palette = kmeans_palette(ring_lab)
     cluster_distance = np.min(
         np.linalg.norm(lab[:, :, None, :] - palette[None, None], axis=-1), axis=-1
     )
     return np.minimum(field_distance, cluster_distance).astype(np.float32), ring
-
-
-def _border_palette(colours: np.ndarray, clusters: int = 4) -> np.ndarray:
-    """A few representative border colours (deterministic k-means)."""
-    colours = np.ascontiguousarray(colours, dtype=np.float32)
-    if len(colours) <= clusters:
-        return colours
-    cv2.setRNGSeed(GRABCUT_SEED)
-    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
-    initial = np.zeros((len(colours), 1), np.int32)
-    _, labels, centres = cv2.kmeans(colours, clusters, initial, criteria, 2, cv2.KMEANS_PP_CENTERS)
-    share = np.bincount(np.asarray(labels).ravel(), minlength=clusters) / len(colours)
-    return np.asarray(centres[share >= min(MIN_PALETTE_SHARE, share.max())], dtype=np.float32)
 
 
 def _otsu_threshold(values: np.ndarray) -> float:
@@ -479,7 +464,7 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     if count <= 1 or rest.sum() < 0.3 * mask.sum():
         # Most of the mask looks like the backdrop: no object colour to compare with.
         return mask
-    palette = _palette_of(model.lab[rest])
+    palette = kmeans_palette(model.lab[rest], clusters=6, min_share=0.0, max_samples=4000)
     nearest = np.zeros(mask.shape, np.float32)
     inside = labels > 0
     nearest[inside] = np.min(
@@ -507,20 +492,6 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     pocket[0] = False
     result = mask & ~pocket[labels]
     return result if result.any() else mask
-
-
-def _palette_of(colours: np.ndarray, clusters: int = 6) -> np.ndarray:
-    """Representative colours of a set of pixels (deterministic k-means)."""
-    colours = np.ascontiguousarray(colours, dtype=np.float32)
-    if len(colours) <= clusters:
-        return colours
-    if len(colours) > 4000:
-        colours = colours[:: len(colours) // 4000 + 1]
-    cv2.setRNGSeed(GRABCUT_SEED)
-    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
-    initial = np.zeros((len(colours), 1), np.int32)
-    _, _, centres = cv2.kmeans(colours, clusters, initial, criteria, 2, cv2.KMEANS_PP_CENTERS)
-    return np.asarray(centres, dtype=np.float32)
 
 
 def _colour_matte(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarray:
