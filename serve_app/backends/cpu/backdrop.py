@@ -331,17 +331,19 @@ def _dark_plateaus(shadow: np.ndarray, ratio: np.ndarray, backdrop: np.ndarray) 
     border = (labels == 0) & (grown > 0)
     outer = border & backdrop
 
-    def per_piece(where: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-        index = grown if where is not pieces else labels
+    def around(where: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """Per piece: the count (or sum of `weights`) of `where`'s pixels around it."""
         values = None if weights is None else weights[where]
-        return np.bincount(index[where], weights=values, minlength=count)
+        return np.bincount(grown[where], weights=values, minlength=count)
 
-    outer_count = np.maximum(per_piece(outer), 1)
-    step_share = per_piece(outer, step) / outer_count
-    other_share = per_piece(border & ~backdrop) / np.maximum(per_piece(border), 1)
-    size = per_piece(pieces)
-    inner_ratio = per_piece(pieces, ratio) / np.maximum(size, 1)
-    outer_ratio = per_piece(outer, ratio) / outer_count
+    outer_count = np.maximum(around(outer), 1)
+    step_share = around(outer, step) / outer_count
+    other_share = around(border & ~backdrop) / np.maximum(around(border), 1)
+    size = np.bincount(labels[pieces], minlength=count)
+    inner_ratio = np.bincount(labels[pieces], weights=ratio[pieces], minlength=count) / np.maximum(
+        size, 1
+    )
+    outer_ratio = around(outer, ratio) / outer_count
     relative = inner_ratio / np.maximum(outer_ratio, 1e-3)
     plateau = (
         (step_share >= SHADOW_PLATEAU_STEP_SHARE)
