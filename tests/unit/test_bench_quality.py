@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import trimesh
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,3 +55,40 @@ def test_quality_bench_oracles_bound_the_backend(tmp_path: Path) -> None:
     assert set(rows) == {"cpu", "oracle-scale", "oracle-mirror"}
     assert rows["oracle-scale"] >= rows["cpu"]
     assert 0.0 < rows["oracle-mirror"] <= 1.0
+
+
+def test_silhouette_errors_split_the_rim_from_whole_regions() -> None:
+    """The per-case anatomy of a mask's errors: pixels one off along the true outline are
+    counted apart from a region that should not be there (a shadow strip)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import quality
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    truth = np.zeros((40, 40), bool)
+    truth[10:30, 10:30] = True
+    mask = truth.copy()
+    mask[10, 10:30] = False  # the top row of the outline lost: 20 missed, all in the rim
+    mask[30, 12:18] = True  # one pixel too far below: 6 extra, in the rim
+    mask[33:36, 5:35] = True  # a strip apart from the object: 90 extra, none in the rim
+    (missed, missed_rim), (extra, extra_rim) = quality.silhouette_errors(mask, truth)
+    assert (missed, missed_rim) == (20, 20)
+    assert (extra, extra_rim) == (96, 6)
+    assert quality.silhouette_errors(truth, truth) == ((0, 0), (0, 0))
+
+
+def test_quality_bench_cases_table_counts_the_errors(tmp_path: Path) -> None:
+    command = capsule_bench(tmp_path, "--size=128", "--views=1", "--methods=cpu", "--cases")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    rows = [
+        cells
+        for cells in (line.split("|") for line in result.stdout.splitlines())
+        if len(cells) == 9 and cells[1].strip() == "capsule" and cells[4].strip() == "cpu"
+    ]
+    assert len(rows) == 1, result.stdout
+    iou, missed, extra = (cell.strip() for cell in rows[0][5:8])
+    assert 0.9 < float(iou) <= 1.0
+    # "N (R)": R of the N pixels lie in the rim, so R <= N.
+    for cell in (missed, extra):
+        total, rim = cell.replace("(", "").replace(")", "").split()
+        assert 0 <= int(rim) <= int(total)
