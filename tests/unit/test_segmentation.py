@@ -519,3 +519,32 @@ def test_outline_off_by_working_pixels_settles_on_the_faint_edge(off_by: int) ->
     assert iou(matted, truth) < 0.95
     refined = segment._graph_cut_outline(matted, picture, 2.0)
     assert iou(refined, truth) > 0.98
+
+
+def test_contact_shadow_along_the_outline_goes_back_to_the_backdrop() -> None:
+    """A working-size GrabCut took a strip of the contact shadow along with a dark bar (5
+    working pixels deep). Where the backdrop model calls those pixels shadow, the last graph
+    cut starts them as probable backdrop and gives them back; told nothing about shadows, it
+    keeps them (they are deeper than its band)."""
+    from serve_app.backends.cpu import segment
+
+    rng = np.random.default_rng(43)
+    truth = np.zeros((SIZE, SIZE), bool)
+    truth[140:170, 60:260] = True
+    footprint = np.zeros((SIZE, SIZE), np.float32)
+    footprint[165:185, 55:265] = 1.0
+    shade = 0.45 * cv2.GaussianBlur(footprint, (0, 0), 4.0)
+    table = np.array([150.0, 152.0, 156.0], np.float32)
+    picture = np.broadcast_to(table, (SIZE, SIZE, 3)) * (1.0 - shade[..., None])
+    picture = np.where(truth[..., None], np.array([70.0, 74.0, 86.0], np.float32), picture)
+    picture = cv2.GaussianBlur(picture.astype(np.float32), (0, 0), 0.7)
+    picture = np.clip(picture + rng.normal(0, 2.5, picture.shape) + 0.5, 0, 255).astype(np.uint8)
+    shadow = (shade > 0.05) & ~truth
+    rough = truth.copy()
+    rough[170:180, 60:260] = True
+    assert iou(rough, truth) < 0.8
+
+    refined = segment._graph_cut_outline(rough, picture, 2.0, shadow)
+    assert iou(refined, truth) > 0.97
+    kept = segment._graph_cut_outline(rough, picture, 2.0)
+    assert iou(kept, truth) < 0.8

@@ -38,6 +38,10 @@ MATTE_MIN_CONTRAST = 24.0
 OUTLINE_BAND = 2.0
 # ... in this many GrabCut iterations (its colour models learnt from the object's crop).
 OUTLINE_ITERATIONS = 1
+# Pixels of the mask that the backdrop model calls shadow and that lie at most this many
+# working pixels inside the outline (a contact shadow GrabCut took along) start that graph
+# cut as probable backdrop rather than sure object.
+OUTLINE_SHADOW_DEPTH = 6.0
 # A second clear part joins the object when it is at least this strong (a pair of shoes).
 SALIENT_SHARE = 0.3
 # A region of the mask with the backdrop's chromaticity is a pocket of backdrop (a handle
@@ -365,7 +369,10 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     mask = _edge_aware_upsample(mask, rgb)
     factor = rgb.shape[1] / small_w
     mask = _colour_matte(mask, rgb, factor)
-    mask = _graph_cut_outline(mask, rgb, factor)
+    shadow = cv2.resize(
+        model.shadow.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST
+    ).astype(bool)
+    mask = _graph_cut_outline(mask, rgb, factor, shadow)
     return _checked_coverage(mask)
 
 
@@ -548,20 +555,33 @@ def _colour_matte(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarra
     return np.asarray(keep[labels])
 
 
-def _graph_cut_outline(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarray:
+def _graph_cut_outline(
+    mask: np.ndarray, rgb: np.ndarray, factor: float, shadow: np.ndarray | None = None
+) -> np.ndarray:
     """Settle the outline at full resolution with GrabCut in a band around it: what lies
     deeper inside is sure object, what lies further out sure backdrop, and the band goes to
     whichever side the photo's own edges and the colours of the object's crop say. A GrabCut
     at the working size follows a faint edge (dark rubber on its own shadow, a yellow banana
     before a yellow wall) only to within a working pixel or two, and the colour matte leaves
     such edges undecided or, on a shaded rim, decides them wrongly; the graph cut's edge
-    term finds them."""
+    term finds them. `shadow` (full resolution): the backdrop model's shadows, which start
+    as probable backdrop up to OUTLINE_SHADOW_DEPTH inside the outline."""
     reach = max(2, round(OUTLINE_BAND * factor))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
     grown = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
     shrunk = cv2.erode(mask.astype(np.uint8), kernel).astype(bool)
     if not shrunk.any():
         return mask
+    shallow = np.zeros_like(mask)
+    if shadow is not None and shadow.any():
+        depth = max(reach, round(OUTLINE_SHADOW_DEPTH * factor))
+        deep = cv2.erode(
+            mask.astype(np.uint8),
+            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * depth + 1, 2 * depth + 1)),
+        ).astype(bool)
+        shallow = mask & shadow & ~deep
+        if not (shrunk & ~shallow).any():
+            shallow[:] = False
     # The crop: the band and a margin of backdrop for the colour models to learn from.
     ys, xs = np.nonzero(grown)
     pad = 2 * reach
@@ -571,6 +591,7 @@ def _graph_cut_outline(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.n
     labels[grown[y0:y1, x0:x1]] = cv2.GC_PR_BGD
     labels[mask[y0:y1, x0:x1]] = cv2.GC_PR_FGD
     labels[shrunk[y0:y1, x0:x1]] = cv2.GC_FGD
+    labels[shallow[y0:y1, x0:x1]] = cv2.GC_PR_BGD
     background_model = np.zeros((1, 65), np.float64)
     object_model = np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(GRABCUT_SEED)
@@ -588,7 +609,7 @@ def _graph_cut_outline(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.n
     # Only what stays joined to the sure inside is the object.
     count, components = cv2.connectedComponents(result.astype(np.uint8), connectivity=8)
     keep = np.zeros(count, bool)
-    keep[np.unique(components[shrunk])] = True
+    keep[np.unique(components[shrunk & ~shallow])] = True
     keep[0] = False
     return np.asarray(keep[components])
 
