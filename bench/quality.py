@@ -42,7 +42,8 @@ from scipy.spatial import cKDTree
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve_app.backends.base import GenerationOptions
-from serve_app.backends.cpu import CPUBackend, geometry
+from serve_app.backends.cpu import CPUBackend, geometry, segment
+from serve_app.backends.cpu import backdrop as backdrop_model
 from serve_app.backends.cpu.segment import segment_image
 from serve_app.errors import Photo3DError
 from serve_app.settings import Settings
@@ -584,6 +585,8 @@ class Case:
     methods: tuple[str, ...] = DEFAULT_METHODS
     # Overrides of serve_app.backends.cpu.geometry constants (name, value), for sweeps.
     geometry: tuple[tuple[str, float], ...] = ()
+    # ... and of segment.py / backdrop.py constants.
+    segmentation: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -610,6 +613,8 @@ def evaluate(case: Case) -> list[Result]:
     cv2.setNumThreads(1)
     for name, value in case.geometry:
         setattr(geometry, name, value)
+    for name, value in case.segmentation:
+        setattr(segment if hasattr(segment, name) else backdrop_model, name, value)
     scan = load_scan(case.path, case.up)
     azimuth, elevation = VIEWS[case.view]
     view = render(scan, azimuth, elevation, case.size)
@@ -766,14 +771,22 @@ def summarise(results: list[Result], styles: tuple[str, ...], methods: tuple[str
         ]
         photo_ious = [r.iou for r in scored if r.method == method and r.style in PHOTO_STYLES]
         refused = [r for r in results if r.error and r.method == method]
+        if not photo_ious:
+            continue
+        masks = (
+            f"silhouette IoU min {min(photo_ious):.3f}, "
+            f"{sum(i < 0.95 for i in photo_ious)} of {len(photo_ious)} below 0.95; "
+            f"{len(refused)} photos refused"
+        )
         if gaps:
             lines.append(
                 f"- {method}: F@5% on photo-like backgrounds is {_mean(gaps):.3f} below the "
                 f"same views with alpha (mean over {len(gaps)}; worst case {max(gaps):.3f}); "
-                f"silhouette IoU min {min(photo_ious):.3f}, "
-                f"{sum(i < 0.95 for i in photo_ious)} of {len(photo_ious)} below 0.95; "
-                f"{len(refused)} photos refused"
+                + masks
             )
+        else:
+            # Without the transparent renders (a sweep of the masks) only the masks' part.
+            lines.append(f"- {method} (no transparent renders to compare with): " + masks)
     if "cpu" in methods and "cpu-legacy" in methods:
         for label, chosen_styles in (("all backgrounds", styles), ("photo-like", PHOTO_STYLES)):
             pairs = {
@@ -830,6 +843,14 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="override a constant of serve_app/backends/cpu/geometry.py (sweeps); repeatable",
     )
+    parser.add_argument(
+        "--segment",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a constant of serve_app/backends/cpu/segment.py or backdrop.py "
+        "(sweeps); repeatable",
+    )
     # --- issue #17 masks: every case's silhouette IoU, to find the failing masks ---
     parser.add_argument(
         "--cases",
@@ -859,9 +880,24 @@ def main() -> int:
         if not hasattr(geometry, name):
             parser.error(f"no constant {name} in serve_app/backends/cpu/geometry.py")
         overrides.append((name, float(value)))
+    segment_overrides = []
+    for item in args.segment:
+        name, _, value = item.partition("=")
+        if not name.isupper() or not (hasattr(segment, name) or hasattr(backdrop_model, name)):
+            parser.error(f"no constant {name} in serve_app/backends/cpu/segment.py or backdrop.py")
+        segment_overrides.append((name, float(value)))
     views = len(view_indices)
     cases = [
-        Case(path, args.up, view, style, args.size, methods, tuple(overrides))
+        Case(
+            path,
+            args.up,
+            view,
+            style,
+            args.size,
+            methods,
+            tuple(overrides),
+            tuple(segment_overrides),
+        )
         for path in paths
         for view in view_indices
         for style in styles

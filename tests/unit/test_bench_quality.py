@@ -35,6 +35,11 @@ def test_quality_bench_subset_with_geometry_override(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "NOT_A_CONSTANT" in bad.stderr
+    bad = subprocess.run(
+        [*command[:3], "--segment=NOT_A_CONSTANT=1"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2
+    assert "segment.py or backdrop.py" in bad.stderr
 
 
 def test_quality_bench_oracles_bound_the_backend(tmp_path: Path) -> None:

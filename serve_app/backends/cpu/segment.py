@@ -565,7 +565,10 @@ def _graph_cut_outline(
     before a yellow wall) only to within a working pixel or two, and the colour matte leaves
     such edges undecided or, on a shaded rim, decides them wrongly; the graph cut's edge
     term finds them. `shadow` (full resolution): the backdrop model's shadows, which start
-    as probable backdrop up to OUTLINE_SHADOW_DEPTH inside the outline."""
+    as probable backdrop up to OUTLINE_SHADOW_DEPTH inside the outline. OUTLINE_BAND or
+    OUTLINE_SHADOW_DEPTH at 0 turns the step or its shadow rule off (bench sweeps)."""
+    if OUTLINE_BAND <= 0:
+        return mask
     reach = max(2, round(OUTLINE_BAND * factor))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
     grown = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
@@ -573,7 +576,7 @@ def _graph_cut_outline(
     if not shrunk.any():
         return mask
     shallow = np.zeros_like(mask)
-    if shadow is not None and shadow.any():
+    if shadow is not None and shadow.any() and OUTLINE_SHADOW_DEPTH > 0:
         depth = max(reach, round(OUTLINE_SHADOW_DEPTH * factor))
         deep = cv2.erode(
             mask.astype(np.uint8),
