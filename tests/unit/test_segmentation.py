@@ -548,3 +548,25 @@ def test_contact_shadow_along_the_outline_goes_back_to_the_backdrop() -> None:
     assert iou(refined, truth) > 0.97
     kept = segment._graph_cut_outline(rough, picture, 2.0)
     assert iou(kept, truth) < 0.8
+
+
+def test_outline_of_a_large_photo_is_settled_on_a_reduced_copy() -> None:
+    """Above OUTLINE_MAX_SIDE the graph cut runs on a reduced copy (its cost grows with the
+    crop's pixels) and still moves a faint outline onto the photo's edge; where the copy
+    did not change, the full-resolution mask stays as it was."""
+    from serve_app.backends.cpu import segment
+
+    rng = np.random.default_rng(47)
+    height, width = 800, 1600
+    truth = np.zeros((height, width), bool)
+    truth[300:500, 150:1450] = True
+    picture = np.where(truth[..., None], [[[104.0, 108.0, 116.0]]], [[[120.0, 121.0, 126.0]]])
+    picture = cv2.GaussianBlur(picture.astype(np.float32), (0, 0), 1.2)
+    picture = np.clip(picture + rng.normal(0, 2.5, picture.shape) + 0.5, 0, 255).astype(np.uint8)
+    rough = cv2.dilate(truth.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    assert iou(rough, truth) < 0.95
+    factor = width / 256  # the working copy's scale
+    refined = segment._graph_cut_outline(rough, picture, factor)
+    assert iou(refined, truth) > 0.98
+    # Far from the outline nothing was touched.
+    assert (refined[330:470, 180:1420]).all() and not refined[:250].any()

@@ -36,8 +36,10 @@ MATTE_MIN_CONTRAST = 24.0
 # A last graph cut at full resolution may move the outline by up to this many working
 # pixels (GrabCut at the working size is off by one or two along low-contrast edges) ...
 OUTLINE_BAND = 2.0
-# ... in this many GrabCut iterations (its colour models learnt from the object's crop).
+# ... in this many GrabCut iterations (its colour models learnt from the object's crop),
+# on a copy of the photo at most this large (its cost grows with the crop's pixels).
 OUTLINE_ITERATIONS = 1
+OUTLINE_MAX_SIDE = 1024
 # Pixels of the mask that the backdrop model calls shadow and that lie at most this many
 # working pixels inside the outline (a contact shadow GrabCut took along) start that graph
 # cut as probable backdrop rather than sure object.
@@ -569,6 +571,9 @@ def _graph_cut_outline(
     OUTLINE_SHADOW_DEPTH at 0 turns the step or its shadow rule off (bench sweeps)."""
     if OUTLINE_BAND <= 0:
         return mask
+    height, width = mask.shape
+    if max(height, width) > OUTLINE_MAX_SIDE:
+        return _graph_cut_outline_reduced(mask, rgb, factor, shadow)
     reach = max(2, round(OUTLINE_BAND * factor))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
     grown = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
@@ -613,6 +618,46 @@ def _graph_cut_outline(
     count, components = cv2.connectedComponents(result.astype(np.uint8), connectivity=8)
     keep = np.zeros(count, bool)
     keep[np.unique(components[shrunk & ~shallow])] = True
+    keep[0] = False
+    return np.asarray(keep[components])
+
+
+def _graph_cut_outline_reduced(
+    mask: np.ndarray, rgb: np.ndarray, factor: float, shadow: np.ndarray | None
+) -> np.ndarray:
+    """`_graph_cut_outline` for a photo larger than OUTLINE_MAX_SIDE: the cut runs on a
+    reduced copy, and its result replaces the full-resolution mask only where it changed
+    the copy (elsewhere the colour matte's full-resolution outline stays)."""
+    height, width = mask.shape
+    scale = OUTLINE_MAX_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    reduced = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5
+    reduced_shadow = None
+    if shadow is not None:
+        reduced_shadow = cv2.resize(
+            shadow.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST
+        ).astype(bool)
+    cut = _graph_cut_outline(
+        reduced,
+        cv2.resize(rgb, size, interpolation=cv2.INTER_AREA),
+        factor * size[0] / width,
+        reduced_shadow,
+    )
+    changed = cut != reduced
+    if not changed.any():
+        return mask
+    full = (width, height)
+    decided = cv2.resize(cut.astype(np.float32), full, interpolation=cv2.INTER_LINEAR) >= 0.5
+    where = cv2.dilate(
+        cv2.resize(changed.astype(np.uint8), full, interpolation=cv2.INTER_NEAREST),
+        np.ones((3, 3), np.uint8),
+    ).astype(bool)
+    result = np.where(where, decided, mask)
+    # Only what stays joined to the object's inside is the object.
+    inside = mask & ~where
+    count, components = cv2.connectedComponents(result.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, bool)
+    keep[np.unique(components[inside])] = True
     keep[0] = False
     return np.asarray(keep[components])
 
