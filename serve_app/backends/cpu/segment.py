@@ -550,11 +550,7 @@ def _colour_matte(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarra
     region = result[y0:y1, x0:x1]
     region[decided] = alpha[decided] >= 0.5
     # Only what stays joined to the sure inside is the object.
-    count, labels = cv2.connectedComponents(result.astype(np.uint8), connectivity=8)
-    keep = np.zeros(count, bool)
-    keep[np.unique(labels[shrunk])] = True
-    keep[0] = False
-    return np.asarray(keep[labels])
+    return _keep_components_touching(result, shrunk)
 
 
 def _graph_cut_outline(
@@ -615,11 +611,7 @@ def _graph_cut_outline(
     result = mask.copy()
     result[y0:y1, x0:x1] = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
     # Only what stays joined to the sure inside is the object.
-    count, components = cv2.connectedComponents(result.astype(np.uint8), connectivity=8)
-    keep = np.zeros(count, bool)
-    keep[np.unique(components[shrunk & ~shallow])] = True
-    keep[0] = False
-    return np.asarray(keep[components])
+    return _keep_components_touching(result, shrunk & ~shallow)
 
 
 def _graph_cut_outline_reduced(
@@ -654,12 +646,7 @@ def _graph_cut_outline_reduced(
     ).astype(bool)
     result = np.where(where, decided, mask)
     # Only what stays joined to the object's inside is the object.
-    inside = mask & ~where
-    count, components = cv2.connectedComponents(result.astype(np.uint8), connectivity=8)
-    keep = np.zeros(count, bool)
-    keep[np.unique(components[inside])] = True
-    keep[0] = False
-    return np.asarray(keep[components])
+    return _keep_components_touching(result, mask & ~where)
 
 
 def _grabcut_pass(small: np.ndarray, model: Backdrop) -> tuple[np.ndarray, np.ndarray, float]:
