@@ -58,6 +58,8 @@ ORACLE_MIRROR_OFFSETS = (-0.2, 0.0, 0.2, 0.4)
 ORACLES = ("oracle-scale", "oracle-mirror")
 METHODS = ("cpu-legacy", "cpu", "billboard", "ellipsoid", "ceiling", *ORACLES)
 DEFAULT_METHODS = ("cpu-legacy", "cpu")
+# The backend's modules whose constants --geometry and --segment may override (sweeps).
+CONSTANTS = {"geometry": geometry, "segment": segment, "backdrop": backdrop_model}
 STYLES = ("transparent", "opaque", "photo-near", "photo-wood", "photo-cloth")
 THRESHOLDS = (0.02, 0.05, 0.10)
 # Views as (azimuth, elevation) in degrees around the mesh's up axis: four sides from a
@@ -583,10 +585,8 @@ class Case:
     style: str
     size: int
     methods: tuple[str, ...] = DEFAULT_METHODS
-    # Overrides of serve_app.backends.cpu.geometry constants (name, value), for sweeps.
-    geometry: tuple[tuple[str, float], ...] = ()
-    # ... and of segment.py / backdrop.py constants.
-    segmentation: tuple[tuple[str, float], ...] = ()
+    # Overrides of the backend's constants (module in CONSTANTS, name, value), for sweeps.
+    overrides: tuple[tuple[str, str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -611,10 +611,8 @@ class Result:
 def evaluate(case: Case) -> list[Result]:
     """All methods on one (scan, view, background) case."""
     cv2.setNumThreads(1)
-    for name, value in case.geometry:
-        setattr(geometry, name, value)
-    for name, value in case.segmentation:
-        setattr(segment if hasattr(segment, name) else backdrop_model, name, value)
+    for module, name, value in case.overrides:
+        setattr(CONSTANTS[module], name, value)
     scan = load_scan(case.path, case.up)
     azimuth, elevation = VIEWS[case.view]
     view = render(scan, azimuth, elevation, case.size)
@@ -875,29 +873,19 @@ def main() -> int:
     if not view_indices or not all(0 <= v < len(VIEWS) for v in view_indices):
         parser.error("unknown view")
     overrides = []
-    for item in args.geometry:
-        name, _, value = item.partition("=")
-        if not hasattr(geometry, name):
-            parser.error(f"no constant {name} in serve_app/backends/cpu/geometry.py")
-        overrides.append((name, float(value)))
-    segment_overrides = []
-    for item in args.segment:
-        name, _, value = item.partition("=")
-        if not name.isupper() or not (hasattr(segment, name) or hasattr(backdrop_model, name)):
-            parser.error(f"no constant {name} in serve_app/backends/cpu/segment.py or backdrop.py")
-        segment_overrides.append((name, float(value)))
+    for items, modules, where in (
+        (args.geometry, ("geometry",), "geometry.py"),
+        (args.segment, ("segment", "backdrop"), "segment.py or backdrop.py"),
+    ):
+        for item in items:
+            name, _, value = item.partition("=")
+            owner = [m for m in modules if name.isupper() and hasattr(CONSTANTS[m], name)]
+            if not owner:
+                parser.error(f"no constant {name} in serve_app/backends/cpu/{where}")
+            overrides.append((owner[0], name, float(value)))
     views = len(view_indices)
     cases = [
-        Case(
-            path,
-            args.up,
-            view,
-            style,
-            args.size,
-            methods,
-            tuple(overrides),
-            tuple(segment_overrides),
-        )
+        Case(path, args.up, view, style, args.size, methods, tuple(overrides))
         for path in paths
         for view in view_indices
         for style in styles
