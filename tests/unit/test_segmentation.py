@@ -436,6 +436,30 @@ def test_enclosed_shadowed_table_needs_less_colour_evidence() -> None:
     assert (truth & carved).sum() >= 0.97 * truth.sum()
 
 
+def test_contact_shadow_on_a_coloured_table_needs_less_colour_evidence() -> None:
+    """A dark tool on a wood table, its contact shadow joined to the mask along the outline: the
+    shadow keeps the wood's hue, which the tool's neutral rubber lacks, so it is carved out
+    although its colour is close to the tool's dark ochre band (the full colour evidence, as on
+    a grey table, would keep it)."""
+    from serve_app.backends.cpu import segment
+    from serve_app.backends.cpu.backdrop import fit_backdrop
+
+    picture, truth, opening = loop_on_table(
+        (150, 104, 66), (80, 52, 30), (60, 68, 80), 0.0, 150, 51
+    )
+    contact = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.ellipse(contact, (240, 250), (80, 12), 0, 0, 360, 1, -1)
+    contact = contact.astype(bool) & ~truth
+    shade = cv2.GaussianBlur(contact.astype(np.float32), (0, 0), 4.0) * ~truth
+    picture = np.clip(picture * (1.0 - 0.5 * shade[..., None]), 0, 255).astype(np.uint8)
+    model = fit_backdrop(picture)
+    assert segment._coloured_floor(model)
+    assert (model.shadow & contact).sum() > 0.8 * contact.sum()
+    carved = segment._carve_backdrop_pockets(truth | opening | contact, model)
+    assert (contact & ~carved).sum() >= 0.9 * contact.sum()
+    assert (truth & carved).sum() >= 0.95 * truth.sum()
+
+
 def blade_in_its_shadow(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(picture, blade interior, cast shadow outside the blade) at the working
     resolution: an orange handle and a grey blade of the table's own chromaticity lying on a

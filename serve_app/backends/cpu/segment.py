@@ -53,8 +53,12 @@ POCKET_MAX_SHARE = 0.25
 POCKET_MIN_DISTANCE = 5.0
 # Pocket candidates at least this light against the backdrop form their own pockets.
 POCKET_LIGHT_RATIO = 0.8
-# ... and it needs this fraction of that colour distance when the object encloses it.
+# ... and it needs this fraction of that colour distance when the object encloses it on the
+# table, or when it is mostly a shadow on a coloured table (below).
 POCKET_ENCLOSED_EASING = 0.5
+# A table whose colour has at least this chroma (weighted Lab) is coloured: its shadows keep a
+# hue that a neutral part of the object (grey rubber, a black blade) does not share.
+COLOURED_FLOOR_CHROMA = 10.0
 # A part enclosed by the photo's edges joins the object when the edge between it and the
 # backdrop is on average this many times the backdrop's own median gradient.
 EDGE_MIN_CONTRAST = 3.0
@@ -486,9 +490,8 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     nearest[inside] = np.min(
         np.linalg.norm(model.lab[inside][:, None, :] - palette[None], axis=-1), axis=-1
     )
-    unlike = np.bincount(labels.ravel(), weights=nearest.ravel(), minlength=count) / np.maximum(
-        stats[:, cv2.CC_STAT_AREA], 1
-    )
+    area = np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+    unlike = np.bincount(labels.ravel(), weights=nearest.ravel(), minlength=count) / area
     # A region on the table the object encloses on every side (seen through a loop) needs less
     # colour evidence than one on the object's outline: the rest of the object next to it is
     # often shaded like it (the inside of a loop in its own shadow).
@@ -496,18 +499,31 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     open_side = np.bincount(labels[outside].ravel(), minlength=count) > 0
     # On the wall, an enclosed region of the wall's colour is as likely a part of the object
     # in front of a near-colour wall: only on the table is enclosure evidence.
-    on_floor = np.bincount(
-        labels.ravel(), weights=model.table.ravel(), minlength=count
-    ) > 0.5 * np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
+    on_floor = np.bincount(labels.ravel(), weights=model.table.ravel(), minlength=count) > (
+        0.5 * area
+    )
+    eased = on_floor & ~open_side
+    # A contact shadow on a coloured table (wood) has the table's hue, darker; the object's
+    # own dark parts would need that hue too. On a grey table they need not (grey rubber on
+    # grey cloth is shadow-like), and the full colour evidence stays.
+    if _coloured_floor(model):
+        shadowed = np.bincount(labels.ravel(), weights=model.shadow.ravel(), minlength=count)
+        eased |= on_floor & (shadowed > 0.5 * area)
     needed = max(POCKET_MIN_DISTANCE, 2.0 * model.noise) * np.where(
-        open_side | ~on_floor, 1.0, POCKET_ENCLOSED_EASING
+        eased, POCKET_ENCLOSED_EASING, 1.0
     )
-    pocket = (stats[:, cv2.CC_STAT_AREA] <= POCKET_MAX_SHARE * float(mask.sum())) & (
-        unlike > needed
-    )
+    pocket = (area <= POCKET_MAX_SHARE * float(mask.sum())) & (unlike > needed)
     pocket[0] = False
     result = mask & ~pocket[labels]
     return result if result.any() else mask
+
+
+def _coloured_floor(model: Backdrop) -> bool:
+    """Whether the table's expected colour is coloured rather than grey (COLOURED_FLOOR_CHROMA)."""
+    if not model.table.any():
+        return False
+    floor = model.predicted[model.table]
+    return float(np.median(np.hypot(floor[:, 1], floor[:, 2]))) >= COLOURED_FLOOR_CHROMA
 
 
 def _colour_matte(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarray:
