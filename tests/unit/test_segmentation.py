@@ -460,6 +460,25 @@ def test_contact_shadow_on_a_coloured_table_needs_less_colour_evidence() -> None
     assert (truth & carved).sum() >= 0.95 * truth.sum()
 
 
+def test_wide_blur_on_a_reduced_copy_matches_the_full_blur() -> None:
+    """The colour matte's wide blurs (large photos) run on a reduced copy: the result must
+    stay within a small fraction of the full-size Gaussian blur, for a sharp step too."""
+    from serve_app.backends.cpu.segment import MATTE_MAX_SIGMA, _wide_blur
+
+    image = np.zeros((900, 700), np.float32)
+    cv2.circle(image, (340, 460), 230, 1.0, -1)
+    cv2.rectangle(image, (40, 60), (90, 820), 1.0, -1)  # a thin bar: a sharp, narrow feature
+    sigma = 3.0 * MATTE_MAX_SIGMA
+    exact = cv2.GaussianBlur(image, (0, 0), sigma)
+    reduced = _wide_blur(image, sigma)
+    assert reduced.shape == exact.shape
+    assert float(np.abs(reduced - exact).max()) < 0.02
+    # Below the limit the blur is the plain one, bit for bit.
+    assert (
+        _wide_blur(image, MATTE_MAX_SIGMA) == cv2.GaussianBlur(image, (0, 0), MATTE_MAX_SIGMA)
+    ).all()
+
+
 def blade_in_its_shadow(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(picture, blade interior, cast shadow outside the blade) at the working
     resolution: an orange handle and a grey blade of the table's own chromaticity lying on a

@@ -33,6 +33,10 @@ LIGHTNESS_WEIGHT = 0.8
 GUIDED_EPSILON = 0.02**2
 # Outline pixels are decided by colour only where object and backdrop differ this much (RGB).
 MATTE_MIN_CONTRAST = 24.0
+# The matte's local means blur with a sigma that grows with the photo (1.5 working pixels);
+# wider than this many pixels, the blur runs on a reduced copy (a large photo: 3.7 of 4.7 s
+# of a 4000 px photo's segmentation went to full-size blurs of sigma 23).
+MATTE_MAX_SIGMA = 8.0
 # A last graph cut at full resolution may move the outline by up to this many working
 # pixels (GrabCut at the working size is off by one or two along low-contrast edges) ...
 OUTLINE_BAND = 2.0
@@ -547,26 +551,42 @@ def _colour_matte(mask: np.ndarray, rgb: np.ndarray, factor: float) -> np.ndarra
     # to compare an outline pixel with is the one right next to it.
     sigma = 1.0 * reach
 
-    def local_mean(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        weight = cv2.GaussianBlur(region.astype(np.float32), (0, 0), sigma)
-        total = cv2.GaussianBlur(colour * region[..., None], (0, 0), sigma)
-        return total / np.maximum(weight, 1e-4)[..., None], weight
+    def blurred(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _wide_blur(colour * region[..., None], sigma), _wide_blur(
+            region.astype(np.float32), sigma
+        )
 
-    inside, inside_weight = local_mean(shrunk[y0:y1, x0:x1])
-    outside, outside_weight = local_mean(~grown[y0:y1, x0:x1])
+    inside_total, inside_weight = blurred(shrunk[y0:y1, x0:x1])
+    outside_total, outside_weight = blurred(~grown[y0:y1, x0:x1])
+    # Only the band's pixels are decided: the arithmetic runs on them alone.
+    rows, cols = np.nonzero(band[y0:y1, x0:x1] & (inside_weight > 0.05) & (outside_weight > 0.05))
+    inside = inside_total[rows, cols] / np.maximum(inside_weight[rows, cols], 1e-4)[:, None]
+    outside = outside_total[rows, cols] / np.maximum(outside_weight[rows, cols], 1e-4)[:, None]
     contrast = inside - outside
-    alpha = ((colour - outside) * contrast).sum(-1) / np.maximum((contrast**2).sum(-1), 1e-6)
-    decided = (
-        band[y0:y1, x0:x1]
-        & (np.linalg.norm(contrast, axis=-1) > MATTE_MIN_CONTRAST)
-        & (inside_weight > 0.05)
-        & (outside_weight > 0.05)
+    alpha = ((colour[rows, cols] - outside) * contrast).sum(-1) / np.maximum(
+        (contrast**2).sum(-1), 1e-6
     )
+    decided = np.linalg.norm(contrast, axis=-1) > MATTE_MIN_CONTRAST
     result = mask.copy()
     region = result[y0:y1, x0:x1]
-    region[decided] = alpha[decided] >= 0.5
+    region[rows[decided], cols[decided]] = alpha[decided] >= 0.5
     # Only what stays joined to the sure inside is the object.
     return _keep_components_touching(result, shrunk)
+
+
+def _wide_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur; above MATTE_MAX_SIGMA it runs on a copy reduced by the smallest integer
+    step that brings the sigma to at most MATTE_MAX_SIGMA, and is scaled back (the result is
+    smooth at that scale): the cost no longer grows with the photo's area times the sigma."""
+    if sigma <= MATTE_MAX_SIGMA:
+        return cv2.GaussianBlur(image, (0, 0), sigma)
+    step = int(np.ceil(sigma / MATTE_MAX_SIGMA))
+    height, width = image.shape[:2]
+    reduced = cv2.resize(
+        image, (max(1, -(-width // step)), max(1, -(-height // step))), interpolation=cv2.INTER_AREA
+    )
+    reduced = cv2.GaussianBlur(reduced, (0, 0), sigma / step)
+    return cv2.resize(reduced, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def _graph_cut_outline(
