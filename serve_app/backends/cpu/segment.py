@@ -501,18 +501,20 @@ def _carve_backdrop_pockets(mask: np.ndarray, model: Backdrop) -> np.ndarray:
     # often shaded like it (the inside of a loop in its own shadow).
     outside = cv2.dilate((~mask).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     open_side = np.bincount(labels[outside].ravel(), minlength=count) > 0
+
+    def mostly(flags: np.ndarray) -> np.ndarray:
+        """Per candidate: whether more than half its pixels are flagged."""
+        return np.bincount(labels.ravel(), weights=flags.ravel(), minlength=count) > 0.5 * area
+
     # On the wall, an enclosed region of the wall's colour is as likely a part of the object
     # in front of a near-colour wall: only on the table is enclosure evidence.
-    on_floor = np.bincount(labels.ravel(), weights=model.table.ravel(), minlength=count) > (
-        0.5 * area
-    )
+    on_floor = mostly(model.table)
     eased = on_floor & ~open_side
     # A contact shadow on a coloured table (wood) has the table's hue, darker; the object's
     # own dark parts would need that hue too. On a grey table they need not (grey rubber on
     # grey cloth is shadow-like), and the full colour evidence stays.
     if _coloured_floor(model):
-        shadowed = np.bincount(labels.ravel(), weights=model.shadow.ravel(), minlength=count)
-        eased |= on_floor & (shadowed > 0.5 * area)
+        eased |= on_floor & mostly(model.shadow)
     needed = max(POCKET_MIN_DISTANCE, 2.0 * model.noise) * np.where(
         eased, POCKET_ENCLOSED_EASING, 1.0
     )
