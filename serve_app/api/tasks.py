@@ -96,8 +96,16 @@ async def stream_task(
     changes = services.task_changes
 
     async def events() -> AsyncIterator[str]:
-        last_event, last_body, current = after, None, row
+        last_event, last_body = after, None
         async with changes.subscribe(str(row["id"])) as subscription:
+            # Read the task again now that changes wake us: one that ended between the read
+            # above and the subscription (a photo refused in milliseconds) sends no more
+            # notifications, and the stream would wait for them forever.
+            try:
+                current = await run_in_threadpool(services.get_task, account, task_id)
+            except Photo3DError as exc:
+                yield f"event: error\ndata: {json.dumps(exc.to_dict())}\n\n"
+                return
             while True:
                 try:
                     timeline = await run_in_threadpool(

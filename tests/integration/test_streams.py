@@ -4,15 +4,20 @@ the stream through LISTEN/NOTIFY (nothing polls), streams share one LISTEN conne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import httpx
 import psycopg
+import pytest
 from fastapi.testclient import TestClient
 
+from serve_app.accounts import LOCAL_ACCOUNT
 from serve_app.service import Services
+from serve_app.store.changes import Subscription
 from tests.integration.test_api_worker import make_worker, submit
 
 
@@ -77,6 +82,44 @@ def test_streams_are_woken_by_notify_through_one_listen_connection(
         ]
         assert statuses == ["queued", "canceled"]
     assert services.task_changes.subscriber_count == 0
+
+
+def test_a_task_that_ends_before_the_stream_subscribes_still_ends_the_stream(
+    client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A photo refused in milliseconds: the task ends after the stream first read it, and its
+    last notification is handed out before the stream subscribes. The stream must still send
+    the ended task and close, not wait for a change that will never come."""
+    from starlette.concurrency import run_in_threadpool
+
+    task = submit(client)
+    changes = services.task_changes
+    subscribe = changes.subscribe
+
+    @contextlib.asynccontextmanager
+    async def late_subscribe(task_id: str) -> AsyncIterator[Subscription]:
+        async with subscribe(task_id) as probe:  # sees the notification the stream misses
+            await run_in_threadpool(services.cancel_task, LOCAL_ACCOUNT, task_id)
+            assert await probe.wait(20), "the cancel was never notified"
+        async with subscribe(task_id) as subscription:
+            yield subscription
+
+    monkeypatch.setattr(changes, "subscribe", late_subscribe)
+    bodies: list[str] = []
+    reader = threading.Thread(
+        target=lambda: bodies.append(client.get(f"/api/v1/task/{task['id']}/stream").text)
+    )
+    reader.start()
+    reader.join(timeout=30)
+    hung = reader.is_alive()
+    if hung:  # wake it, so that the test fails instead of hanging
+        client.portal.call(changes._wake)  # type: ignore[union-attr]
+        reader.join(timeout=20)
+    assert not hung, "the stream waited for a change after the task had ended"
+    statuses = [
+        json.loads(m["data"])["status"] for m in parse_events(bodies[0]) if m["event"] == "task"
+    ]
+    assert statuses == ["canceled"]
 
 
 def test_last_event_id_resumes_a_stream(client: TestClient, services: Services) -> None:
