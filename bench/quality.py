@@ -15,11 +15,14 @@ ground-truth depth of the visible side lifted to a mesh. Every result is normali
 box centred, diagonal 1), aligned to the ground truth by similarity ICP started from the 24
 axis-aligned rotations, and scored by Chamfer-L1 and F-score at 2/5/10% of the diagonal.
 Silhouette IoU compares the backend's segmentation with the true mask (opaque backdrops).
+With `--matte PATH/u2net.onnx`, method cpu-u2net is the backend with its optional learned matte
+(PHOTO3D_CPU_MATTE=u2net) on the same photos.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import itertools
 import os
@@ -44,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serve_app.backends.base import GenerationOptions
 from serve_app.backends.cpu import CPUBackend, geometry, segment
 from serve_app.backends.cpu import backdrop as backdrop_model
+from serve_app.backends.cpu.matte import LearnedMatte
 from serve_app.backends.cpu.segment import segment_image
 from serve_app.errors import Photo3DError
 from serve_app.settings import Settings
@@ -56,7 +60,7 @@ from serve_app.settings import Settings
 ORACLE_MULTIPLIERS = (0.5, 0.7, 0.85, 1.0, 1.2, 1.45, 1.8)
 ORACLE_MIRROR_OFFSETS = (-0.2, 0.0, 0.2, 0.4)
 ORACLES = ("oracle-scale", "oracle-mirror")
-METHODS = ("cpu-legacy", "cpu", "billboard", "ellipsoid", "ceiling", *ORACLES)
+METHODS = ("cpu-legacy", "cpu", "cpu-u2net", "billboard", "ellipsoid", "ceiling", *ORACLES)
 DEFAULT_METHODS = ("cpu-legacy", "cpu")
 # The backend's modules whose constants --geometry and --segment may override (sweeps).
 CONSTANTS = {"geometry": geometry, "segment": segment, "backdrop": backdrop_model}
@@ -587,6 +591,13 @@ class Case:
     methods: tuple[str, ...] = DEFAULT_METHODS
     # Overrides of the backend's constants (module in CONSTANTS, name, value), for sweeps.
     overrides: tuple[tuple[str, str, float], ...] = ()
+    matte: str = ""  # the U2-Net file of cpu-u2net
+
+
+@functools.cache
+def learned_matte(path: str) -> LearnedMatte:
+    """One U2-Net session per bench process."""
+    return LearnedMatte.load(Path(path))
 
 
 @dataclass(frozen=True)
@@ -625,9 +636,11 @@ def evaluate(case: Case) -> list[Result]:
     for method in case.methods:
         legacy = method == "cpu-legacy"
         try:
-            if method in ("cpu", "cpu-legacy"):
-                seg = segment_image(image, legacy=legacy).mask
+            if method in ("cpu", "cpu-legacy", "cpu-u2net"):
+                matte = learned_matte(case.matte) if method == "cpu-u2net" else None
+                seg = segment_image(image, legacy=legacy, matte=matte).mask
                 backend = CPUBackend(Settings(), legacy=legacy)
+                backend.matte = matte
                 asset = backend.generate([image], GenerationOptions(), lambda f, s: None)
                 points = cpu_points(asset.glb, METRIC_POINTS)
                 if method == "cpu":
@@ -849,6 +862,12 @@ def main() -> int:
         help="override a constant of serve_app/backends/cpu/segment.py or backdrop.py "
         "(sweeps); repeatable",
     )
+    parser.add_argument(
+        "--matte",
+        default="",
+        metavar="PATH",
+        help="u2net.onnx for method cpu-u2net (the backend's optional learned matte)",
+    )
     # --- issue #17 masks: every case's silhouette IoU, to find the failing masks ---
     parser.add_argument(
         "--cases",
@@ -860,6 +879,13 @@ def main() -> int:
     methods = tuple(x for x in args.methods.split(",") if x)
     if not set(styles) <= set(STYLES) or not set(methods) <= set(METHODS):
         parser.error("unknown style or method")
+    if ("cpu-u2net" in methods) != bool(args.matte):
+        parser.error("--matte PATH goes with method cpu-u2net, and cpu-u2net needs it")
+    if args.matte:
+        try:  # a missing file or onnxruntime: say so before rendering
+            learned_matte(args.matte)
+        except Photo3DError as error:
+            parser.error(error.message)
 
     wanted = [x for x in args.scans.split(",") if x] or [""]
     paths = [p for p in sorted(args.meshes.rglob("*.obj")) if any(w in str(p) for w in wanted)]
@@ -885,7 +911,7 @@ def main() -> int:
             overrides.append((owner[0], name, float(value)))
     views = len(view_indices)
     cases = [
-        Case(path, args.up, view, style, args.size, methods, tuple(overrides))
+        Case(path, args.up, view, style, args.size, methods, tuple(overrides), args.matte)
         for path in paths
         for view in view_indices
         for style in styles

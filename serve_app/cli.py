@@ -459,12 +459,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.output or Path(args.photos[0]).with_suffix(f".{args.format}").name)
     out.write_bytes(data)
     if args.debug_dir:
-        _write_debug(Path(args.debug_dir), asset, images, options)
+        _write_debug(Path(args.debug_dir), asset, images, options, getattr(backend, "matte", None))
     print(f"wrote {out} ({len(data)} bytes, {time.monotonic() - t0:.2f} s)")
     return 0
 
 
-def _write_debug(folder: Path, asset: Any, images: list[Any], options: Any) -> None:
+def _write_debug(
+    folder: Path, asset: Any, images: list[Any], options: Any, matte: Any = None
+) -> None:
     """`generate --debug-dir`: the object mask the backend used and, for the cpu backend,
     the segmentation's intermediate images."""
     from serve_app.backends.cpu.backend import debug_images
@@ -475,7 +477,7 @@ def _write_debug(folder: Path, asset: Any, images: list[Any], options: Any) -> N
         (folder / "mask.png").write_bytes(asset.mask_png)
         written.append("mask.png")
     if options.backend == "cpu":
-        for name, data in debug_images(images[0], options).items():
+        for name, data in debug_images(images[0], options, matte).items():
             if name != "mask.png":
                 (folder / name).write_bytes(data)
                 written.append(name)
@@ -927,9 +929,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20, help="show: ledger entries")
     p.set_defaults(func=cmd_credits)
 
-    p = sub.add_parser("weights", help="fetch or verify TRELLIS weights (pinned revisions)")
+    p = sub.add_parser(
+        "weights", help="fetch or verify model weights (TRELLIS, the cpu backend's U2-Net matte)"
+    )
     p.add_argument("action", choices=["fetch", "verify"])
-    p.add_argument("model", choices=["trellis", "trellis2"])
+    p.add_argument("model", choices=["trellis", "trellis2", "u2net"])
     p.add_argument("--dest", help="weights folder (default: PHOTO3D_WEIGHTS_DIR or ./weights)")
     p.add_argument("--token", help="Hugging Face token for gated files (else $HF_TOKEN)")
     p.add_argument("--no-hashes", action="store_true", help="verify: skip checksums")

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     u2net_home: Path | None = None  # default: <weights_dir>/u2net (rembg u2net.onnx)
     dinov3_model_dir: Path | None = None  # default: <weights_dir>/dinov3-vitl16-pretrain-lvd1689m
     trellis2_rembg_dir: Path | None = None  # default: <weights_dir>/BiRefNet
+    # The CPU backend's segmentation of photos without transparency: "colour" (no weights, the
+    # default) or "u2net", rembg's U2-Net read from <u2net_home>/u2net.onnx (never downloaded;
+    # needs the `matte` extra). docs/cpu-backend.md.
+    cpu_matte: Literal["colour", "u2net"] = "colour"
     trellis2_low_vram: bool = True  # upstream default; False is faster on big dedicated GPUs
     gpu_warmup: bool = True
 

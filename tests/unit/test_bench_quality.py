@@ -97,3 +97,28 @@ def test_quality_bench_cases_table_counts_the_errors(tmp_path: Path) -> None:
     for cell in (missed, extra):
         total, rim = cell.replace("(", "").replace(")", "").split()
         assert 0 <= int(rim) <= int(total)
+
+
+def test_quality_bench_runs_the_learned_matte_side_by_side(tmp_path: Path) -> None:
+    """cpu-u2net: the backend with its optional learned matte, here a stand-in network (no
+    U2-Net weights reach this machine), on the same photo as cpu."""
+    from tests.unit.test_cpu_matte import stand_in_u2net
+
+    matte = stand_in_u2net(tmp_path / "u2net" / "u2net.onnx")
+    command = capsule_bench(tmp_path, "--size=128", "--views=1", "--styles=photo-wood")
+    command.remove("--styles=transparent")
+    result = subprocess.run(
+        [*command, "--methods=cpu,cpu-u2net", f"--matte={matte}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| photo-wood |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["cpu", "cpu-u2net"]
+    for bad, says in (
+        (["--methods=cpu-u2net"], "cpu-u2net needs it"),
+        (["--methods=cpu-u2net", f"--matte={tmp_path / 'none.onnx'}"], "does not exist"),
+    ):
+        refused = subprocess.run([*command, *bad], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and says in refused.stderr

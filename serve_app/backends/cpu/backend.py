@@ -24,8 +24,10 @@ from serve_app.backends.cpu.geometry import (
     vertex_normals,
 )
 from serve_app.backends.cpu.glb import write_glb
-from serve_app.backends.cpu.segment import encode_mask, segment_arrays, split_alpha
+from serve_app.backends.cpu.matte import LearnedMatte, matte_path
+from serve_app.backends.cpu.segment import Matte, encode_mask, segment_arrays, split_alpha
 from serve_app.backends.cpu.texture import build_texture
+from serve_app.backends.gpu.paths import local_paths
 from serve_app.errors import InvalidInput
 from serve_app.settings import Settings
 
@@ -45,9 +47,13 @@ class CPUBackend:
         # legacy: the segmentation and mirrored back before issue #17, kept callable so
         # bench/quality.py can compare both in one run. Never used by the service.
         self.legacy = legacy
+        self.matte: LearnedMatte | None = None
 
     def load(self) -> None:
-        """Nothing to download or warm up."""
+        """Nothing to download or warm up, unless the learned matte is on: then open its local
+        file (BackendUnavailable, saying what to do, when it or onnxruntime is missing)."""
+        if self.settings.cpu_matte == "u2net" and self.matte is None:
+            self.matte = LearnedMatte.load(matte_path(local_paths(self.settings).u2net_home))
 
     def check_health(self) -> None:
         """Always healthy: the backend holds no device or model state."""
@@ -64,7 +70,9 @@ class CPUBackend:
         progress(0.0, "segmenting")
         image = _working_image(images[0], options.texture_size)
         rgb, alpha = split_alpha(image)
-        segmentation = segment_arrays(rgb, alpha, options.remove_background, legacy=self.legacy)
+        segmentation = segment_arrays(
+            rgb, alpha, options.remove_background, legacy=self.legacy, matte=self.matte
+        )
 
         progress(0.35, "meshing")
         relief = shading_relief(segmentation.rgb, segmentation.mask)
@@ -95,12 +103,14 @@ class CPUBackend:
         )
 
 
-def debug_images(image: Image.Image, options: GenerationOptions) -> dict[str, bytes]:
+def debug_images(
+    image: Image.Image, options: GenerationOptions, matte: Matte | None = None
+) -> dict[str, bytes]:
     """PNG images explaining the segmentation of a photo (`photo3d generate --debug-dir`):
     the mask, the mask over the photo, and the intermediates of photo segmentation (distance
     to the backdrop model, shadows, the table band, the raw GrabCut result)."""
     rgb, alpha = split_alpha(_working_image(image, options.texture_size))
-    segmentation = segment_arrays(rgb, alpha, options.remove_background, debug=True)
+    segmentation = segment_arrays(rgb, alpha, options.remove_background, debug=True, matte=matte)
     overlay = segmentation.rgb.astype(np.float32)
     overlay[~segmentation.mask] = overlay[~segmentation.mask] * 0.3 + np.array([255, 0, 255]) * 0.2
     images = {

@@ -3,6 +3,7 @@ otherwise GrabCut seeded from the image border and a colour-distance prior."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,7 +15,9 @@ from scipy import ndimage
 from serve_app.backends.cpu.backdrop import Backdrop, fit_backdrop, kmeans_palette
 from serve_app.errors import NoObjectFound
 
-SegmentationMethod = Literal["alpha", "grabcut", "none"]
+SegmentationMethod = Literal["alpha", "grabcut", "learned", "none"]
+# A learned matte: an (H, W, 3) uint8 photo → its (H, W) uint8 alpha (matte.LearnedMatte).
+Matte = Callable[[np.ndarray], np.ndarray]
 
 # GrabCut runs on about this many pixels (256 x 256: ~0.15 s on one core); the outline is
 # smoothed at full resolution afterwards, so a larger working image buys little.
@@ -110,10 +113,11 @@ def segment_image(
     *,
     legacy: bool = False,
     debug: bool = False,
+    matte: Matte | None = None,
 ) -> Segmentation:
     """Segment a PIL photo; see `segment_arrays`."""
     rgb, alpha = split_alpha(image)
-    return segment_arrays(rgb, alpha, remove_background, legacy=legacy, debug=debug)
+    return segment_arrays(rgb, alpha, remove_background, legacy=legacy, debug=debug, matte=matte)
 
 
 def segment_arrays(
@@ -123,13 +127,16 @@ def segment_arrays(
     *,
     legacy: bool = False,
     debug: bool = False,
+    matte: Matte | None = None,
 ) -> Segmentation:
     """Object mask: alpha when present (auto), GrabCut when asked or without alpha.
 
     remove_background: None = auto, True = always segment the visible picture (alpha is
     not trusted as a mask), False = trust the alpha as it is, or take the whole frame when
     there is none. legacy: the segmentation before issue #17 (for benchmarks). debug: also
-    return intermediate images in `Segmentation.debug`.
+    return intermediate images in `Segmentation.debug`. matte: a learned matte (photo →
+    8-bit alpha, `matte.LearnedMatte`) used instead of the colour segmentation; its alpha is
+    then trusted like the photo's own.
     """
     if remove_background is False:
         if alpha is None:
@@ -142,6 +149,13 @@ def segment_arrays(
     picture = rgb if alpha is None else flatten_onto_backdrop(rgb, alpha)
     if legacy:
         return Segmentation(_legacy_grabcut_mask(picture), "grabcut", picture)
+    if matte is not None:
+        _refuse_flat(_working_copy(picture))
+        learned = matte(picture)
+        debug_images = {"learned_matte": learned} if debug else {}
+        return Segmentation(
+            _checked_coverage(_alpha_mask(learned)), "learned", picture, debug_images
+        )
     images: dict[str, np.ndarray] = {}
     mask = _photo_mask(picture, images if debug else None)
     return Segmentation(mask, "grabcut", picture, images)
@@ -170,16 +184,8 @@ def _legacy_grabcut_mask(rgb: np.ndarray) -> np.ndarray:
     """The segmentation before issue #17 (one border colour model, RGB GrabCut), kept so
     bench/quality.py can compare against it in the same run."""
     height, width = rgb.shape[:2]
-    # Scale by area, not longest side, so a long thin photo keeps enough rows.
-    scale = min(1.0, float(np.sqrt(WORK_PIXELS / (height * width))))
-    small_w, small_h = max(1, round(width * scale)), max(1, round(height * scale))
-    small = cv2.resize(rgb, (small_w, small_h), interpolation=cv2.INTER_AREA)
-
-    if float(small.reshape(-1, 3).std(axis=0).max()) < 1.5:
-        raise NoObjectFound(
-            "The photo is a single flat colour: there is no object to separate from the "
-            "background. Upload a photo of one object, ideally on a plain background."
-        )
+    small = _working_copy(rgb)
+    _refuse_flat(small)
 
     distance, ring = _background_distance(small)
     ring_values = distance[ring]
@@ -336,14 +342,9 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     along the photo's own edges.
     """
     height, width = rgb.shape[:2]
-    scale = min(1.0, float(np.sqrt(WORK_PIXELS / (height * width))))
-    small_w, small_h = max(1, round(width * scale)), max(1, round(height * scale))
-    small = cv2.resize(rgb, (small_w, small_h), interpolation=cv2.INTER_AREA)
-    if float(small.reshape(-1, 3).std(axis=0).max()) < 1.5:
-        raise NoObjectFound(
-            "The photo is a single flat colour: there is no object to separate from the "
-            "background. Upload a photo of one object, ideally on a plain background."
-        )
+    small = _working_copy(rgb)
+    small_h, small_w = small.shape[:2]
+    _refuse_flat(small)
 
     model = fit_backdrop(small)
     mask, salient, faint = _grabcut_pass(small, model)
@@ -384,6 +385,24 @@ def _photo_mask(rgb: np.ndarray, debug: dict[str, np.ndarray] | None = None) -> 
     ).astype(bool)
     mask = _graph_cut_outline(mask, rgb, factor, shadow)
     return _checked_coverage(mask)
+
+
+def _working_copy(rgb: np.ndarray) -> np.ndarray:
+    """The photo reduced to about WORK_PIXELS (never enlarged). By area, not longest side, so
+    a long thin photo keeps enough rows."""
+    height, width = rgb.shape[:2]
+    scale = min(1.0, float(np.sqrt(WORK_PIXELS / (height * width))))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def _refuse_flat(small: np.ndarray) -> None:
+    """NoObjectFound for a photo of one flat colour (both photo paths)."""
+    if float(small.reshape(-1, 3).std(axis=0).max()) < 1.5:
+        raise NoObjectFound(
+            "The photo is a single flat colour: there is no object to separate from the "
+            "background. Upload a photo of one object, ideally on a plain background."
+        )
 
 
 def _grow_along_edges(mask: np.ndarray, model: Backdrop, first: np.ndarray) -> np.ndarray:

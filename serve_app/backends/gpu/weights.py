@@ -204,6 +204,8 @@ U2NET = UrlFile(
 MODELS: dict[str, tuple[Component, ...]] = {
     "trellis": (TRELLIS_IMAGE_LARGE, DINOV2_HUB_CODE, DINOV2_VITL14_REG, U2NET),
     "trellis2": (TRELLIS2_4B, TRELLIS_SS_DECODER, DINOV3, BIREFNET),
+    # The CPU backend's optional learned matte (PHOTO3D_CPU_MATTE=u2net): the same file.
+    "u2net": (U2NET,),
 }
 
 
