@@ -164,11 +164,16 @@ def test_weights_fetch_and_verify_know_the_file(u2net_home: Path) -> None:
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`photo3d ARGS` with only PATH, PYTHONPATH and `env` in its environment."""
+    return run_python("-m", "serve_app.cli", *args, **env)
+
+
+def run_python(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "serve_app.cli", *args],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env},
     )
 
@@ -192,3 +197,19 @@ def test_generate_debug_dir_shows_the_learned_matte(tmp_path: Path, u2net_home: 
     assert {"mask.png", "overlay.png", "learned_matte.png"} <= {p.name for p in debug.iterdir()}
     with Image.open(debug / "learned_matte.png") as learned:
         assert learned.size == (WIDTH, HEIGHT)
+
+
+def test_matte_speed_bench_times_a_network_of_u2nets_size(tmp_path: Path) -> None:
+    """bench/matte_speed.py without weights: U2-Net's layers with random weights. Torch counts
+    44,009,869 parameters in U2NET(3, 1) of xuebinqin/U-2-Net's model/u2net.py; the same count
+    here means every convolution is there with its shape (the cost does not depend on the
+    weights' values)."""
+    photo = tmp_path / "box.png"
+    Image.fromarray(box_photo()).save(photo)
+    bench = str(ROOT / "bench" / "matte_speed.py")
+    result = run_python(bench, str(photo), "--runs", "1", "--no-pin")
+    assert result.returncode == 0, result.stderr
+    assert "(44,009,869 parameters)" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| box.png |"))
+    colour, learned = (float(cell) for cell in row.strip("| ").split("|")[2:4])
+    assert colour > 0 and learned > 0
