@@ -397,7 +397,7 @@ def _working_copy(rgb: np.ndarray) -> np.ndarray:
 
 
 def _refuse_flat(small: np.ndarray) -> None:
-    """NoObjectFound for a photo of one flat colour (both photo paths)."""
+    """NoObjectFound for a photo of one flat colour (every photo path: colour, learned, legacy)."""
     if float(small.reshape(-1, 3).std(axis=0).max()) < 1.5:
         raise NoObjectFound(
             "The photo is a single flat colour: there is no object to separate from the "
