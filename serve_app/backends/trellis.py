@@ -117,7 +117,7 @@ class TrellisBackend(GpuBackend):
         checkpoint = hub_dir / "checkpoints" / dinov2_checkpoint_name(cond_model)
         missing += missing_files(repo_dir, ["hubconf.py"])
         missing += missing_files(checkpoint.parent, [checkpoint.name])
-        u2net = self.paths.u2net_home / "u2net.onnx"
+        u2net = self.paths.u2net_file
         missing += missing_files(u2net.parent, [u2net.name])
         raise_if_missing(self.label, missing)
         return TrellisWeights(model_dir, repo_dir, checkpoint, u2net)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from serve_app.backends.base import GenerationOptions
 from serve_app.backends.cpu import CPUBackend
-from serve_app.backends.cpu.matte import LearnedMatte, matte_path
+from serve_app.backends.cpu.matte import LearnedMatte
 from serve_app.backends.cpu.segment import segment_image
 from serve_app.backends.gpu import weights
 from serve_app.errors import BackendUnavailable
@@ -86,12 +86,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def u2net_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("weights") / "u2net"
-    stand_in_u2net(matte_path(home))
+    stand_in_u2net(home / weights.U2NET_FILENAME)
     return home
 
 
 def test_the_matte_comes_back_at_the_photos_size_the_right_way_up(u2net_home: Path) -> None:
-    matte = LearnedMatte.load(matte_path(u2net_home))
+    matte = LearnedMatte.load(u2net_home / weights.U2NET_FILENAME)
     alpha = matte(box_photo())
     assert alpha.shape == (HEIGHT, WIDTH) and alpha.dtype == np.uint8
     # Stretched to the full range, as rembg does: the red box is opaque, the wall clear.
@@ -101,7 +101,7 @@ def test_the_matte_comes_back_at_the_photos_size_the_right_way_up(u2net_home: Pa
 
 
 def test_segmentation_trusts_the_learned_matte_like_an_alpha_channel(u2net_home: Path) -> None:
-    matte = LearnedMatte.load(matte_path(u2net_home))
+    matte = LearnedMatte.load(u2net_home / weights.U2NET_FILENAME)
     photo = Image.fromarray(box_photo())
     learned = segment_image(photo, matte=matte, debug=True)
     assert learned.method == "learned"
@@ -148,7 +148,7 @@ def test_missing_weights_or_runtime_say_what_to_do(
     assert "photo3d weights fetch u2net" in missing.value.message
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(BackendUnavailable) as no_runtime:
-        LearnedMatte.load(matte_path(u2net_home))
+        LearnedMatte.load(u2net_home / weights.U2NET_FILENAME)
     assert no_runtime.value.code == "matte_runtime_missing"
     assert "photo3d[matte]" in no_runtime.value.message
 

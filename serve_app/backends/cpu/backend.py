@@ -24,7 +24,7 @@ from serve_app.backends.cpu.geometry import (
     vertex_normals,
 )
 from serve_app.backends.cpu.glb import write_glb
-from serve_app.backends.cpu.matte import LearnedMatte, matte_path
+from serve_app.backends.cpu.matte import LearnedMatte
 from serve_app.backends.cpu.segment import Matte, encode_mask, segment_arrays, split_alpha
 from serve_app.backends.cpu.texture import build_texture
 from serve_app.backends.gpu.paths import local_paths
@@ -53,7 +53,7 @@ class CPUBackend:
         """Nothing to download or warm up, unless the learned matte is on: then open its local
         file (BackendUnavailable, saying what to do, when it or onnxruntime is missing)."""
         if self.settings.cpu_matte == "u2net" and self.matte is None:
-            self.matte = LearnedMatte.load(matte_path(local_paths(self.settings).u2net_home))
+            self.matte = LearnedMatte.load(local_paths(self.settings).u2net_file)
 
     def check_health(self) -> None:
         """Always healthy: the backend holds no device or model state."""

@@ -27,7 +27,6 @@ from serve_app.errors import BackendUnavailable
 INPUT_SIZE = (320, 320)
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
-MODEL_FILE = "u2net.onnx"
 
 
 class LearnedMatte:
@@ -79,8 +78,3 @@ class LearnedMatte:
         stretched = (prediction - low) / max(high - low, 1e-6)
         matte = Image.fromarray((stretched * 255).astype(np.uint8), mode="L")
         return np.asarray(matte.resize((width, height), Image.Resampling.LANCZOS))
-
-
-def matte_path(u2net_home: Path) -> Path:
-    """Where the U2-Net file is read from."""
-    return Path(u2net_home) / MODEL_FILE

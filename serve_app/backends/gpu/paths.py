@@ -43,6 +43,11 @@ class LocalPaths:
     dinov3_dir: Path
     rembg_dir: Path
 
+    @property
+    def u2net_file(self) -> Path:
+        """rembg's U2-Net: TRELLIS's background removal and the cpu backend's learned matte."""
+        return self.u2net_home / weights.U2NET_FILENAME
+
 
 def local_paths(settings: Settings) -> LocalPaths:
     """Resolve every local weight location from settings (explicit dirs win over the layout)."""

@@ -47,6 +47,7 @@ DINOV3_DIRNAME = "dinov3-vitl16-pretrain-lvd1689m"
 BIREFNET_DIRNAME = "BiRefNet"
 TORCH_HOME_DIRNAME = "torch"
 U2NET_DIRNAME = "u2net"
+U2NET_FILENAME = "u2net.onnx"  # the name rembg looks for in $U2NET_HOME
 # torch.hub names a cached GitHub repo <owner>_<name>_<ref>; keeping that name lets plain
 # torch.hub.load('facebookresearch/dinov2', …) find it too.
 DINOV2_HUB_DIRNAME = "facebookresearch_dinov2_main"
@@ -196,7 +197,7 @@ DINOV2_VITL14_REG = UrlFile(
 # this file with pooch and this md5 (rembg/sessions/u2net.py), and skips the download when present.
 U2NET = UrlFile(
     url="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx",
-    path=f"{U2NET_DIRNAME}/u2net.onnx",
+    path=f"{U2NET_DIRNAME}/{U2NET_FILENAME}",
     licence="U-2-Net code Apache-2.0; licence of the ONNX export not stated",
     checksum="md5:60024c5c889badc19c04ad937298a77b",
 )
