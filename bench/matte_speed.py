@@ -60,11 +60,7 @@ class _Graph:
         return f"{kind}{self.count}"
 
     def _weight(self, array: np.ndarray) -> str:
-        from onnx import numpy_helper
-
-        name = self._name("w")
-        self.weights.append(numpy_helper.from_array(array.astype(np.float32), name))
-        return name
+        return self._constant(array.astype(np.float32))
 
     def conv(self, x: str, out: int, kernel: int = 3, dilation: int = 1) -> str:
         """nn.Conv2d(in, out, kernel, padding=dilation, dilation=dilation) (padding 0 at 1x1)."""
@@ -90,7 +86,7 @@ class _Graph:
         self.shapes[y] = (out, height, width)
         return y
 
-    def _op(self, op: str, inputs: list[str], shape: tuple[int, int, int], **attrs: object) -> str:
+    def op(self, op: str, inputs: list[str], shape: tuple[int, int, int], **attrs: object) -> str:
         from onnx import helper
 
         y = self._name(op.lower())
@@ -103,20 +99,20 @@ class _Graph:
         as torch's ONNX export of a model in eval mode does."""
         y = self.conv(x, out, 3, dilation)
         self.parameters += 2 * out
-        return self._op("Relu", [y], self.shapes[y])
+        return self.op("Relu", [y], self.shapes[y])
 
     def pool(self, x: str) -> str:
         """nn.MaxPool2d(2, stride=2, ceil_mode=True)."""
         channels, height, width = self.shapes[x]
         shape = (channels, -(-height // 2), -(-width // 2))
-        return self._op("MaxPool", [x], shape, kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
+        return self.op("MaxPool", [x], shape, kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)
 
     def upsample_like(self, x: str, like: str) -> str:
         """F.upsample(size=like's, mode='bilinear')."""
         channels = self.shapes[x][0]
         _, height, width = self.shapes[like]
         sizes = self._constant(np.array([1, channels, height, width], np.int64))
-        return self._op(
+        return self.op(
             "Resize",
             [x, "", "", sizes],
             (channels, height, width),
@@ -134,10 +130,10 @@ class _Graph:
     def cat(self, *xs: str) -> str:
         channels = sum(self.shapes[x][0] for x in xs)
         _, height, width = self.shapes[xs[0]]
-        return self._op("Concat", list(xs), (channels, height, width), axis=1)
+        return self.op("Concat", list(xs), (channels, height, width), axis=1)
 
     def add(self, a: str, b: str) -> str:
-        return self._op("Add", [a, b], self.shapes[a])
+        return self.op("Add", [a, b], self.shapes[a])
 
     def rsu(self, x: str, depth: int, mid: int, out: int) -> str:
         """RSU-7/6/5/4: an encoder of depth - 2 pooled levels, a dilated bottom, a decoder."""
@@ -188,7 +184,7 @@ def u2net_layers(path: Path, seed: int = 0) -> int:
     for level in (hx2d, hx3d, hx4d, hx5d, hx6):
         sides.append(g.upsample_like(g.conv(level, 1), sides[0]))
     fused = g.conv(g.cat(*sides), 1, kernel=1)
-    outputs = [g._op("Sigmoid", [x], g.shapes[x]) for x in (fused, *sides)]
+    outputs = [g.op("Sigmoid", [x], g.shapes[x]) for x in (fused, *sides)]
     graph = helper.make_graph(
         g.nodes,
         "u2net_layers_random_weights",
