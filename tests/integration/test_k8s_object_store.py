@@ -113,6 +113,9 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         f"-filer.localSocket={tmp / 'filer.sock'}",
         f"-s3.localSocket={tmp / 's3.sock'}",
         "-volume.preStopSeconds=0",  # stop at once when the test ends
+        # The pod's 50Gi volume keeps its 1% (500 MB) free by default; this temp folder is on the
+        # host's shared disk, whose 1% (2.7 GB in CI) once refused every write. A test writes MBs.
+        "-volume.minFreeSpace=256MiB",
     ]
     assert args[0] == "server"
     log = (tmp / "weed.log").open("wb")

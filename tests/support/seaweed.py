@@ -122,6 +122,9 @@ def run_seaweed(data_dir: Path, timeout: float = 90) -> Iterator[SeaweedS3]:
         f"-volume.port.grpc={volume_grpc}",
         "-volume.max=0",
         "-volume.preStopSeconds=0",  # a test server stops at once
+        # The default keeps 1% of the disk free: 2.7 GB of a shared 270 GB disk, which refused
+        # every write in one CI run with 2.5 GB free. A test writes megabytes.
+        "-volume.minFreeSpace=256MiB",
         "-filer",
         f"-filer.port={filer}",
         f"-filer.port.grpc={filer_grpc}",
@@ -161,7 +164,11 @@ def run_seaweed(data_dir: Path, timeout: float = 90) -> Iterator[SeaweedS3]:
                 break
             except Exception:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"SeaweedFS cannot write:\n{server.log()}") from None
+                    free = shutil.disk_usage(data_dir).free
+                    raise AssertionError(
+                        f"SeaweedFS cannot write ({free / 2**20:.0f} MiB free on {data_dir}):\n"
+                        f"{server.log()}"
+                    ) from None
                 time.sleep(0.5)
         yield server
     finally:
