@@ -20,7 +20,10 @@ def pg_admin() -> Iterator[str]:
     url, server = pg.admin_url(ROOT / ".run")
     pg.make_template(url)
     yield url
-    del server
+    if server is not None:
+        # Stop it now, while pytest still captures logs: pgserver's own exit hook would log to a
+        # stream pytest has closed, and print a page of "Logging error" tracebacks.
+        server.cleanup()
 
 
 @pytest.fixture

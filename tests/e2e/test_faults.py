@@ -31,7 +31,7 @@ def server() -> Iterator[Any]:
     url, handle = pg.admin_url(ROOT / ".run")
     migrate(url)
     yield url, handle
-    del handle
+    handle.cleanup()  # stop and delete it now, while pytest still captures pgserver's logs
 
 
 @pytest.fixture(scope="module")
