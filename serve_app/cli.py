@@ -964,6 +964,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(
         get_settings().log_format, logging.DEBUG if args.verbose else logging.INFO, root=True
     )
+    if not args.verbose:
+        # Libraries' chatter at INFO: httpx logs every request (a line per poll and download
+        # of a client command), pgserver every handle it opens and closes. --verbose shows it.
+        for name in ("httpx", "httpcore", "pgserver"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     result: int = args.func(args)
     return result
 

@@ -149,6 +149,7 @@ def test_cli_submit_wait_status_tasks_download(stack: Stack, api_key: str, tmp_p
     task_id = submitted.stdout.strip()
     assert uuid.UUID(task_id) and out.stat().st_size > 84
     assert "%" in submitted.stderr  # the progress bar
+    assert "HTTP Request" not in submitted.stderr  # httpx's request log is for --verbose only
 
     status = cli("status", task_id, "--server", stack.url, key=api_key)
     assert status.returncode == 0 and "succeeded" in status.stdout
