@@ -311,14 +311,18 @@ class BulkJob:
         self.items.append(item)
 
     def _copy_outputs(self, name: str, task_id: str, result: TaskResult) -> dict[str, Any]:
-        """Copy each format and the preview to the output folder: <name>.glb, <name>_obj.zip…"""
+        """Copy each format and the preview to the output folder: <name>.glb, <name>_obj.zip,
+        <name>.mask.png…"""
         artifacts = self.services.artifacts
         files = {}
         for fmt in result.files:
             # A format the worker has not converted yet (it does so after the task succeeds)
             # is converted now by the service, as a download would.
             info = self.services.artifact(self.account, task_id, fmt)
-            target = self.output / f"{name}{info.filename.removeprefix('model')}"
+            # model.glb → <name>.glb, model_obj.zip → <name>_obj.zip; other files (mask.png)
+            # keep their whole name after a dot.
+            rest = info.filename.removeprefix("model")
+            target = self.output / f"{name}{rest if rest != info.filename else '.' + rest}"
             target.write_bytes(artifacts.get(info.key))
             files[fmt] = target.name
         preview = self.output / f"{name}.preview.png"

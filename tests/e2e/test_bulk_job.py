@@ -99,6 +99,12 @@ def test_ray_job_converts_a_folder_reports_and_skips_on_rerun(stack: Stack, tmp_
         assert trimesh.load(out / f"{name}.stl").is_watertight
         assert (out / f"{name}.preview.png").stat().st_size > 0
     assert "shelf__toy0.preview.png" in (out / "report.html").read_text()
+    for item in report["items"]:
+        for file_name in item.get("files", {}).values():
+            # <name>.glb, <name>_obj.zip, <name>.mask.png: the item's name, then a separator.
+            assert file_name.startswith((f"{item['name']}.", f"{item['name']}_")), file_name
+            assert (out / file_name).stat().st_size > 0
+    assert any("mask" in item.get("files", {}) for item in report["items"])  # photos, no alpha
 
     batch_id = report["batch_id"]
     with stack.client() as client:
