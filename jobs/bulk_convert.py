@@ -7,7 +7,8 @@ and artifact store (settings come from the cluster's PHOTO3D_* / DATABASE_URL en
         python -m jobs.bulk_convert --input /data/photos --output /data/models --formats glb,stl
 
 (`make run` serves Ray's job server on 127.0.0.1:8265; on a VM cluster or KubeRay use its
-address, or the RayJob in k8s/). It also runs as a plain script beside `make run`.
+address, or the RayJob in k8s/). It also runs as a plain script beside `make run` (without
+DATABASE_URL, on the embedded PostgreSQL in its run folder).
 
 Sources: a folder (recursive), or a manifest: CSV with a `photo` column (path relative to the
 manifest, or an http(s) URL) and optional `id` and option columns (`backend`, `texture_size`,
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from serve_app.batches import BATCH_PRIORITY
+from serve_app.embedded_pg import database_url_or_embedded
 from serve_app.errors import Photo3DError
 from serve_app.results import TaskResult
 from serve_app.service import Services
@@ -397,9 +399,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend:
         options["backend"] = args.backend
     batch_id = args.batch_id or default_batch_id(args.account, args.input, options)
+    # Beside `make run` without DATABASE_URL: the embedded server in its run folder.
+    _url, _embedded = database_url_or_embedded(get_settings())
     settings = get_settings()
     services = Services.from_settings(settings)
     services.db.open(wait=True)
+    backend = options.get("backend") or settings.default_backend
+    if not services.queue.live_workers(settings.worker_alive_seconds).get(backend):
+        print(
+            f"note: no live worker for backend {backend!r} yet: its tasks wait until one starts "
+            "(is photo3d running against this database?)",
+            file=sys.stderr,
+            flush=True,
+        )
     job = BulkJob(
         services,
         account=args.account,

@@ -17,29 +17,18 @@ from typing import Any
 
 import yaml
 
+from serve_app.embedded_pg import database_url_or_embedded
 from serve_app.formats import FORMATS
 from serve_app.settings import Settings, get_settings
 
 log = logging.getLogger("photo3d")
 
 
-def _database_url(settings: Settings) -> tuple[str, Any]:
-    """DATABASE_URL, or an embedded server started in the run folder."""
-    if settings.database_url:
-        return settings.database_url, None
-    from serve_app.embedded_pg import start_embedded_postgres
-
-    url, server = start_embedded_postgres(settings.run_dir / "pgdata")
-    os.environ["DATABASE_URL"] = url  # Ray workers inherit it
-    get_settings.cache_clear()
-    return url, server
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     from serve_app.store.migrate import migrate
 
     settings = get_settings()
-    url, _server = _database_url(settings)
+    url, _server = database_url_or_embedded(settings)
     applied = migrate(url)
     print(f"applied migrations: {applied}" if applied else "database is up to date")
     return 0
@@ -313,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics_url = pin_metrics_export(settings)  # before anything imports Ray
     run_dir = settings.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    url, _server = _database_url(settings)
+    url, _server = database_url_or_embedded(settings)
     from serve_app.store.migrate import migrate
 
     migrate(url)
@@ -489,7 +478,7 @@ def _accounts() -> Any:
     from serve_app.store.db import Database
     from serve_app.store.migrate import migrate
 
-    url, server = _database_url(get_settings())
+    url, server = database_url_or_embedded(get_settings())
     migrate(url)
     db = Database(url)
     db.open(wait=True)
@@ -553,7 +542,7 @@ def _billing() -> Any:
     from serve_app.store.migrate import migrate
 
     settings = get_settings()
-    url, server = _database_url(settings)
+    url, server = database_url_or_embedded(settings)
     migrate(url)
     db = Database(url)
     db.open(wait=True)

@@ -5,10 +5,13 @@ It listens on a Unix socket inside the run folder only: nothing is exposed on th
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 import psycopg
+
+from serve_app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,4 +39,18 @@ def start_embedded_postgres(pgdata: Path, database: str = "photo3d") -> tuple[st
             conn.execute(f'CREATE DATABASE "{database}"')
     url = server.get_uri(database)
     log.info("embedded PostgreSQL running in %s", pgdata)
+    return url, server
+
+
+def database_url_or_embedded(settings: Settings) -> tuple[str, Any]:
+    """DATABASE_URL, or the embedded server in the run folder (started, or the one `make run`
+    already runs there); return (url, server handle or None). Keep the handle while you use it.
+
+    The URL is also put in the environment (Ray workers inherit it) and the settings are read
+    again, so `get_settings()` has it from then on."""
+    if settings.database_url:
+        return settings.database_url, None
+    url, server = start_embedded_postgres(settings.run_dir / "pgdata")
+    os.environ["DATABASE_URL"] = url
+    get_settings.cache_clear()
     return url, server

@@ -4,6 +4,8 @@ JSON Lines manifest whose rows are URLs, converted by a real worker on a real Po
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +20,7 @@ from tests.integration.test_api_worker import make_worker
 from tests.support.images import object_photo
 from tests.support.seaweed import SeaweedS3
 
+ROOT = Path(__file__).resolve().parents[2]
 PHOTO = object_photo(160, seed=41, fmt="JPEG")
 
 
@@ -111,3 +114,44 @@ def test_a_manifest_of_urls_obeys_the_image_url_rules(
     assert by_id["sku-2"]["status"] == "rejected"
     assert by_id["sku-3"]["status"] == "rejected"
     assert by_id["sku-3"]["error"]["code"] != by_id["sku-2"]["error"]["code"]
+
+
+def test_beside_make_run_without_database_url_it_uses_the_embedded_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's plain-script form: `make run` (no DATABASE_URL) keeps its embedded PostgreSQL
+    in the run folder; the job finds that server there, and its outputs keep the item's name."""
+    from serve_app.embedded_pg import start_embedded_postgres
+    from serve_app.store.migrate import migrate
+
+    # Under the project's .run, not pytest's tmp dir: the server runs as the `pgserver` user,
+    # which pytest's 0700 tmp root would lock out.
+    run_dir = Path(tempfile.mkdtemp(prefix="bulk-run-", dir=ROOT / ".run"))
+    url, server = start_embedded_postgres(run_dir / "pgdata")  # what `make run` starts
+    try:
+        migrate(url)
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        monkeypatch.setenv("PHOTO3D_RUN_DIR", str(run_dir))
+        get_settings.cache_clear()
+        services = Services.from_settings(get_settings().model_copy(update={"database_url": url}))
+        services.db.open(wait=True)
+        worker = make_worker(services)  # make run's generator
+        worker.start()
+        try:
+            photos = tmp_path / "photos"
+            photos.mkdir()
+            (photos / "mug.jpg").write_bytes(PHOTO)
+            out = tmp_path / "out"
+            assert bulk_convert.main(["--input", str(photos), "--output", str(out)]) == 0
+        finally:
+            worker.stop(timeout=30)
+            services.db.close()
+        report = json.loads((out / "report.json").read_text())
+        assert report["counts"] == {"succeeded": 1}
+        files = report["items"][0]["files"]
+        assert files["glb"] == "mug.glb" and files["mask"] == "mug.mask.png"
+        assert (out / "mug.mask.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        get_settings.cache_clear()
+        server.cleanup()
+        shutil.rmtree(run_dir, ignore_errors=True)
