@@ -4,6 +4,7 @@ It listens on a Unix socket inside the run folder only: nothing is exposed on th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -29,6 +30,7 @@ def start_embedded_postgres(pgdata: Path, database: str = "photo3d") -> tuple[st
         ) from exc
     pgdata = pgdata.resolve()
     pgdata.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(pgdata)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     admin_url = server.get_uri()
     with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -40,6 +42,36 @@ def start_embedded_postgres(pgdata: Path, database: str = "photo3d") -> tuple[st
     url = server.get_uri(database)
     log.info("embedded PostgreSQL running in %s", pgdata)
     return url, server
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop from pgserver's list of handle holders the processes that are gone.
+
+    pgserver stops the server when the last process holding a handle exits, and counts them in
+    `<pgdata>/.handle_pids.json`. A process killed before its exit hook ran (SIGKILL, SIGTERM, a
+    crash) stays listed for ever, and then no exit stops the server: it outlived `make run`."""
+    import psutil
+    from pgserver.postgres_server import PostgresServer
+
+    def running(pid: int) -> bool:
+        try:
+            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return False
+
+    path = pgdata / ".handle_pids.json"
+    with PostgresServer._lock:  # pgserver's own lock around that file
+        try:
+            pids = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if running(pid)]
+        if alive != pids:
+            log.info(
+                "embedded PostgreSQL: forgetting handles of ended processes %s",
+                sorted(set(pids) - set(alive)),
+            )
+            path.write_text(json.dumps(alive))
 
 
 def database_url_or_embedded(settings: Settings) -> tuple[str, Any]:
