@@ -3,7 +3,9 @@ A module overrides `services` when it needs other settings."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +14,10 @@ from serve_app.api.app import create_app
 from serve_app.service import Services
 from serve_app.settings import Settings
 from serve_app.store.db import Database
+from tests.support import pg
 from tests.support.app import open_services
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -35,3 +40,16 @@ def db(database_url: str) -> Iterator[Database]:
     database.open(wait=True)
     yield database
     database.close()
+
+
+@pytest.fixture
+def embedded_run_dir() -> Iterator[Path]:
+    """A run folder for a test's own embedded PostgreSQL (`<run dir>/pgdata`, as `make run` has
+    it); the server is stopped if the test left it running, and the folder deleted."""
+    run_dir = pg.server_folder(ROOT / ".run", "embedded-run-")
+    yield run_dir
+    if (run_dir / "pgdata" / "postmaster.pid").exists():
+        from pgserver._commands import pg_ctl
+
+        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=run_dir / "pgdata", user="pgserver")
+    shutil.rmtree(run_dir, ignore_errors=True)

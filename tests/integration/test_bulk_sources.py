@@ -4,8 +4,6 @@ JSON Lines manifest whose rows are URLs, converted by a real worker on a real Po
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +18,6 @@ from tests.integration.test_api_worker import make_worker
 from tests.support.images import object_photo
 from tests.support.seaweed import SeaweedS3
 
-ROOT = Path(__file__).resolve().parents[2]
 PHOTO = object_photo(160, seed=41, fmt="JPEG")
 
 
@@ -117,21 +114,18 @@ def test_a_manifest_of_urls_obeys_the_image_url_rules(
 
 
 def test_beside_make_run_without_database_url_it_uses_the_embedded_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    embedded_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The README's plain-script form: `make run` (no DATABASE_URL) keeps its embedded PostgreSQL
     in the run folder; the job finds that server there, and its outputs keep the item's name."""
     from serve_app.embedded_pg import start_embedded_postgres
     from serve_app.store.migrate import migrate
 
-    # Under the project's .run, not pytest's tmp dir: the server runs as the `pgserver` user,
-    # which pytest's 0700 tmp root would lock out.
-    run_dir = Path(tempfile.mkdtemp(prefix="bulk-run-", dir=ROOT / ".run"))
-    url, server = start_embedded_postgres(run_dir / "pgdata")  # what `make run` starts
+    url, server = start_embedded_postgres(embedded_run_dir / "pgdata")  # what `make run` starts
     try:
         migrate(url)
         monkeypatch.delenv("DATABASE_URL", raising=False)
-        monkeypatch.setenv("PHOTO3D_RUN_DIR", str(run_dir))
+        monkeypatch.setenv("PHOTO3D_RUN_DIR", str(embedded_run_dir))
         get_settings.cache_clear()
         services = Services.from_settings(get_settings().model_copy(update={"database_url": url}))
         services.db.open(wait=True)
@@ -154,4 +148,3 @@ def test_beside_make_run_without_database_url_it_uses_the_embedded_server(
     finally:
         get_settings.cache_clear()
         server.cleanup()
-        shutil.rmtree(run_dir, ignore_errors=True)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from serve_app.embedded_pg import start_embedded_postgres
 
@@ -26,25 +21,12 @@ time.sleep(600)
 """
 
 
-@pytest.fixture
-def pgdata() -> Iterator[Path]:
-    # Under the project's .run, not pytest's tmp dir: the server runs as the `pgserver` user,
-    # which pytest's 0700 tmp root would lock out.
-    (ROOT / ".run").mkdir(exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="embedded-pg-", dir=ROOT / ".run"))
-    yield run_dir / "pgdata"
-    if (run_dir / "pgdata" / "postmaster.pid").exists():  # a failed test left it running
-        from pgserver._commands import pg_ctl
-
-        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=run_dir / "pgdata", user="pgserver")
-    shutil.rmtree(run_dir, ignore_errors=True)
-
-
 def test_the_server_stops_with_its_last_holder_even_after_a_holder_was_killed(
-    pgdata: Path,
+    embedded_run_dir: Path,
 ) -> None:
     """A CLI command killed while it held the database (SIGKILL: no exit hook) must not keep
     the server alive after `make run`, the last holder, ends."""
+    pgdata = embedded_run_dir / "pgdata"
     killed = subprocess.Popen(
         [sys.executable, "-c", HOLD_A_HANDLE, str(pgdata)],
         cwd=ROOT,

@@ -19,19 +19,23 @@ from serve_app.store.migrate import migrate
 TEMPLATE = "photo3d_test_template"
 
 
+def server_folder(root: Path, prefix: str) -> Path:
+    """A new folder for an embedded server's data, under `root` (the project's .run folder),
+    not pytest's tmp dir: pytest resets its tmp root to mode 0700, which would lock out the
+    `pgserver` system user that the embedded server runs as under root."""
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
 def admin_url(root: Path) -> tuple[str, Any]:
     """URL of a database we may CREATE DATABASE from, and the server handle (keep it alive).
-
-    The data directory lives under `root` (the project's .run folder), not pytest's tmp dir:
-    pytest resets its tmp root to mode 0700, which would lock out the `pgserver` system user
-    that the embedded server runs as under root."""
+    The data directory is a `server_folder` under `root`."""
     url = os.environ.get("PHOTO3D_TEST_DATABASE_URL")
     if url:
         return url, None
     import pgserver
 
-    root.mkdir(parents=True, exist_ok=True)
-    pgdata = Path(tempfile.mkdtemp(prefix="test-pg-", dir=root))
+    pgdata = server_folder(root, "test-pg-")
     server = pgserver.get_server(pgdata, cleanup_mode="delete")
     return server.get_uri(), server
 
